@@ -1,0 +1,171 @@
+"""`PerftConfig`: the hyper-parameters of a PERFT adapter, validated when it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft import PeftConfig, PeftType
+
+VARIANTS = ("R", "E", "D", "S")
+ADAPTER_TYPES = ("lora", "parallel_adapter")
+DEFAULT_NUM_EXPERTS = {"R": 8, "D": 2, "S": 1}
+DEFAULT_TOP_K_R = 2
+
+
+def perft_peft_type() -> PeftType:
+    """Return ``PeftType.PERFT``, adding the member to peft's enum the first time (idempotent on re-import)."""
+    if "PERFT" in PeftType.__members__:
+        return PeftType["PERFT"]
+    member = str.__new__(PeftType, "PERFT")
+    member._name_ = "PERFT"
+    member._value_ = "PERFT"
+    member._sort_order_ = len(PeftType._member_names_)
+    PeftType._member_map_["PERFT"] = member
+    PeftType._value2member_map_["PERFT"] = member
+    PeftType._member_names_.append("PERFT")
+    type.__setattr__(PeftType, "PERFT", member)
+    return member
+
+
+@dataclass
+class PerftConfig(PeftConfig):
+    """Configuration of a PERFT adapter: bottleneck "PEFT experts" parallel to every frozen MoE block.
+
+    Variants (Liu et al., arXiv 2411.08212):
+        - ``"R"``: ``num_experts`` adapter experts behind a new trainable top-``top_k`` router.
+        - ``"E"``: one adapter expert per base expert, driven by the model's own frozen routing.
+        - ``"D"``: ``num_experts`` always-active adapter experts.
+        - ``"S"``: one always-active adapter expert.
+
+    Each expert computes ``(lora_alpha / r) * B act(A dropout(h))`` with ``act`` the identity for
+    ``adapter_type="lora"`` and SiLU for ``adapter_type="parallel_adapter"``.
+    """
+
+    variant: Literal["R", "E", "D", "S"] = field(default="R", metadata={"help": "PERFT variant: R, E, D or S."})
+    r: int = field(default=8, metadata={"help": "Bottleneck rank of each adapter expert."})
+    lora_alpha: float = field(default=16, metadata={"help": "Scaling numerator: experts are scaled by lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
+    adapter_type: Literal["lora", "parallel_adapter"] = field(
+        default="lora", metadata={"help": "'lora' (linear bottleneck) or 'parallel_adapter' (SiLU bottleneck)."}
+    )
+    num_experts: int | None = field(
+        default=None,
+        metadata={"help": "Adapter experts per block. Default: R 8, D 2, S 1, E the model's expert count."},
+    )
+    top_k: int | None = field(
+        default=None, metadata={"help": "Experts per token for PERFT-R (default 2). E uses the model's own top-k."}
+    )
+    normalize_top_k: bool = field(default=True, metadata={"help": "PERFT-R: renormalise top-k weights to sum 1."})
+    router_aux_loss_coef: float = field(
+        default=0.01, metadata={"help": "PERFT-R: weight of the adapter router's load-balancing loss."}
+    )
+    router_init_std: float = field(default=0.02, metadata={"help": "PERFT-R: std of the router's normal init."})
+    dispatch_backend: str = field(
+        default="auto", metadata={"help": "Routed-expert kernel: 'auto' or a name from peft_perft.dispatch."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "B = 0 so that a fresh adapter leaves the model unchanged; False: B random."}
+    )
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "MoE blocks to adapt (names or regex). None: every MoE block, found by shape."}
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never to adapt."})
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Model layer indices to adapt (counts all layers, dense ones included)."}
+    )
+    layers_pattern: list[str] | str | None = field(
+        default=None, metadata={"help": "Name of the layer list, needed with layers_to_transform on unusual models."}
+    )
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra modules trained and saved."})
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
+        default=None, metadata={"help": "Token ids whose embeddings are trained (written by TRL)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = perft_peft_type()
+        self.variant = self.variant.upper() if isinstance(self.variant, str) else self.variant
+        self._validate()
+        if isinstance(self.target_modules, list):
+            self.target_modules = list(dict.fromkeys(self.target_modules))
+
+    @property
+    def scaling(self) -> float:
+        """Factor applied to every adapter expert's output."""
+        return self.lora_alpha / self.r
+
+    def resolved_num_experts(self, model_num_experts: int) -> int:
+        """Adapter experts per block once the model is known (E: one per base expert)."""
+        if self.variant == "E":
+            return model_num_experts
+        return self.num_experts if self.num_experts is not None else DEFAULT_NUM_EXPERTS[self.variant]
+
+    def resolved_top_k(self) -> int:
+        """PERFT-R's number of active adapter experts per token."""
+        return self.top_k if self.top_k is not None else min(DEFAULT_TOP_K_R, self.resolved_num_experts(0))
+
+    def _validate(self) -> None:
+        """Fail early with the field name and what is allowed."""
+        _require(self.variant in VARIANTS, "variant", self.variant, f"one of {', '.join(VARIANTS)}")
+        _require(_is_int(self.r) and self.r > 0, "r", self.r, "a positive integer")
+        _require(_is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "> 0")
+        _require(
+            _is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", self.lora_dropout, "in [0, 1)"
+        )
+        _require(self.adapter_type in ADAPTER_TYPES, "adapter_type", self.adapter_type, f"one of {ADAPTER_TYPES}")
+        _require(
+            _is_number(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0,
+            "router_aux_loss_coef",
+            self.router_aux_loss_coef,
+            ">= 0",
+        )
+        _require(
+            _is_number(self.router_init_std) and self.router_init_std > 0,
+            "router_init_std",
+            self.router_init_std,
+            "> 0",
+        )
+        _require(isinstance(self.dispatch_backend, str), "dispatch_backend", self.dispatch_backend, "a backend name")
+        _require(isinstance(self.normalize_top_k, bool), "normalize_top_k", self.normalize_top_k, "True or False")
+        if self.num_experts is not None:
+            _require(
+                _is_int(self.num_experts) and self.num_experts > 0,
+                "num_experts",
+                self.num_experts,
+                "a positive integer",
+            )
+        if self.top_k is not None:
+            _require(_is_int(self.top_k) and self.top_k > 0, "top_k", self.top_k, "a positive integer")
+        self._validate_variant_shape()
+
+    def _validate_variant_shape(self) -> None:
+        """Check the combinations of variant, num_experts and top_k."""
+        if self.variant == "S":
+            _require(self.num_experts in (None, 1), "num_experts", self.num_experts, "1 (or None) for variant 'S'")
+        if self.variant == "E":
+            _require(
+                self.num_experts is None, "num_experts", self.num_experts, "None for variant 'E' (it uses the model's)"
+            )
+        if self.variant != "R":
+            _require(self.top_k is None, "top_k", self.top_k, f"None for variant {self.variant!r} (only R routes)")
+            return
+        num_experts = self.resolved_num_experts(0)
+        if self.top_k is not None and self.top_k > num_experts:
+            raise ValueError(
+                f"PerftConfig.top_k={self.top_k} is larger than num_experts={num_experts}: PERFT-R picks top_k of "
+                f"its num_experts adapter experts, so use top_k <= num_experts."
+            )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require(condition: bool, field_name: str, value: object, allowed: str) -> None:
+    if not condition:
+        raise ValueError(f"PerftConfig.{field_name}={value!r} is invalid: expected {allowed}.")

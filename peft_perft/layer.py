@@ -1,0 +1,204 @@
+"""The PERFT tuner layer: a wrapper around one frozen MoE block that adds the adapter experts.
+
+Per adapter the layer stores stacked tensors ``perft_A`` (N, r, D), ``perft_B`` (N, D, r) and, for PERFT-R,
+``perft_router`` (N, D). R, D and S add their output to the block's output; E adds ``g_i dE_i(h)`` inside the
+experts call through a forward hook, so it uses exactly the indices and weights the base experts receive and
+never runs the base router a second time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .architectures import MoeBlockSpec
+from .config import PerftConfig
+from .dispatch import always_on_experts, routed_experts
+
+
+@dataclass
+class RoutingRecord:
+    """The routing an adapted block used in its last forward: what the aux loss and the monitor read.
+
+    ``router_probs`` (T, N) is PERFT-R's full softmax (None for E, whose base router is frozen);
+    ``expert_index`` and ``expert_weight`` (T, K) are the experts each token went to.
+    """
+
+    router_probs: torch.Tensor | None
+    expert_index: torch.Tensor
+    expert_weight: torch.Tensor
+
+
+class PerftMoeBlock(nn.Module, BaseTunerLayer):
+    """A frozen MoE block plus one or more PERFT adapters."""
+
+    adapter_layer_names = ("perft_A", "perft_B", "perft_router")
+    other_param_names = ("perft_dropout",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: PerftConfig, spec: MoeBlockSpec) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.spec = spec
+        self.perft_A = nn.ParameterDict()
+        self.perft_B = nn.ParameterDict()
+        self.perft_router = nn.ParameterDict()
+        self.perft_dropout = nn.ModuleDict()
+        self.perft_configs: dict[str, PerftConfig] = {}
+        self.routing_records: dict[str, RoutingRecord] = {}
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def update_layer(self, adapter_name: str, config: PerftConfig) -> None:
+        """Create (or replace) the tensors of one adapter for this block."""
+        if config.variant == "E" and not self.spec.experts_routable:
+            raise ValueError(
+                f"PERFT-E cannot adapt {type(self.base_layer).__name__}: its experts module "
+                f"'{self.spec.experts_name}' is not called with the routed indices and weights, so the model's own "
+                f"routing cannot be reused. Use variant 'R', 'D' or 'S' for this model."
+            )
+        num_experts = config.resolved_num_experts(self.spec.num_experts)
+        device = _device_of(self.base_layer)
+        hidden, rank = self.spec.hidden_size, config.r
+        self.perft_A[adapter_name] = nn.Parameter(torch.empty(num_experts, rank, hidden, device=device))
+        self.perft_B[adapter_name] = nn.Parameter(torch.empty(num_experts, hidden, rank, device=device))
+        if config.variant == "R":
+            self.perft_router[adapter_name] = nn.Parameter(torch.empty(num_experts, hidden, device=device))
+        self.perft_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
+        self.perft_configs[adapter_name] = config
+        self.reset_parameters(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str) -> None:
+        """A like LoRA's default (Kaiming-uniform per expert), B = 0, the router from a small normal."""
+        config = self.perft_configs[adapter_name]
+        for expert_A in self.perft_A[adapter_name]:
+            nn.init.kaiming_uniform_(expert_A, a=math.sqrt(5))
+        if config.init_weights:
+            nn.init.zeros_(self.perft_B[adapter_name])
+        else:
+            for expert_B in self.perft_B[adapter_name]:
+                nn.init.kaiming_uniform_(expert_B, a=math.sqrt(5))
+        if adapter_name in self.perft_router:
+            nn.init.normal_(self.perft_router[adapter_name], std=config.router_init_std)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """PERFT cannot be merged: its experts sit beside the frozen ones and depend on routing."""
+        raise NotImplementedError(MERGE_ERROR)
+
+    def unmerge(self) -> None:
+        """Nothing is ever merged, so there is nothing to undo."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        """Run the frozen block, with E adapters inside the experts call and R/D/S adapters added to its output."""
+        active = [] if self.disable_adapters else [name for name in self.active_adapters if name in self.perft_A]
+        self.routing_records.clear()
+        routed_by_base = [name for name in active if self.perft_configs[name].variant == "E"]
+        beside_block = [name for name in active if self.perft_configs[name].variant != "E"]
+        flat = hidden_states.reshape(-1, self.spec.hidden_size)
+        deltas = [self._block_delta(name, flat) for name in beside_block]
+        # Some blocks scale their input in place (Mixtral's router jitter); keep the adapters' input intact.
+        base_input = hidden_states.clone() if deltas and self.training else hidden_states
+        output = self._run_base(routed_by_base, base_input, *args, **kwargs)
+        for delta in deltas:
+            output = _add_to_primary(output, delta.view(hidden_states.shape))
+        return output
+
+    def _run_base(self, routed_by_base: list[str], hidden_states: torch.Tensor, *args, **kwargs):
+        """Call the frozen block, with the PERFT-E hook on its experts only for the duration of the call."""
+        if not routed_by_base:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        experts = self.spec.experts_module(self.base_layer)
+        handle = experts.register_forward_hook(self._experts_hook(routed_by_base), with_kwargs=True)
+        try:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        finally:
+            handle.remove()
+
+    def _block_delta(self, adapter_name: str, flat: torch.Tensor) -> torch.Tensor:
+        """Output of an R, D or S adapter for flattened block inputs (T, D)."""
+        config = self.perft_configs[adapter_name]
+        lora_A, lora_B = self.perft_A[adapter_name], self.perft_B[adapter_name]
+        adapter_input = self.perft_dropout[adapter_name](flat.to(lora_A.dtype))
+        if config.variant != "R":
+            delta = always_on_experts(adapter_input, lora_A, lora_B, _activation(config)) * config.scaling
+            return delta.to(flat.dtype)
+        router_logits = F.linear(flat.to(lora_A.dtype), self.perft_router[adapter_name])
+        router_probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+        top_weight, top_index = router_probs.topk(config.resolved_top_k(), dim=-1)
+        if config.normalize_top_k:
+            top_weight = top_weight / top_weight.sum(dim=-1, keepdim=True)
+        self.routing_records[adapter_name] = RoutingRecord(router_probs, top_index, top_weight)
+        delta = self._routed(config, adapter_input, lora_A, lora_B, top_index, top_weight.to(lora_A.dtype))
+        return delta.to(flat.dtype)
+
+    def _experts_hook(self, adapter_names: list[str]) -> Callable:
+        """Forward hook on the base experts that adds ``sum_i g_i dE_i(h)`` with the routing they received."""
+
+        def add_adapter_experts(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+            hidden, expert_index, expert_weight = self.spec.read_experts_call(args, kwargs)
+            total = output
+            for name in adapter_names:
+                config, lora_A, lora_B = self.perft_configs[name], self.perft_A[name], self.perft_B[name]
+                self.routing_records[name] = RoutingRecord(None, expert_index.detach(), expert_weight.detach())
+                adapter_input = self.perft_dropout[name](hidden.to(lora_A.dtype))
+                weight = expert_weight.to(lora_A.dtype)
+                total = total + self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight).to(
+                    output.dtype
+                )
+            return total
+
+        return add_adapter_experts
+
+    @staticmethod
+    def _routed(
+        config: PerftConfig,
+        adapter_input: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        expert_index: torch.Tensor,
+        expert_weight: torch.Tensor,
+    ) -> torch.Tensor:
+        """Scaled routed experts through the configured dispatch backend (scaling folded into the weights)."""
+        return routed_experts(
+            adapter_input,
+            lora_A,
+            lora_B,
+            expert_index,
+            expert_weight * config.scaling,
+            _activation(config),
+            backend=config.dispatch_backend,
+        )
+
+    def __repr__(self) -> str:
+        return "perft." + super().__repr__()
+
+
+MERGE_ERROR = (
+    "PERFT adapters cannot be merged into the base model: they are extra experts beside the frozen ones (routed "
+    "by their own router for R, by the model's routing for E, always active for D and S), so no change of the "
+    "frozen weights reproduces them. Keep the adapter separate (PeftModel.from_pretrained at inference), or use "
+    "unload() to get the original model back without the adapter."
+)
+
+
+def _activation(config: PerftConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    return F.silu if config.adapter_type == "parallel_adapter" else None
+
+
+def _add_to_primary(output, delta: torch.Tensor):
+    """Add the adapter output to the block's hidden states, also when the block returns a tuple."""
+    if isinstance(output, tuple):
+        return (output[0] + delta, *output[1:])
+    return output + delta
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None and parameter.device.type != "meta" else torch.device("cpu")

@@ -1,0 +1,155 @@
+"""`PerftModel`: the peft `BaseTuner` that finds MoE blocks, wraps them and adds PERFT-R's auxiliary loss."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from torch import nn
+
+from .architectures import MoeBlockSpec, find_moe_blocks
+from .config import PerftConfig
+from .layer import MERGE_ERROR, PerftMoeBlock
+
+
+class PerftModel(BaseTuner):
+    """Adds PERFT adapters to every (targeted) MoE block of a model; see `PerftConfig` for the variants."""
+
+    prefix: str = "perft_"
+    tuner_layer_cls = PerftMoeBlock
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: PerftConfig, model_config: dict) -> PerftConfig:
+        """Keep ``target_modules=None``: it means every MoE block, found by structure in `_prepare_model`."""
+        return peft_config
+
+    def _prepare_model(self, peft_config: PerftConfig, model: nn.Module) -> None:
+        """Find the MoE blocks once per adapter; a model without any gets an error that names its type."""
+        self._moe_blocks: dict[str, MoeBlockSpec] = find_moe_blocks(model)
+        if not self._moe_blocks:
+            model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+            raise ValueError(
+                f"PERFT found no Mixture-of-Experts block in this {model_type!r} model (a router module beside an "
+                f"experts module with 3-D expert weights). PERFT adapts MoE models only; for a dense model use "
+                f"another PEFT method such as LoRA."
+            )
+
+    def _check_target_module_exists(self, peft_config: PerftConfig, key: str) -> bool:
+        """Target only MoE blocks: all of them when target_modules is None, else those the patterns select."""
+        if key not in self._moe_blocks:
+            return False
+        if peft_config.target_modules is None:
+            peft_config = _targeting_block(peft_config, key)
+        return bool(check_target_module_exists(peft_config, key))
+
+    def _create_and_replace(
+        self,
+        peft_config: PerftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        """Add the adapter to an existing PERFT wrapper, or wrap the MoE block."""
+        if isinstance(target, PerftMoeBlock):
+            target.update_layer(adapter_name, peft_config)
+            return
+        spec = self._moe_blocks.get(current_key)
+        if spec is None:
+            raise ValueError(f"Module {current_key!r} is not an MoE block; PERFT can only adapt MoE blocks.")
+        new_module = PerftMoeBlock(target, adapter_name, peft_config, spec)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        setattr(parent, target_name, new_module)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Put a module in place; used by unload() to restore the original block."""
+        setattr(parent, child_name, new_module)
+
+    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
+        raise NotImplementedError(MERGE_ERROR)
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+    def _post_injection_hook(self, model: nn.Module, config: PerftConfig, adapter_name: str) -> None:
+        """Attach the aux-loss hook to the model itself, so every call path (PeftModel, TRL, direct) gets it."""
+        if getattr(self, "_aux_loss_hook", None) is None:
+            self._aux_loss_hook = model.register_forward_hook(self._add_router_aux_loss, with_kwargs=True)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """Remove the aux-loss hook along with the adapters, so the returned model is the original one."""
+        if getattr(self, "_aux_loss_hook", None) is not None:
+            self._aux_loss_hook.remove()
+            self._aux_loss_hook = None
+        return super()._unload_and_optionally_merge(*args, **kwargs)
+
+    def _add_router_aux_loss(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
+        """When the model computed its router aux loss, add PERFT-R's to the loss and report it separately."""
+        if getattr(outputs, "aux_loss", None) is None:
+            return outputs
+        attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        perft_aux_loss = self.router_aux_loss(attention_mask)
+        if perft_aux_loss is None:
+            return outputs
+        outputs["perft_aux_loss"] = perft_aux_loss
+        if getattr(outputs, "loss", None) is not None:
+            outputs["loss"] = outputs.loss + perft_aux_loss.to(outputs.loss.dtype)
+        return outputs
+
+    def router_aux_loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Weighted Switch load-balancing loss of every active PERFT-R router over its last forward.
+
+        For each adapter, N * sum_i f_i P_i over the non-padding tokens of all adapted layers, where f_i is the
+        fraction of tokens sent to expert i and P_i its mean router probability; then times the adapter's
+        ``router_aux_loss_coef``. None when no PERFT-R adapter is active.
+        """
+        total = None
+        for name in self.active_adapters:
+            config = self.peft_config[name]
+            if config.variant != "R":
+                continue
+            records = [m.routing_records[name] for m in self.model.modules() if _has_record(m, name)]
+            if not records:
+                continue
+            loss = config.router_aux_loss_coef * _switch_loss(records, attention_mask)
+            total = loss if total is None else total + loss
+        return total
+
+
+def _has_record(module: nn.Module, adapter_name: str) -> bool:
+    return isinstance(module, PerftMoeBlock) and adapter_name in module.routing_records
+
+
+def _switch_loss(records: list, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """N * sum_i f_i P_i with f and P averaged over the non-padding tokens of every layer together."""
+    probs = torch.cat([record.router_probs for record in records])
+    index = torch.cat([record.expert_index for record in records])
+    num_experts = probs.shape[-1]
+    dispatched = torch.zeros_like(probs).scatter_(1, index, 1.0)
+    token_weight = _token_weights(attention_mask, records, probs)
+    denominator = token_weight.sum().clamp_min(1.0)
+    fraction = (dispatched * token_weight).sum(0) / denominator
+    mean_prob = (probs * token_weight).sum(0) / denominator
+    return num_experts * (fraction * mean_prob).sum()
+
+
+def _token_weights(attention_mask: torch.Tensor | None, records: list, probs: torch.Tensor) -> torch.Tensor:
+    """1 for real tokens, 0 for padding; all ones when the mask does not line up with the recorded tokens."""
+    tokens_per_layer = records[0].router_probs.shape[0]
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.numel() != tokens_per_layer:
+        return torch.ones(probs.shape[0], 1, device=probs.device, dtype=probs.dtype)
+    mask = attention_mask.reshape(-1, 1).to(device=probs.device, dtype=probs.dtype)
+    return mask.repeat(len(records), 1)
+
+
+def _targeting_block(peft_config: PerftConfig, key: str) -> PerftConfig:
+    """A copy of the config that targets this block by its attribute name, so that peft's layer and exclusion
+    filters (layers_to_transform, exclude_modules) still apply."""
+    selected = copy.copy(peft_config)
+    selected.target_modules = [key.rpartition(".")[2]]
+    return selected
