@@ -1,0 +1,65 @@
+"""`peft-perft eval`: evaluate a base model or a base model plus adapter with the PERFT paper's protocol."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from peft_perft.evaluation.answers import TASK_GROUPS, TASKS
+from peft_perft.evaluation.runner import DTYPES, GenerationSettings, evaluate, load_model
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `peft-perft eval`."""
+    parser.add_argument("--model", required=True, help="base model: local folder or Hugging Face Hub id")
+    parser.add_argument("--adapter", help="PERFT or other PEFT adapter to load on top: local folder or Hub id")
+    parser.add_argument(
+        "--data-dir",
+        required=True,
+        help="a test file, a folder laid out as <root>/<task>/test.json (LLM-Adapters), or a Hub dataset id with "
+        "that layout",
+    )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help=f"tasks or groups ({', '.join(TASK_GROUPS)}); default: every task the data holds. Tasks: "
+        f"{', '.join(TASKS)}",
+    )
+    parser.add_argument("--max-samples", type=_positive_int, help="evaluate only the first N records of each task")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
+    parser.add_argument(
+        "--num-beams", type=_positive_int, default=1, help="1 = greedy (default); 4 reproduces the paper"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        help="tokens to generate; default 32 for commonsense tasks and 256 for arithmetic ones",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="eval-results",
+        help="where results.json, results.md and predictions.jsonl go (default eval-results)",
+    )
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: GPU when available)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Load, evaluate, write the reports and print the Markdown table."""
+    model, tokenizer = load_model(args.model, args.adapter, dtype=args.dtype, device=args.device)
+    settings = GenerationSettings(args.batch_size, args.num_beams, args.max_new_tokens)
+    report = evaluate(model, tokenizer, args.data_dir, args.tasks, settings, args.max_samples)
+    report.metadata.update(model=args.model, adapter=args.adapter, dtype=args.dtype)
+    paths = report.write(args.output_dir)
+    print(report.to_markdown())
+    print(f"Wrote {', '.join(str(path) for path in paths.values())}")
+    print(json.dumps({"average": report.average}))
+    return 0
