@@ -36,13 +36,13 @@ class PerftModel(BaseTuner):
                 f"another PEFT method such as LoRA."
             )
 
-    def _check_target_module_exists(self, peft_config: PerftConfig, key: str) -> bool:
+    def _check_target_module_exists(self, peft_config: PerftConfig, key: str) -> Any:
         """Target only MoE blocks: all of them when target_modules is None, else those the patterns select."""
         if key not in self._moe_blocks:
             return False
         if peft_config.target_modules is None:
             peft_config = _targeting_block(peft_config, key)
-        return bool(check_target_module_exists(peft_config, key))
+        return check_target_module_exists(peft_config, key)
 
     def _create_and_replace(
         self,

@@ -1,0 +1,61 @@
+"""Tiny MoE models built from configs, so that tests need no network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM
+
+TOKEN_IDS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+
+
+def tiny_olmoe_config(**overrides) -> OlmoeConfig:
+    """OLMoE shape in miniature: 4 experts, top-2, no top-k renormalisation (as the real OLMoE)."""
+    settings = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": False,
+        **TOKEN_IDS,
+    }
+    settings.update(overrides)
+    return OlmoeConfig(**settings)
+
+
+def tiny_mixtral_config(**overrides) -> MixtralConfig:
+    """Mixtral shape in miniature: 4 experts, top-2, renormalised top-k weights."""
+    settings = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 16,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        **TOKEN_IDS,
+    }
+    settings.update(overrides)
+    return MixtralConfig(**settings)
+
+
+def build_tiny(family: str = "olmoe", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A freshly initialised tiny model; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    if family == "olmoe":
+        model = OlmoeForCausalLM(tiny_olmoe_config(**overrides))
+    else:
+        model = MixtralForCausalLM(tiny_mixtral_config(**overrides))
+    return model.eval()
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    """A fixed batch of token ids (2 x 7) that avoids the special tokens."""
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(3, 64, (2, 7), generator=generator)
