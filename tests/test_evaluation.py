@@ -389,3 +389,46 @@ def test_cli_loads_a_peft_adapter_on_top_of_the_base_model(tmp_path: Path) -> No
     assert base["tasks"]["boolq"]["correct"] == 1
     assert adapted["tasks"]["boolq"]["correct"] == 3
     assert adapted["adapter"] == str(tmp_path / "adapter")
+
+
+@torch.no_grad()
+def make_false_model_with_open_moe_input() -> OlmoeForCausalLM:
+    """The constant 'false' model, but its MoE blocks see the embedding (through their input norm) and the model reads
+    hidden direction e1 as 'true': a PERFT adapter writing e1 beside the zeroed experts flips the answer."""
+    model = make_constant_model("false")
+    for layer in model.model.layers:
+        layer.post_attention_layernorm.weight.fill_(1.0)
+    model.lm_head.weight[VOCAB["true"], 1] = 1.0
+    return model
+
+
+@torch.no_grad()
+def save_true_perft_adapter(model: OlmoeForCausalLM, path: Path) -> None:
+    """A PERFT-R adapter whose four identical experts map the embedding direction e0 onto e1 in every MoE block;
+    normalised top-2 weights sum to 1, so whatever the router picks adds the same e1 vector."""
+    from peft import get_peft_model
+
+    from peft_perft import PerftConfig, PerftMoeBlock
+
+    peft_model = get_peft_model(model, PerftConfig(variant="R", r=1, lora_alpha=1, num_experts=4, top_k=2))
+    blocks = [module for module in peft_model.modules() if isinstance(module, PerftMoeBlock)]
+    assert len(blocks) == 2
+    for block in blocks:
+        block.perft_A["default"].zero_()
+        block.perft_A["default"][:, 0, 0] = 1.0
+        block.perft_B["default"].zero_()
+        block.perft_B["default"][:, 1, 0] = 10.0
+    peft_model.save_pretrained(path)
+
+
+def test_cli_loads_a_perft_adapter_on_a_tiny_olmoe(tmp_path: Path) -> None:
+    make_false_model_with_open_moe_input().save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    save_true_perft_adapter(make_false_model_with_open_moe_input(), tmp_path / "adapter")
+    base = run_eval_cli(tmp_path / "model", tmp_path / "base")
+    adapted = run_eval_cli(tmp_path / "model", tmp_path / "adapted", "--adapter", str(tmp_path / "adapter"))
+    # golds false, true, true, true: the base model ('false') gets 1, the PERFT-adapted one ('true') 3
+    assert base["tasks"]["boolq"]["correct"] == 1
+    assert adapted["tasks"]["boolq"]["correct"] == 3
+    predictions = (tmp_path / "adapted" / "predictions.jsonl").read_text().splitlines()
+    assert json.loads(predictions[0])["generated_text"] == "true true"

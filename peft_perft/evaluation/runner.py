@@ -221,9 +221,11 @@ def evaluate(
     was_training = model.training
     model.eval()
     results = {}
-    for task in resolve_tasks(tasks, data_source):
-        records = load_task_records(task, data_source, max_samples)
-        results[task] = evaluate_task(model, tokenizer, task, records, settings)
-    model.train(was_training)
+    try:
+        for task in resolve_tasks(tasks, data_source):
+            records = load_task_records(task, data_source, max_samples)
+            results[task] = evaluate_task(model, tokenizer, task, records, settings)
+    finally:
+        model.train(was_training)
     metadata = {"data_source": str(data_source), "max_samples": max_samples, "generation": asdict(settings)}
     return EvaluationReport(results, metadata)
