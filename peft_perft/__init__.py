@@ -9,6 +9,7 @@ from peft.utils import register_peft_method
 
 from .config import PerftConfig, perft_peft_type
 from .layer import PerftMoeBlock
+from .loading import install_loading_guard
 from .model import PerftModel
 
 __all__ = ["PerftConfig", "PerftModel", "PerftMoeBlock", "__version__"]
@@ -21,3 +22,4 @@ if perft_peft_type() in PEFT_TYPE_TO_TUNER_MAPPING:
     PEFT_TYPE_TO_PREFIX_MAPPING[perft_peft_type()] = PerftModel.prefix
 else:
     register_peft_method(name="perft", config_cls=PerftConfig, model_cls=PerftModel, prefix=PerftModel.prefix)
+install_loading_guard()

@@ -12,6 +12,7 @@ from torch import nn
 from .architectures import MoeBlockSpec, find_moe_blocks
 from .config import PerftConfig
 from .layer import MERGE_ERROR, PerftMoeBlock
+from .loading import check_adapter_fits
 
 
 class PerftModel(BaseTuner):
@@ -65,6 +66,15 @@ class PerftModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         setattr(parent, target_name, new_module)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PerftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Map checkpoint keys to the model (peft's way), then refuse an adapter that does not fit before loading."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_fits(model, adapter_name, remapped)
+        return remapped
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Put a module in place; used by unload() to restore the original block."""
