@@ -159,9 +159,5 @@ def test_a_save_that_fails_halfway_keeps_the_previous_checkpoint(tmp_path: Path,
     with pytest.raises(OSError, match="No space left"):
         model.save_pretrained(tmp_path)
     assert not list(tmp_path.glob("*.partial")), "no half-written file may remain"
-        "README.md",
-        "adapter_config.json",
-        "adapter_model.safetensors",
-    ]
     reloaded = PeftModel.from_pretrained(build_tiny(), tmp_path)
     torch.testing.assert_close(reloaded(tokens).logits, expected, rtol=0, atol=0)
