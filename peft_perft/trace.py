@@ -1,0 +1,368 @@
+"""Which experts handled this input: per-token, per-layer routing of the base model and of the PERFT adapters.
+
+`routing_trace(model, inputs)` runs one forward pass with temporary hooks and returns a `RoutingTrace` that
+exports to JSON Lines or Parquet and draws a token x layer picture for one example. Nothing is hooked outside
+that call, so tracing costs nothing when it is not asked for. The helpers that find the adapted layers and
+read the base routing are shared with `peft_perft.monitor`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layer import PerftMoeBlock
+from .model import PerftModel
+
+ROUTED_BY_OWN_ROUTER = "R"
+ROUTED_BY_BASE = "E"
+
+
+@dataclass(frozen=True)
+class AdaptedLayer:
+    """One PERFT-adapted MoE block, with its qualified name and the model layer it sits in."""
+
+    name: str
+    layer: int
+    block: PerftMoeBlock
+
+
+def find_adapted_layers(model: nn.Module) -> tuple[nn.Module, list[AdaptedLayer]]:
+    """The module whose forward is the whole model (where PERFT's aux-loss hook sits) and its adapted blocks.
+
+    Accepts a `PeftModel`, a model wrapped by DDP/FSDP/DeepSpeed, or a model with PERFT layers injected directly.
+    """
+    root = next((module.model for module in model.modules() if isinstance(module, PerftModel)), model)
+    named_blocks = [(name, module) for name, module in root.named_modules() if isinstance(module, PerftMoeBlock)]
+    if not named_blocks:
+        raise ValueError(
+            f"{type(model).__name__} holds no PERFT adapter (no PerftMoeBlock among its modules). Wrap the model "
+            f"first with peft.get_peft_model(model, peft_perft.PerftConfig(...)) or load one with "
+            f"PeftModel.from_pretrained."
+        )
+    return root, [
+        AdaptedLayer(name, _layer_index(name, ordinal), block) for ordinal, (name, block) in enumerate(named_blocks)
+    ]
+
+
+def _layer_index(module_name: str, ordinal: int) -> int:
+    """The model layer index in a name such as ``model.layers.3.mlp``; the block's rank when the name has none."""
+    numbers = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", module_name)
+    return int(numbers[-1]) if numbers else ordinal
+
+
+def active_perft_adapters(layer: AdaptedLayer) -> list[str]:
+    """Adapters of this block that run in its forward."""
+    block = layer.block
+    if block.disable_adapters:
+        return []
+    return [name for name in block.active_adapters if name in block.perft_configs]
+
+
+class BaseRoutingTap:
+    """Forward hooks on the frozen experts modules that keep the routing they received in the last forward.
+
+    Reads the (indices, weights) the base router already passed to its experts; the router itself is never
+    called again and no output is changed. Blocks whose experts are not called with the routing are skipped.
+    """
+
+    def __init__(self, layers: Sequence[AdaptedLayer]) -> None:
+        self.layers = [layer for layer in layers if layer.block.spec.experts_routable]
+        self.latest: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self) -> BaseRoutingTap:
+        for layer in self.layers:
+            experts = layer.block.spec.experts_module(layer.block.base_layer)
+            hook = partial(self._record, layer)
+            self._handles.append(experts.register_forward_hook(hook, with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.latest.clear()
+
+    def _record(self, layer: AdaptedLayer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        _, expert_index, expert_weight = layer.block.spec.read_experts_call(args, kwargs)
+        self.latest[layer.name] = (expert_index.detach(), expert_weight.detach())
+
+
+def perft_routing(layer: AdaptedLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(indices, weights) of the adapter experts each token used in the block's last forward; None for D and S."""
+    record = layer.block.routing_records.get(adapter_name)
+    if record is None:
+        return None
+    return record.expert_index.detach(), record.expert_weight.detach()
+
+
+@dataclass
+class RoutingTrace:
+    """Per token and per adapted layer: the base experts and the PERFT experts selected, with their weights.
+
+    ``rows`` holds one dict per (example, position, layer, adapter) with the keys of `TRACE_COLUMNS`. Padding
+    positions are left out. For PERFT-E the adapter experts are the base experts (one per base expert); for
+    PERFT-D and -S every adapter expert is active with weight 1.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def examples(self) -> list[int]:
+        return sorted({row["example"] for row in self.rows})
+
+    def rows_for(self, example: int) -> list[dict[str, Any]]:
+        return [row for row in self.rows if row["example"] == example]
+
+    def to_jsonl(self, path: str | Path) -> Path:
+        """Write one JSON object per row."""
+        path = _prepared(path)
+        with path.open("w", encoding="utf-8") as stream:
+            for row in self.rows:
+                stream.write(json.dumps(row) + "\n")
+        return path
+
+    def to_parquet(self, path: str | Path) -> Path:
+        """Write the rows as a Parquet table (needs pyarrow: ``pip install peft-perft[parquet]``)."""
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as error:
+            raise ImportError(
+                "RoutingTrace.to_parquet needs pyarrow; install it with `pip install peft-perft[parquet]` or use "
+                "to_jsonl instead."
+            ) from error
+        path = _prepared(path)
+        pq.write_table(pa.Table.from_pylist(self.rows, schema=_parquet_schema(pa)), path)
+        return path
+
+    def plot(self, path: str | Path, example: int = 0) -> Path:
+        """Save a token x layer picture of one example: the top expert of each router, selected experts written in."""
+        rows = self.rows_for(example)
+        if not rows:
+            raise ValueError(f"Example {example} is not in this trace; it holds examples {self.examples()}.")
+        return _plot_example(rows, _prepared(path), example)
+
+
+TRACE_COLUMNS = (
+    "example",
+    "position",
+    "token_id",
+    "token",
+    "layer",
+    "module",
+    "adapter",
+    "variant",
+    "base_experts",
+    "base_weights",
+    "perft_experts",
+    "perft_weights",
+)
+
+
+def _parquet_schema(pa: Any) -> Any:
+    experts, weights = pa.list_(pa.int64()), pa.list_(pa.float64())
+    types = {
+        "example": pa.int64(),
+        "position": pa.int64(),
+        "token_id": pa.int64(),
+        "token": pa.string(),
+        "layer": pa.int64(),
+        "module": pa.string(),
+        "adapter": pa.string(),
+        "variant": pa.string(),
+        "base_experts": experts,
+        "base_weights": weights,
+        "perft_experts": experts,
+        "perft_weights": weights,
+    }
+    return pa.schema([(name, types[name]) for name in TRACE_COLUMNS])
+
+
+@torch.no_grad()
+def routing_trace(
+    model: nn.Module,
+    inputs: str | Sequence[str] | Mapping[str, Any],
+    *,
+    tokenizer: Any = None,
+    adapter_names: Sequence[str] | None = None,
+) -> RoutingTrace:
+    """Run ``model`` once on ``inputs`` and record, per token and adapted layer, which experts handled it.
+
+    ``inputs`` is a prompt, a list of prompts (both need ``tokenizer``), or a mapping with ``input_ids`` (and
+    optionally ``attention_mask``) as a tensor or nested lists. The model runs in eval mode; its mode is
+    restored afterwards. ``adapter_names`` limits the trace to some of the active adapters.
+    """
+    root, layers = find_adapted_layers(model)
+    batch = _as_batch(inputs, tokenizer, model)
+    was_training = model.training
+    tap = BaseRoutingTap(layers).attach()
+    try:
+        model.eval()
+        model(**batch, use_cache=False)
+        rows = _trace_rows(layers, tap, batch, tokenizer, adapter_names)
+    finally:
+        tap.detach()
+        model.train(was_training)
+    return RoutingTrace(rows)
+
+
+def _as_batch(inputs: Any, tokenizer: Any, model: nn.Module) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask on the model's device, from prompts or token ids."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if isinstance(inputs, Sequence) and all(isinstance(item, str) for item in inputs):
+        if tokenizer is None:
+            raise ValueError("routing_trace got text but no tokenizer: pass tokenizer=... or token ids.")
+        inputs = tokenizer(list(inputs), return_tensors="pt", padding=True)
+    if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
+        raise TypeError(
+            f"routing_trace expects a prompt, a list of prompts or a mapping with 'input_ids'; got "
+            f"{type(inputs).__name__}."
+        )
+    input_ids = torch.as_tensor(inputs["input_ids"])
+    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+    mask = inputs.get("attention_mask")
+    attention_mask = torch.ones_like(input_ids) if mask is None else torch.as_tensor(mask).reshape(input_ids.shape)
+    device = next(model.parameters()).device
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+def _trace_rows(
+    layers: list[AdaptedLayer],
+    tap: BaseRoutingTap,
+    batch: dict[str, torch.Tensor],
+    tokenizer: Any,
+    adapter_names: Sequence[str] | None,
+) -> list[dict[str, Any]]:
+    input_ids = batch["input_ids"].cpu()
+    keep = batch["attention_mask"].cpu().reshape(-1).bool()
+    positions = [(example, position) for example in range(input_ids.shape[0]) for position in range(input_ids.shape[1])]
+    token_ids = input_ids.reshape(-1).tolist()
+    tokens = _token_strings(token_ids, tokenizer)
+    rows = []
+    for layer in layers:
+        base = _routing_lists(tap.latest.get(layer.name))
+        for adapter in active_perft_adapters(layer):
+            if adapter_names is not None and adapter not in adapter_names:
+                continue
+            variant = layer.block.perft_configs[adapter].variant
+            perft = _adapter_lists(layer, adapter, len(token_ids))
+            for flat_index in keep.nonzero().flatten().tolist():
+                example, position = positions[flat_index]
+                rows.append(
+                    {
+                        "example": example,
+                        "position": position,
+                        "token_id": token_ids[flat_index],
+                        "token": tokens[flat_index],
+                        "layer": layer.layer,
+                        "module": layer.name,
+                        "adapter": adapter,
+                        "variant": variant,
+                        "base_experts": base[0][flat_index] if base else None,
+                        "base_weights": base[1][flat_index] if base else None,
+                        "perft_experts": perft[0][flat_index],
+                        "perft_weights": perft[1][flat_index],
+                    }
+                )
+    rows.sort(key=lambda row: (row["example"], row["position"], row["layer"], row["adapter"]))
+    return rows
+
+
+def _routing_lists(routing: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[list, list] | None:
+    if routing is None:
+        return None
+    expert_index, expert_weight = routing
+    return expert_index.cpu().tolist(), expert_weight.float().cpu().tolist()
+
+
+def _adapter_lists(layer: AdaptedLayer, adapter: str, num_tokens: int) -> tuple[list, list]:
+    """Routed adapters: what their router (R) or the base router (E) chose; D and S: every expert, weight 1."""
+    routed = _routing_lists(perft_routing(layer, adapter))
+    if routed is not None:
+        return routed
+    num_experts = layer.block.perft_configs[adapter].resolved_num_experts(layer.block.spec.num_experts)
+    return [list(range(num_experts))] * num_tokens, [[1.0] * num_experts] * num_tokens
+
+
+def _token_strings(token_ids: list[int], tokenizer: Any) -> list[str | None]:
+    if tokenizer is None:
+        return [None] * len(token_ids)
+    return list(tokenizer.convert_ids_to_tokens(token_ids))
+
+
+def _prepared(path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _plot_panels(rows: list[dict[str, Any]]) -> Iterator[tuple[str, str]]:
+    """(title, row key) of each picture panel: the base router, then every adapter that routes tokens."""
+    if any(row["base_experts"] is not None for row in rows):
+        yield "base model experts", "base"
+    for adapter in sorted({row["adapter"] for row in rows if row["variant"] == ROUTED_BY_OWN_ROUTER}):
+        yield f"PERFT-R experts ({adapter})", adapter
+
+
+def _plot_example(rows: list[dict[str, Any]], path: Path, example: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+
+    positions = sorted({row["position"] for row in rows})
+    layer_ids = sorted({row["layer"] for row in rows})
+    labels = {row["position"]: row["token"] if row["token"] is not None else str(row["token_id"]) for row in rows}
+    panels = list(_plot_panels(rows))
+    if not panels:
+        raise ValueError("Nothing to draw: this trace has neither base routing nor a PERFT-R adapter.")
+    figure, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(max(8.0, 0.5 * len(positions) + 2), 1.0 + 0.45 * len(layer_ids) * len(panels)),
+        squeeze=False,
+    )
+    for axis, (title, key) in zip(axes[:, 0], panels, strict=True):
+        top_expert = np.full((len(layer_ids), len(positions)), np.nan)
+        for row in rows:
+            experts, weights = _panel_routing(row, key)
+            if experts is None:
+                continue
+            cell = (layer_ids.index(row["layer"]), positions.index(row["position"]))
+            top_expert[cell] = experts[int(np.argmax(weights))]
+            if len(positions) <= 48:
+                axis.text(cell[1], cell[0], ",".join(map(str, experts)), ha="center", va="center", fontsize=6)
+        num_colors = int(np.nanmax(top_expert)) + 1
+        colors = ListedColormap(plt.get_cmap("tab20")(np.arange(num_colors) % 20))
+        image = axis.imshow(top_expert, aspect="auto", cmap=colors, vmin=-0.5, vmax=num_colors - 0.5)
+        colorbar = figure.colorbar(image, ax=axis, label="top expert")
+        colorbar.set_ticks(range(0, num_colors, max(1, num_colors // 16)))
+        axis.set_title(f"{title}, example {example}")
+        axis.set_yticks(range(len(layer_ids)), [str(layer) for layer in layer_ids])
+        axis.set_ylabel("layer")
+        axis.set_xticks(range(len(positions)), [labels[position] for position in positions], rotation=90, fontsize=7)
+    axes[-1, 0].set_xlabel("token (cells: selected experts, best first)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _panel_routing(row: dict[str, Any], key: str) -> tuple[list | None, list | None]:
+    if key == "base":
+        return row["base_experts"], row["base_weights"]
+    if row["adapter"] == key:
+        return row["perft_experts"], row["perft_weights"]
+    return None, None
