@@ -120,13 +120,13 @@ class CollapseCriteria:
         top_k = stats.top_k or 1
         if top_k >= stats.num_experts or stats.tokens == 0:
             return None
+        reasons = []
         if stats.max_load >= self.max_load > top_k / stats.num_experts:
             busiest = stats.load.index(stats.max_load)
-            return f"expert {busiest} received {stats.max_load:.0%} of the tokens"
-        dead_fraction = len(stats.dead_experts) / stats.num_experts
-        if dead_fraction >= self.dead_fraction:
-            return f"{len(stats.dead_experts)} of {stats.num_experts} experts received no token"
-        return None
+            reasons.append(f"expert {busiest} received {stats.max_load:.0%} of the tokens")
+        if len(stats.dead_experts) / stats.num_experts >= self.dead_fraction:
+            reasons.append(f"{len(stats.dead_experts)} of {stats.num_experts} experts received no token")
+        return "; ".join(reasons) or None
 
 
 @dataclass

@@ -1,0 +1,226 @@
+"""TRL's SFTTrainer, unchanged, trains PERFT adapters: from a PerftConfig or a pre-wrapped PeftModel, with the
+aux loss in the loss and the logs, with gradient checkpointing, resuming exactly, saving only the adapter."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny
+from datasets import Dataset
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from trl import SFTConfig, SFTTrainer
+
+from peft_perft import PerftConfig, PerftMoeBlock
+from peft_perft.monitor import add_routing_monitor
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")
+CHARACTERS = string.ascii_lowercase + " =>"
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character, with pad/eos/bos at ids 0/1/2 as in the tiny models' configs (no Hub needed)."""
+    vocabulary = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    vocabulary.update({character: len(SPECIAL_TOKENS) + index for index, character in enumerate(CHARACTERS)})
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+def reversal_dataset(num_examples: int = 12) -> Dataset:
+    """Prompt/completion pairs: reverse a short word (learnable, so the loss can fall)."""
+    words = ["abc", "moe", "peft", "route", "xyz", "lora"]
+    rows = [{"prompt": f"{word} =>", "completion": f" {word[::-1]}"} for word in words]
+    return Dataset.from_list([rows[index % len(rows)] for index in range(num_examples)])
+
+
+def perft_r_config(**overrides) -> PerftConfig:
+    settings = {"variant": "R", "r": 4, "lora_alpha": 8, "num_experts": 4, "top_k": 2, "router_aux_loss_coef": 0.01}
+    settings.update(overrides)
+    return PerftConfig(**settings)
+
+
+def sft_config(output_dir: Path, **overrides) -> SFTConfig:
+    settings = {
+        "output_dir": str(output_dir),
+        "max_steps": 6,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "use_cpu": True,
+        "report_to": "none",
+        "seed": 0,
+        "activation_checkpointing": False,
+        "disable_tqdm": True,
+    }
+    settings.update(overrides)
+    return SFTConfig(**settings)
+
+
+def sft_trainer(model: torch.nn.Module, args: SFTConfig, peft_config: PerftConfig | None = None) -> SFTTrainer:
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=reversal_dataset(),
+        processing_class=char_tokenizer(),
+        peft_config=peft_config,
+    )
+
+
+def tiny_moe() -> torch.nn.Module:
+    """The tiny OLMoE with its load-balancing loss on, as TRL trains MoE models."""
+    return build_tiny(router_aux_loss_coef=0.01, output_router_logits=True).train()
+
+
+def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.named_parameters() if "perft_" in name}
+
+
+def base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.named_parameters() if "perft_" not in name}
+
+
+def routers(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [module.perft_router["default"] for module in model.modules() if isinstance(module, PerftMoeBlock)]
+
+
+def losses(trainer: SFTTrainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An uninterrupted 6-step run from a PerftConfig, with dropout, saving at steps 3 and 6."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    model = tiny_moe()
+    base_before = base_state(model)
+    trainer = sft_trainer(
+        model, sft_config(output_dir, save_strategy="steps", save_steps=3), perft_r_config(lora_dropout=0.05)
+    )
+    monitor = add_routing_monitor(trainer, save_at_end=False)
+    outputs_seen = []
+    trainer.model.get_base_model().register_forward_hook(lambda module, args, output: outputs_seen.append(output))
+    trainer.train()
+    return {
+        "trainer": trainer,
+        "monitor": monitor,
+        "output_dir": output_dir,
+        "base_before": base_before,
+        "outputs": outputs_seen,
+        "final_adapter": adapter_state(trainer.model),
+    }
+
+
+def test_sft_trainer_with_perft_config_trains_the_adapter_only(checkpointed_run: dict) -> None:
+    trainer = checkpointed_run["trainer"]
+    assert isinstance(trainer.model, PeftModel)
+    assert trainer.model.peft_config["default"].variant == "R"
+    history = losses(trainer)
+    assert len(history) == 6
+    assert sum(history[-2:]) / 2 < sum(history[:2]) / 2 - 0.2
+    base_after = base_state(trainer.model.get_base_model())
+    unwrapped_before = checkpointed_run["base_before"]
+    assert len(base_after) == len(unwrapped_before)
+    for before, after in zip(unwrapped_before.values(), base_after.values(), strict=True):
+        assert torch.equal(before, after)
+    assert any(
+        torch.count_nonzero(value) for name, value in checkpointed_run["final_adapter"].items() if "perft_B" in name
+    )
+
+
+def test_perft_aux_loss_is_logged_beside_the_base_aux_loss(checkpointed_run: dict) -> None:
+    trainer = checkpointed_run["trainer"]
+    training_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all("aux_loss" in entry and "perft_aux_loss" in entry for entry in training_logs)
+    seen = [float(output["perft_aux_loss"].detach()) for output in checkpointed_run["outputs"]]
+    assert len(seen) == len(training_logs)  # one forward per step, logging every step
+    for entry, expected in zip(training_logs, seen, strict=True):
+        assert entry["perft_aux_loss"] == pytest.approx(expected, rel=1e-6)
+        assert 0 < entry["perft_aux_loss"] < entry["aux_loss"]
+
+
+def test_perft_aux_loss_enters_the_sft_loss(tmp_path: Path) -> None:
+    # With B = 0 the adapter output is 0 whatever the routing, so the main loss gives the router no gradient:
+    # after one step the router has moved only if the aux loss is part of the loss TRL differentiates.
+    trainer = sft_trainer(tiny_moe(), sft_config(tmp_path, max_steps=1), perft_r_config(router_aux_loss_coef=1.0))
+    before = [router.detach().clone() for router in routers(trainer.model)]
+    trainer.train()
+    moved = [not torch.equal(start, router) for start, router in zip(before, routers(trainer.model), strict=True)]
+    assert all(moved), "PERFT-R's router did not move: its aux loss never reached the loss SFTTrainer optimises"
+
+
+def test_prewrapped_peft_model_trains(tmp_path: Path) -> None:
+    peft_model = get_peft_model(tiny_moe(), perft_r_config())
+    adapter_before = adapter_state(peft_model)
+    base_before = base_state(peft_model)
+    trainer = sft_trainer(peft_model, sft_config(tmp_path))
+    trainer.train()
+    assert trainer.model is peft_model
+    history = losses(trainer)
+    assert sum(history[-2:]) / 2 < sum(history[:2]) / 2 - 0.2
+    changed = [
+        name for name, value in adapter_state(peft_model).items() if not torch.equal(value, adapter_before[name])
+    ]
+    assert any("perft_A" in name for name in changed) and any("perft_B" in name for name in changed)
+    for name, value in base_state(peft_model).items():
+        assert torch.equal(value, base_before[name]), name
+
+
+def test_gradient_checkpointing_trains_like_plain_training(tmp_path: Path) -> None:
+    results = {}
+    for checkpointing in (False, True):
+        args = sft_config(tmp_path / str(checkpointing), max_steps=3, activation_checkpointing=checkpointing)
+        trainer = sft_trainer(tiny_moe(), args, perft_r_config())
+        monitor = add_routing_monitor(trainer, save_at_end=False)
+        trainer.train()
+        assert trainer.model.get_base_model().is_activation_checkpointing == checkpointing
+        results[checkpointing] = (adapter_state(trainer.model), losses(trainer), monitor.report())
+    (plain, plain_losses, plain_report), (checkpointed, checkpointed_losses, checkpointed_report) = results.values()
+    assert checkpointed_losses == pytest.approx(plain_losses, rel=1e-5)
+    for name, value in plain.items():
+        torch.testing.assert_close(checkpointed[name], value, rtol=1e-5, atol=1e-6)
+    # Recomputed forwards must not be counted twice by the monitor.
+    for plain_stats, checkpointed_stats in zip(plain_report.routers, checkpointed_report.routers, strict=True):
+        assert checkpointed_stats.tokens == plain_stats.tokens
+        assert checkpointed_stats.load == pytest.approx(plain_stats.load)
+
+
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(checkpointed_run: dict, tmp_path: Path) -> None:
+    checkpoint = checkpointed_run["output_dir"] / "checkpoint-3"
+    args = sft_config(tmp_path, save_strategy="steps", save_steps=3)
+    trainer = sft_trainer(tiny_moe(), args, perft_r_config(lora_dropout=0.05))
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 6
+    resumed = adapter_state(trainer.model)
+    expected = checkpointed_run["final_adapter"]
+    assert resumed.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(resumed[name], value), f"{name} differs after resuming"
+    # The resumed history is the checkpoint's three entries followed by three new, identical, ones.
+    assert losses(trainer) == losses(checkpointed_run["trainer"])
+
+
+def test_checkpoints_hold_only_the_adapter(checkpointed_run: dict) -> None:
+    adapter_names = set(checkpointed_run["final_adapter"])
+    base_parameters = sum(value.numel() for value in checkpointed_run["base_before"].values())
+    for step in (3, 6):
+        folder = checkpointed_run["output_dir"] / f"checkpoint-{step}"
+        files = {path.name for path in folder.iterdir()}
+        assert {"adapter_model.safetensors", "adapter_config.json"} <= files
+        assert not files & {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"}
+        tensors = load_file(folder / "adapter_model.safetensors")
+        assert tensors and all("perft_" in key for key in tensors)
+        assert len(tensors) == len(adapter_names)
+        assert sum(value.numel() for value in tensors.values()) < base_parameters / 2
+    final = load_file(checkpointed_run["output_dir"] / "checkpoint-6" / "adapter_model.safetensors")
+    for key, value in final.items():
+        match = [name for name in adapter_names if name.replace(".default", "") == key]
+        assert len(match) == 1, key
+        assert torch.equal(value, checkpointed_run["final_adapter"][match[0]])
