@@ -11,6 +11,7 @@ from .config import PerftConfig, perft_peft_type
 from .layer import PerftMoeBlock
 from .loading import install_loading_guard
 from .model import PerftModel
+from .model_card import install_hub_hooks
 
 __all__ = ["PerftConfig", "PerftModel", "PerftMoeBlock", "__version__"]
 __version__ = "0.1.0"
@@ -23,3 +24,4 @@ if perft_peft_type() in PEFT_TYPE_TO_TUNER_MAPPING:
 else:
     register_peft_method(name="perft", config_cls=PerftConfig, model_cls=PerftModel, prefix=PerftModel.prefix)
 install_loading_guard()
+install_hub_hooks()
