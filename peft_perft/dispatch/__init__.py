@@ -5,10 +5,19 @@ and a routing given as expert indices and weights (T x K)::
 
     out[t] = sum_k weight[t, k] * B[index[t, k]] @ act(A[index[t, k]] @ h[t])
 
-Backends differ only in speed and in where they can run; all are dropless and must agree with
-``reference`` in output and gradients. ``auto`` (the default) picks the fastest correct one for
-the device, dtype and shape. Backends register themselves here, as Transformers' experts
-implementations do in ``integrations/moe.py``.
+Backends differ only in speed and in where they can run; all are dropless (no capacity limit, no token
+dropped) and agree in output and gradients. ``auto`` (the default) picks the fastest correct one for the
+device, dtype and shape; naming a backend forces it. Backends register themselves here, as Transformers'
+experts implementations do in ``integrations/moe.py``:
+
+* ``megablocks`` (CUDA, bf16, optional extra): MegaBlocks' sort, histogram, cumsum, gather, scatter and
+  grouped GEMM.
+* ``grouped_mm``: PyTorch's grouped GEMM over (token, expert) pairs sorted by expert; pays off when N * r is
+  large next to K * r.
+* ``gather``: gathers the selected experts' weights and runs two batched matmuls; no sorting, for decode-sized
+  token counts.
+* ``dense``: every token through every expert, unselected ones weighted 0; tiny shapes, old torch and
+  ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -25,20 +34,37 @@ SupportFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], bool]
 
 @dataclass(frozen=True)
 class DispatchBackend:
-    """A routed-adapter implementation and the test that says whether it can run on given inputs."""
+    """A routed-adapter implementation and the test that says whether it can run on given inputs.
+
+    ``preferred`` (optional) says whether ``auto`` should pick this backend for a call it supports, i.e. whether
+    it is expected to be the fastest there; ``None`` means always.
+    """
 
     name: str
     routed: RoutedFn
     supports: SupportFn
     priority: int
+    preferred: SupportFn | None = None
+
+    def suits(self, hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
+        """Whether ``auto`` takes this backend for these inputs: it can run them and is worth it there."""
+        if not self.supports(hidden, lora_A, expert_index):
+            return False
+        return self.preferred is None or self.preferred(hidden, lora_A, expert_index)
 
 
 _BACKENDS: dict[str, DispatchBackend] = {}
+_BY_PRIORITY: list[DispatchBackend] = []
 
 
-def register_backend(name: str, routed: RoutedFn, supports: SupportFn, priority: int) -> None:
-    """Register a backend; ``auto`` tries backends by descending priority and takes the first that supports the call."""
-    _BACKENDS[name] = DispatchBackend(name=name, routed=routed, supports=supports, priority=priority)
+def register_backend(
+    name: str, routed: RoutedFn, supports: SupportFn, priority: int, preferred: SupportFn | None = None
+) -> None:
+    """Register a backend; ``auto`` tries backends by descending priority and takes the first that suits the call."""
+    _BACKENDS[name] = DispatchBackend(
+        name=name, routed=routed, supports=supports, priority=priority, preferred=preferred
+    )
+    _BY_PRIORITY[:] = sorted(_BACKENDS.values(), key=lambda candidate: -candidate.priority)
 
 
 def available_backends() -> list[str]:
@@ -62,8 +88,8 @@ def select_backend(
                 f"{lora_A.shape[1]}; use dispatch_backend='auto' to fall back to one that can."
             )
         return backend
-    for backend in sorted(_BACKENDS.values(), key=lambda candidate: -candidate.priority):
-        if backend.supports(hidden, lora_A, expert_index):
+    for backend in _BY_PRIORITY:
+        if backend.suits(hidden, lora_A, expert_index):
             return backend
     raise RuntimeError("No dispatch backend supports these inputs; this is a bug, please report it.")
 
@@ -95,5 +121,7 @@ def always_on_experts(
 
 
 def _load_builtin_backends() -> None:
-    """Import the backend modules once so that they register themselves."""
-    from . import dense  # noqa: F401
+    """Import the backend modules once so that they register themselves (MegaBlocks itself loads lazily)."""
+    if "dense" in _BACKENDS:
+        return
+    from . import dense, gather, grouped, megablocks_backend  # noqa: F401

@@ -1,0 +1,49 @@
+"""``gather`` backend: copy each token's K selected experts out of the stack and apply them with batched matmuls.
+
+No sort, histogram or scatter: what decoding (one token per step with the KV cache) wants, since its cost is
+a few small kernels. The gathered weights (T * K * 2 * r * D values) grow with the token count, so ``auto``
+keeps it to decode-sized calls.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import Activation, register_backend
+
+# Measured on a 2-core AVX-512 CPU (benchmarks/dispatch_sweep.py, BENCHMARKS.md): beyond this many
+# (token, expert) pairs, copying the selected weights costs more than the dense or sorted paths.
+_MAX_PAIRS = 16
+
+
+def gather_routed(
+    hidden: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    expert_index: torch.Tensor,
+    expert_weight: torch.Tensor,
+    activation: Activation,
+) -> torch.Tensor:
+    """Per token: its K experts' A as one (K*r, D) matrix and B as one (K*r, D) matrix, two batched matmuls."""
+    num_tokens, top_k = expert_index.shape
+    num_experts, rank, hidden_dim = lora_A.shape
+    flat_index = expert_index.reshape(-1)
+    token_A = lora_A.index_select(0, flat_index).view(num_tokens, top_k * rank, hidden_dim)
+    token_B = lora_B.transpose(1, 2).index_select(0, flat_index).view(num_tokens, top_k * rank, hidden_dim)
+    down = torch.bmm(token_A, hidden.unsqueeze(-1)).view(num_tokens, top_k, rank)
+    if activation is not None:
+        down = activation(down)
+    gated = down * expert_weight.to(down.dtype).unsqueeze(-1)
+    return torch.bmm(gated.view(num_tokens, 1, top_k * rank), token_B).view(num_tokens, hidden_dim)
+
+
+def _supports(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
+    return hidden.dtype == lora_A.dtype
+
+
+def _preferred(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
+    """Decode-sized calls whose experts are not all selected anyway (then dense reads no more weights)."""
+    return expert_index.numel() <= _MAX_PAIRS and lora_A.shape[0] > expert_index.shape[1]
+
+
+register_backend("gather", gather_routed, _supports, priority=10, preferred=_preferred)

@@ -1,0 +1,67 @@
+"""Shared pieces of the sorted (grouped GEMM) backends: the expert-major order of (token, choice) pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ExpertSortedPairs:
+    """The T*K (token, choice) pairs of a routing, ordered by expert so that each expert's rows are contiguous.
+
+    ``order[s]`` is the flat (token * K + choice) position of sorted pair ``s`` and ``token[s]`` its token;
+    ``offsets[e]`` (int32, as grouped GEMMs want) is the end of expert ``e``'s rows and ``empty[e]`` says that
+    expert ``e`` got no rows at all.
+    """
+
+    order: torch.Tensor
+    token: torch.Tensor
+    offsets: torch.Tensor
+    empty: torch.Tensor
+
+
+@torch.no_grad()
+def sort_pairs_by_expert(expert_index: torch.Tensor, num_experts: int) -> ExpertSortedPairs:
+    """Sort the routing's pairs by expert; stable, so each expert sees its tokens in their original order.
+
+    Group ends come from ``searchsorted`` on the sorted ids rather than ``bincount``: deterministic on every
+    device (no atomics) and already cumulative.
+    """
+    top_k = expert_index.shape[1]
+    sorted_experts, order = torch.sort(expert_index.reshape(-1), stable=True)
+    expert_ids = torch.arange(num_experts, device=expert_index.device, dtype=sorted_experts.dtype)
+    ends = torch.searchsorted(sorted_experts, expert_ids, right=True)
+    starts = torch.searchsorted(sorted_experts, expert_ids, right=False)
+    return ExpertSortedPairs(
+        order=order, token=order // top_k, offsets=ends.to(torch.int32), empty=(ends == starts).view(-1, 1, 1)
+    )
+
+
+def pad_rank(lora_A: torch.Tensor, lora_B: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad the rank of A (N, r, D) and B (N, D, r) to a multiple of ``multiple``.
+
+    Exact for any activation: a padded rank row gives some ``act(0)`` that only ever meets a zero column of B.
+    The pad is differentiable, so the gradients of the real A and B come back through the slice.
+    """
+    extra = -lora_A.shape[1] % multiple
+    if extra == 0:
+        return lora_A, lora_B
+    return (
+        torch.nn.functional.pad(lora_A, (0, 0, 0, extra)),
+        torch.nn.functional.pad(lora_B, (0, extra)),
+    )
+
+
+def sum_pairs_per_token(pair_rows: torch.Tensor, pairs: ExpertSortedPairs, num_tokens: int) -> torch.Tensor:
+    """Add each sorted pair's row (S, D) into its token's row (T, D).
+
+    On CPU ``index_add`` is deterministic and the cheapest; elsewhere it would use atomics (nondeterministic and,
+    in bf16, accumulated in bf16), so rows are put back in token-major order and summed over K instead.
+    """
+    if pair_rows.device.type == "cpu":
+        return pair_rows.new_zeros(num_tokens, pair_rows.shape[1]).index_add(0, pairs.token, pair_rows)
+    inverse = torch.empty_like(pairs.order)
+    inverse[pairs.order] = torch.arange(pairs.order.numel(), device=pairs.order.device)
+    return pair_rows.index_select(0, inverse).view(num_tokens, -1, pair_rows.shape[1]).sum(dim=1)
