@@ -1,8 +1,17 @@
 """Find the MoE blocks of a model by their structure: a router beside an experts module.
 
-Transformers 5 gives MoE blocks one shape: a router whose weight is (num_experts, hidden) and an experts module
-holding fused 3-D weights (num_experts, ...) whose forward receives ``(hidden_states, top_k_index,
-top_k_weights)``. Detection relies on that shape, not on class names, so that new models work unchanged.
+Transformers 5 gives MoE blocks one shape: a router with one output row per expert and an experts module holding
+stacked expert weights (num_experts, ...) whose forward receives ``(hidden_states, top_k_index, top_k_weights)``.
+Detection relies on that shape, not on class names, so that new models with the common shape work unchanged:
+
+- the experts module is a child with 3-D parameters sharing an expert dimension (convolution weights are not
+  experts), or, for experts stored as 2-D stacks (DBRX), a child that declares ``num_experts``;
+- the router is another child holding a 2-D weight with one row per expert, possibly nested (``router.layer``,
+  ``gate.wg``, a router MLP) and possibly with extra rows for zero-compute or shared experts (LongCat, Inkling);
+- a block that is a whole decoder layer (router and experts beside the attention, as in Gemma 4) is adapted at
+  its experts module, which is the MoE computation of that layer.
+
+``BLOCK_HINTS`` covers the few blocks whose structure is not enough on its own.
 """
 
 from __future__ import annotations
@@ -13,87 +22,220 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+ROUTER_EXTRA_ROWS = 2.0
+"""A router may have up to this factor more rows than experts (zero-compute, sink or shared-expert logits)."""
+
 
 @dataclass(frozen=True)
 class MoeBlockSpec:
-    """What PERFT needs to know about one MoE block."""
+    """What PERFT needs to know about one MoE block.
+
+    ``experts_name`` is the block's child that computes the routed experts ("" when the adapted block is the experts
+    module itself, None when the experts are not a module that receives the routing). ``num_experts`` counts the
+    experts that have weights; routing slots beyond them (zero-compute or skip experts) carry no PERFT-E adapter.
+    """
 
     hidden_size: int
     num_experts: int
     top_k: int | None
     router_name: str
-    experts_name: str
+    experts_name: str | None
     experts_call_parameters: tuple[str, ...]
 
     @property
     def experts_routable(self) -> bool:
         """Whether the experts' call carries (hidden_states, indices, weights), which PERFT-E needs."""
-        return len(self.experts_call_parameters) >= 3
+        return self.experts_name is not None and len(self.experts_call_parameters) >= 3
+
+    @property
+    def why_not_routable(self) -> str:
+        """Why PERFT-E cannot reuse this block's routing (for error messages)."""
+        if self.experts_name is None:
+            return "its experts are computed inline, not by an experts module that receives the routing"
+        return f"its experts module {self.experts_name!r} is not called with the routed indices and weights"
 
     def experts_module(self, block: nn.Module) -> nn.Module:
         """The block's experts module, whose call carries the routing that PERFT-E reuses."""
-        return getattr(block, self.experts_name)
+        if self.experts_name is None:
+            raise ValueError(f"{type(block).__name__} has no experts module that receives the model's routing.")
+        return block.get_submodule(self.experts_name)
 
     def read_experts_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(hidden_states, expert indices, expert weights) of one call of the experts module."""
+        """(hidden_states (T, D), expert indices (T, K), expert weights (T, K)) of one call of the experts module.
+
+        Slots routed past the weighted experts (LongCat's identity experts, ZAYA's skip slot) come back with
+        index 0 and weight 0, so they add no adapter output.
+        """
         names = self.experts_call_parameters
         values = dict(zip(names, args, strict=False))
         values.update({name: kwargs[name] for name in names if name in kwargs})
-        return values[names[0]], values[names[1]], values[names[2]]
+        hidden, index, weight = values[names[0]], values[names[1]], values[names[2]]
+        index, weight = index.reshape(-1, index.shape[-1]), weight.reshape(-1, index.shape[-1])
+        weighted = index < self.num_experts
+        index = torch.where(weighted, index, torch.zeros_like(index))
+        weight = torch.where(weighted, weight, torch.zeros_like(weight))
+        return hidden.reshape(-1, hidden.shape[-1]), index, weight
+
+
+@dataclass(frozen=True)
+class BlockHint:
+    """Names for a block whose structure alone does not identify its router and experts.
+
+    ``adapt=False`` marks a module that looks like an MoE block but is not a feed-forward one (``reason`` says why).
+    """
+
+    router: str | None = None
+    experts: str | None = None
+    adapt: bool = True
+    reason: str = ""
+
+
+BLOCK_HINTS: dict[str, BlockHint] = {
+    # JetMoE's mixture of attention heads: routed like an MoE but part of attention, run through map()/reduce().
+    "JetMoeMoA": BlockHint(adapt=False, reason="mixture-of-attention-heads inside the attention, not an FFN block"),
+    # Doge's CDMoE: product-key routing over embedding-row experts computed inline, no experts module to hook.
+    "DogeCDMoE": BlockHint(router="router_gate", experts=None),
+}
 
 
 def describe_moe_block(block: nn.Module) -> MoeBlockSpec | None:
     """Return the spec of ``block`` if it is an MoE block (a router child and an experts child), else None."""
-    experts = _find_experts_child(block)
-    if experts is None:
-        return None
-    experts_name, num_experts = experts
-    router = _find_router_child(block, num_experts, exclude=experts_name)
-    if router is None:
-        return None
-    router_name, hidden_size = router
-    router_module = getattr(block, router_name)
-    top_k = getattr(router_module, "top_k", None) or getattr(block, "top_k", None)
-    return MoeBlockSpec(
-        hidden_size=hidden_size,
-        num_experts=num_experts,
-        top_k=top_k,
-        router_name=router_name,
-        experts_name=experts_name,
-        experts_call_parameters=_call_parameters(getattr(block, experts_name)),
-    )
+    found = _locate(block)
+    return found[1] if found is not None and found[0] == "" else None
 
 
 def find_moe_blocks(model: nn.Module) -> dict[str, MoeBlockSpec]:
     """Map the qualified name of every MoE block in ``model`` to its spec, skipping blocks nested in another."""
     blocks: dict[str, MoeBlockSpec] = {}
     for name, module in model.named_modules():
-        if any(name.startswith(f"{outer}.") for outer in blocks):
+        if any(name == outer or name.startswith(f"{outer}.") for outer in blocks):
             continue
-        spec = describe_moe_block(getattr(module, "base_layer", module))
-        if spec is not None:
-            blocks[name] = spec
+        found = _locate(_unwrapped(module))
+        if found is not None:
+            relative, spec = found
+            blocks[".".join(part for part in (name, relative) if part)] = spec
     return blocks
 
 
+def _locate(module: nn.Module) -> tuple[str, MoeBlockSpec] | None:
+    """(path of the module to adapt relative to ``module``, its spec) if ``module`` holds an MoE block here."""
+    hint = BLOCK_HINTS.get(type(module).__name__)
+    if hint is not None:
+        return ("", _spec_from_hint(module, hint)) if hint.adapt else None
+    experts = _find_experts_child(module)
+    if experts is None:
+        return None
+    experts_name, num_experts = experts
+    router = _find_router_child(module, num_experts, exclude=experts_name)
+    if router is None:
+        return None
+    router_name, hidden_size = router
+    if _is_decoder_layer(module):
+        spec = _spec(module, hidden_size, num_experts, router_name, experts_name, experts_is_block=True)
+        return experts_name, spec
+    return "", _spec(module, hidden_size, num_experts, router_name, experts_name, experts_is_block=False)
+
+
+def _spec(
+    block: nn.Module, hidden_size: int, num_experts: int, router_name: str, experts_name: str, experts_is_block: bool
+) -> MoeBlockSpec:
+    experts = _unwrapped(block.get_submodule(experts_name))
+    router = block.get_submodule(router_name)
+    return MoeBlockSpec(
+        hidden_size=hidden_size,
+        num_experts=num_experts,
+        top_k=_top_k(router, block),
+        router_name=router_name,
+        experts_name="" if experts_is_block else experts_name,
+        experts_call_parameters=_call_parameters(experts),
+    )
+
+
+def _spec_from_hint(block: nn.Module, hint: BlockHint) -> MoeBlockSpec:
+    """Spec of a hinted block: sizes from the named router, the expert count from the block."""
+    router = block.get_submodule(hint.router)
+    weight = _first_matrix(router)
+    experts = _unwrapped(block.get_submodule(hint.experts)) if hint.experts is not None else None
+    return MoeBlockSpec(
+        hidden_size=weight.shape[1],
+        num_experts=int(getattr(block, "num_experts", weight.shape[0])),
+        top_k=_top_k(router, block),
+        router_name=hint.router,
+        experts_name=hint.experts,
+        experts_call_parameters=_call_parameters(experts) if experts is not None else (),
+    )
+
+
 def _find_experts_child(block: nn.Module) -> tuple[str, int] | None:
-    """The child that directly holds 3-D parameters sharing one leading (expert) dimension."""
-    for name, child in block.named_children():
-        leading = {p.shape[0] for p in child.parameters(recurse=False) if p.dim() == 3}
-        if len(leading) == 1 and (num_experts := leading.pop()) > 1:
+    """The child holding stacked expert weights, and its number of weighted experts."""
+    children = [(name, _unwrapped(child)) for name, child in block.named_children()]
+    for name, child in children:
+        if isinstance(child, nn.modules.conv._ConvNd):
+            continue
+        leading = [p.shape[0] for p in child.parameters(recurse=False) if p.dim() == 3]
+        if leading and (num_experts := min(leading)) > 1:
             return name, num_experts
+    for name, child in children:
+        declared = getattr(child, "num_experts", None)
+        if _declares_experts(child, declared):
+            return name, declared
     return None
+
+
+def _declares_experts(module: nn.Module, declared: object) -> bool:
+    """Whether ``module`` holds expert weights stored as 2-D stacks and says how many experts (DBRX), not a router."""
+    if not isinstance(declared, int) or declared < 2 or next(module.parameters(), None) is None:
+        return False
+    return not _has_router_rows(module, declared)
 
 
 def _find_router_child(block: nn.Module, num_experts: int, exclude: str) -> tuple[str, int] | None:
-    """The child whose 2-D weight has one row per expert; returns its name and the hidden size."""
+    """The child with a 2-D weight of one row per expert (or a few extra); returns its name and the hidden size.
+
+    An exact row count wins over one with extra rows. The hidden size is the input width of the router's first
+    matrix, which is the block's hidden size also for routers that are small MLPs (ZAYA).
+    """
+    candidates: list[tuple[int, str, int]] = []
     for name, child in block.named_children():
-        weight = getattr(child, "weight", None)
-        if name == exclude or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        child = _unwrapped(child)
+        if name == exclude or any(p.dim() == 3 for p in child.parameters()):
             continue
-        if weight.shape[0] == num_experts:
-            return name, weight.shape[1]
-    return None
+        fitting = _router_rows(child, num_experts)
+        if fitting:
+            candidates.append((min(fitting) - num_experts, name, _first_matrix(child).shape[1]))
+    if not candidates:
+        return None
+    _, name, hidden_size = min(candidates)
+    return name, hidden_size
+
+
+def _is_decoder_layer(module: nn.Module) -> bool:
+    """Whether the router and experts sit directly in a decoder layer, beside its attention."""
+    return any("attn" in name or "attention" in name for name, _ in module.named_children())
+
+
+def _router_rows(module: nn.Module, num_experts: int) -> list[int]:
+    """Row counts of the 2-D parameters of ``module`` that fit a router over ``num_experts`` experts."""
+    rows = [p.shape[0] for p in module.parameters() if p.dim() == 2]
+    return [r for r in rows if num_experts <= r <= ROUTER_EXTRA_ROWS * num_experts]
+
+
+def _has_router_rows(module: nn.Module, num_experts: int) -> bool:
+    return bool(_router_rows(module, num_experts))
+
+
+def _first_matrix(module: nn.Module) -> torch.Tensor | None:
+    """The first 2-D parameter of ``module`` (recursively), or None if it has none."""
+    return next((p for p in module.parameters() if p.dim() == 2), None)
+
+
+def _top_k(router: nn.Module, block: nn.Module) -> int | None:
+    return getattr(router, "top_k", None) or getattr(block, "top_k", None)
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    """The original module behind a PERFT wrapper, so that detection sees through already-adapted blocks."""
+    return getattr(module, "base_layer", module)
 
 
 def _call_parameters(experts: nn.Module) -> tuple[str, ...]:
