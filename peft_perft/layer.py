@@ -58,9 +58,8 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         """Create (or replace) the tensors of one adapter for this block."""
         if config.variant == "E" and not self.spec.experts_routable:
             raise ValueError(
-                f"PERFT-E cannot adapt {type(self.base_layer).__name__}: its experts module "
-                f"'{self.spec.experts_name}' is not called with the routed indices and weights, so the model's own "
-                f"routing cannot be reused. Use variant 'R', 'D' or 'S' for this model."
+                f"PERFT-E cannot adapt {type(self.base_layer).__name__}: {self.spec.why_not_routable}, so the "
+                f"model's own routing cannot be reused. Use variant 'R', 'D' or 'S' for this model."
             )
         num_experts = config.resolved_num_experts(self.spec.num_experts)
         device = _device_of(self.base_layer)
@@ -149,9 +148,8 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
                 self.routing_records[name] = RoutingRecord(None, expert_index.detach(), expert_weight.detach())
                 adapter_input = self.perft_dropout[name](hidden.to(lora_A.dtype))
                 weight = expert_weight.to(lora_A.dtype)
-                total = total + self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight).to(
-                    output.dtype
-                )
+                delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight)
+                total = total + delta.to(output.dtype).view(output.shape)
             return total
 
         return add_adapter_experts
