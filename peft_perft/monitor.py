@@ -24,6 +24,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
+from .model import PerftModel
 from .trace import (
     ROUTED_BY_OWN_ROUTER,
     AdaptedLayer,
@@ -131,7 +132,12 @@ class CollapseCriteria:
 
 @dataclass
 class RoutingReport:
-    """Routing statistics of every adapted layer over some forward passes; see `RouterStats` for the figures."""
+    """Routing statistics of every adapted layer over some forward passes; see `RouterStats` for the figures.
+
+    ``perft_aux_loss`` is PERFT-R's weighted load-balancing loss (``router_aux_loss_coef`` times the Switch loss)
+    averaged over the forward passes in which the model computed its own aux loss, which is when PERFT adds its
+    own to the loss; ``base_aux_loss`` is the mean of the model output's ``aux_loss`` over the same passes.
+    """
 
     routers: list[RouterStats] = field(default_factory=list)
     forward_passes: int = 0
@@ -158,8 +164,8 @@ class RoutingReport:
         return path
 
     def scalars(self, per_layer: bool = False) -> dict[str, float]:
-        """Flat scalars for a logger: per router family the worst max load, mean entropy and cv, total dead
-        experts, collapsed layers and mean drift; with ``per_layer`` also each layer's own figures."""
+        """Flat scalars for a logger: per router family (``routing/base``, ``routing/perft``) the worst max load,
+        mean entropy and cv, total dead experts and mean drift; with ``per_layer`` also each layer's figures."""
         scalars: dict[str, float] = {}
         if self.perft_aux_loss is not None:
             scalars["perft_aux_loss"] = self.perft_aux_loss
@@ -243,6 +249,7 @@ class RoutingMonitor:
         measure_drift: bool = True,
     ) -> None:
         self.root, self.layers = find_adapted_layers(model)
+        self._tuner = next((module for module in model.modules() if isinstance(module, PerftModel)), None)
         self.training_only = training_only
         self.reduce_across_processes = reduce_across_processes
         self.measure_drift = measure_drift
@@ -347,15 +354,20 @@ class RoutingMonitor:
         return mask.reshape(-1).to(device=buffer.device, dtype=buffer.dtype)
 
     def _add_losses(self, outputs: Any) -> None:
-        """Running sums of PERFT's and the base model's aux losses, and the number of forward passes."""
+        """Running sums of the base model's aux loss and of PERFT-R's weighted aux loss, which the model adds to
+        its loss whenever it computes its own (recomputed here from the routing records, no extra forward)."""
         buffer, start = self._buffer, self._aux_offset
-        if isinstance(outputs, Mapping):
-            for slot, key in ((0, "perft_aux_loss"), (2, "aux_loss")):
-                value = outputs.get(key)
-                if isinstance(value, torch.Tensor):
-                    buffer[start + slot : start + slot + 1].add_(value.detach().float().to(buffer.device))
-                    buffer[start + slot + 1 : start + slot + 2].add_(1.0)
+        base_aux = outputs.get("aux_loss") if isinstance(outputs, Mapping) else None
+        if isinstance(base_aux, torch.Tensor):
+            self._add_loss(start + 2, base_aux)
+            perft_aux = self._tuner.router_aux_loss(self._attention_mask) if self._tuner is not None else None
+            if perft_aux is not None:
+                self._add_loss(start, perft_aux)
         buffer[start + LOSS_SLOTS - 1 :].add_(1.0)
+
+    def _add_loss(self, slot: int, value: torch.Tensor) -> None:
+        self._buffer[slot : slot + 1].add_(value.detach().float().to(self._buffer.device))
+        self._buffer[slot + 1 : slot + 2].add_(1.0)
 
     def _buffer_on(self, device: torch.device) -> torch.Tensor:
         """The count buffer, moved once to the device the routing is on (the model may move after attach)."""

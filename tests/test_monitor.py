@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import build_tiny
 from peft import get_peft_model
+from test_trl import record_forwards, reference_perft_aux_loss
 from torch.utils.data import Dataset as TorchDataset
 from transformers import Trainer, TrainingArguments
 
@@ -66,7 +67,7 @@ def capture_block_inputs(model: torch.nn.Module) -> tuple[list[torch.Tensor], li
 def recomputed_topk(
     hidden: torch.Tensor, weight: torch.Tensor, top_k: int, normalise: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    probs = torch.softmax(hidden.float() @ weight.float().t(), dim=-1)
+    probs = torch.softmax(torch.nn.functional.linear(hidden.float(), weight.float()), dim=-1)
     top_weight, top_index = probs.topk(top_k, dim=-1)
     return top_index, top_weight / top_weight.sum(-1, keepdim=True) if normalise else top_weight
 
@@ -273,8 +274,7 @@ def test_callback_logs_through_the_trainer_and_writes_heatmaps(tmp_path: Path) -
     model = perft_model()
     trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=TokenDataset())
     callback = add_routing_monitor(trainer, per_layer=True)
-    outputs = []
-    model.get_base_model().register_forward_hook(lambda module, args, output: outputs.append(output))
+    forwards = record_forwards(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
@@ -284,9 +284,11 @@ def test_callback_logs_through_the_trainer_and_writes_heatmaps(tmp_path: Path) -
     for window, entry in enumerate(logs):
         for key in ("routing/perft/max_load", "routing/base/entropy", "routing/perft/layer_1/cv", "aux_loss"):
             assert key in entry
-        aux = [float(output["perft_aux_loss"].detach()) for output in outputs[2 * window : 2 * window + 2]]
-        assert entry["perft_aux_loss"] == pytest.approx(sum(aux) / 2, rel=1e-6)
-        base_aux = [float(output["aux_loss"].detach()) for output in outputs[2 * window : 2 * window + 2]]
+        window_forwards = forwards[2 * window : 2 * window + 2]
+        config = model.peft_config["default"]
+        aux = [reference_perft_aux_loss(forward, config) for forward in window_forwards]
+        assert entry["perft_aux_loss"] == pytest.approx(sum(aux) / 2, rel=1e-5)
+        base_aux = [float(forward["output"]["aux_loss"].detach()) for forward in window_forwards]
         assert entry["aux_loss"] == pytest.approx(sum(base_aux) / 2, rel=1e-6)
     assert logs[-1]["routing/perft/router_drift"] > 0
     final = callback.report()

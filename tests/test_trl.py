@@ -3,20 +3,26 @@ aux loss in the loss and the logs, with gradient checkpointing, resuming exactly
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib.util
+import json
 import string
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, tiny_mixtral_config
 from datasets import Dataset
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
 from peft_perft import PerftConfig, PerftMoeBlock
+from peft_perft.evaluation import build_prompt
 from peft_perft.monitor import add_routing_monitor
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")
@@ -91,6 +97,50 @@ def routers(model: torch.nn.Module) -> list[torch.Tensor]:
     return [module.perft_router["default"] for module in model.modules() if isinstance(module, PerftMoeBlock)]
 
 
+def reference_perft_aux_loss(forward: dict, config: PerftConfig) -> float:
+    """PERFT-R's weighted load-balancing loss from the paper/Switch formula: coef * N * sum_i f_i P_i, with f the
+    fraction of top-k slots and P the mean router probability, over the real tokens of all layers together.
+    ``forward`` comes from `record_forwards`; router logits use the autocast the model ran under (TRL: bf16)."""
+    autocast, mask = forward["autocast"], forward["mask"]
+    dispatched, probabilities = [], []
+    for hidden, weight in zip(forward["hidden"], forward["routers"], strict=True):
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logits = torch.nn.functional.linear(hidden.float(), weight.float())
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        top = probs.topk(config.top_k, dim=-1).indices
+        dispatched.append(torch.zeros_like(probs, dtype=torch.float64).scatter(1, top, 1.0))
+        probabilities.append(probs.double())
+    token_weight = torch.ones(len(forward["hidden"][0])) if mask is None else mask.reshape(-1).double()
+    token_weight = token_weight.repeat(len(forward["hidden"]))[:, None]
+    fraction = (torch.cat(dispatched) * token_weight).sum(0) / token_weight.sum()
+    mean_probability = (torch.cat(probabilities) * token_weight).sum(0) / token_weight.sum()
+    return float(config.router_aux_loss_coef * config.num_experts * (fraction * mean_probability).sum())
+
+
+def record_forwards(model: torch.nn.Module) -> list[dict]:
+    """Per forward of the whole model: its attention mask, every adapted block's input and the model output."""
+    forwards: list[dict] = []
+    root = model.get_base_model()
+
+    def start(module, args, kwargs):
+        autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        forwards.append({"mask": kwargs.get("attention_mask"), "hidden": [], "routers": [], "autocast": autocast})
+
+    def block_input(module, args):
+        forwards[-1]["hidden"].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        forwards[-1]["routers"].append(module.perft_router["default"].detach().clone())
+
+    def finish(module, args, output):
+        forwards[-1]["output"] = output
+
+    root.register_forward_pre_hook(start, with_kwargs=True)
+    root.register_forward_hook(finish)
+    for module in model.modules():
+        if isinstance(module, PerftMoeBlock):
+            module.register_forward_pre_hook(block_input)
+    return forwards
+
+
 def losses(trainer: SFTTrainer) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
@@ -105,15 +155,14 @@ def checkpointed_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         model, sft_config(output_dir, save_strategy="steps", save_steps=3), perft_r_config(lora_dropout=0.05)
     )
     monitor = add_routing_monitor(trainer, save_at_end=False)
-    outputs_seen = []
-    trainer.model.get_base_model().register_forward_hook(lambda module, args, output: outputs_seen.append(output))
+    forwards = record_forwards(trainer.model)
     trainer.train()
     return {
         "trainer": trainer,
         "monitor": monitor,
         "output_dir": output_dir,
         "base_before": base_before,
-        "outputs": outputs_seen,
+        "forwards": forwards,
         "final_adapter": adapter_state(trainer.model),
     }
 
@@ -139,10 +188,12 @@ def test_perft_aux_loss_is_logged_beside_the_base_aux_loss(checkpointed_run: dic
     trainer = checkpointed_run["trainer"]
     training_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all("aux_loss" in entry and "perft_aux_loss" in entry for entry in training_logs)
-    seen = [float(output["perft_aux_loss"].detach()) for output in checkpointed_run["outputs"]]
-    assert len(seen) == len(training_logs)  # one forward per step, logging every step
-    for entry, expected in zip(training_logs, seen, strict=True):
-        assert entry["perft_aux_loss"] == pytest.approx(expected, rel=1e-6)
+    forwards = checkpointed_run["forwards"]
+    assert len(forwards) == len(training_logs)  # one forward per step, logging every step
+    config = trainer.model.peft_config["default"]
+    for entry, forward in zip(training_logs, forwards, strict=True):
+        expected = reference_perft_aux_loss(forward, config)
+        assert entry["perft_aux_loss"] == pytest.approx(expected, rel=1e-5)
         assert 0 < entry["perft_aux_loss"] < entry["aux_loss"]
 
 
@@ -224,3 +275,98 @@ def test_checkpoints_hold_only_the_adapter(checkpointed_run: dict) -> None:
         match = [name for name in adapter_names if name.replace(".default", "") == key]
         assert len(match) == 1, key
         assert torch.equal(value, checkpointed_run["final_adapter"][match[0]])
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def save_local_model(folder: Path, family: str = "olmoe") -> Path:
+    """A tiny model with its tokenizer in a folder, standing in for a Hub checkpoint."""
+    build_tiny(family, router_aux_loss_coef=0.01, output_router_logits=True).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_llm_adapters_file(path: Path) -> Path:
+    records = [
+        {"instruction": "Reverse the word.", "input": "abc", "output": "cba", "answer": "cba"},
+        {"instruction": "Reverse the word moe.", "input": "", "output": "eom", "answer": "eom"},
+    ] * 4
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_sft_perft_script_trains_with_the_paper_defaults(tmp_path: Path) -> None:
+    sft_perft = load_example("sft_perft")
+    model_dir = save_local_model(tmp_path / "tiny-olmoe")
+    data = write_llm_adapters_file(tmp_path / "math_tiny.json")
+    output_dir = tmp_path / "run"
+    argv = ["--model_name_or_path", str(model_dir), "--dataset_path", str(data), "--output_dir", str(output_dir)]
+    argv += ["--perft_r", "4", "--perft_num_experts", "4", "--perft_top_k", "2", "--max_steps", "1"]
+    argv += ["--per_device_train_batch_size", "4", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true"]
+    trainer = sft_perft.main(argv)
+    assert trainer.args.learning_rate == 1e-5  # the paper's OLMoE rate
+    assert trainer.args.num_train_epochs == 3 and trainer.args.max_length == 256
+    config = trainer.model.peft_config["default"]
+    assert (config.variant, config.r, config.lora_alpha, config.lora_dropout) == ("R", 4, 8, 0.05)
+    assert (config.num_experts, config.top_k) == (4, 2)
+    saved = {path.name for path in output_dir.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "routing"} <= saved
+    assert {"routing_base.png", "routing_perft.png", "routing_report.json"} <= {
+        path.name for path in (output_dir / "routing").iterdir()
+    }
+    examples = sft_perft.load_llm_adapters_dataset(sft_perft.ScriptArguments(dataset_path=str(data)))
+    assert examples[0] == {
+        "prompt": build_prompt({"instruction": "Reverse the word.", "input": "abc"}),
+        "completion": "cba",
+    }
+
+
+def test_sft_perft_flags_cover_perft_config_and_respect_precedence(tmp_path: Path) -> None:
+    sft_perft = load_example("sft_perft")
+    own_fields = {item.name for item in dataclasses.fields(PerftConfig)} - {
+        item.name for item in dataclasses.fields(PeftConfig)
+    }
+    flags = {item.name.removeprefix("perft_") for item in dataclasses.fields(sft_perft.PerftArguments)}
+    assert flags == own_fields
+    mixtral_dir = tmp_path / "tiny-mixtral"
+    tiny_mixtral_config().save_pretrained(mixtral_dir)
+    base = ["--model_name_or_path", str(mixtral_dir), "--dataset_path", "unused.json", "--output_dir", str(tmp_path)]
+    base.append("--use_cpu")
+    _, perft_args, training_args, _ = sft_perft.parse_arguments(base + ["--perft_variant", "E"])
+    assert training_args.learning_rate == 2e-5  # the paper's Mixtral rate
+    assert perft_args.to_config().variant == "E" and perft_args.to_config().lora_alpha == 16
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("learning_rate: 0.0003\nperft_r: 16\nnum_train_epochs: 1\n")
+    _, perft_args, training_args, _ = sft_perft.parse_arguments(
+        base + ["--config", str(config_file), "--num_train_epochs", "2"]
+    )
+    assert training_args.learning_rate == 3e-4  # the file beats the paper default
+    assert training_args.num_train_epochs == 2  # the command line beats the file
+    assert perft_args.to_config().lora_alpha == 32
+    with pytest.raises(ValueError, match="--use_peft configures a LoRA adapter"):
+        sft_perft.parse_arguments(base + ["--use_peft"])
+
+
+def test_quickstart_runs_as_written_on_a_local_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quickstart's own code, with the Hub model and dataset swapped for local stand-ins."""
+    source = (EXAMPLES / "quickstart.py").read_text()
+    hub_model = '"allenai/OLMoE-1B-7B-0924"'
+    assert hub_model in source
+    model_dir = save_local_model(tmp_path / "tiny-olmoe")
+    monkeypatch.setattr("datasets.load_dataset", lambda *args, **kwargs: reversal_dataset(8))
+    monkeypatch.chdir(tmp_path)
+    # CPU and two steps here; the copied lines stay as they are.
+    monkeypatch.setattr("trl.SFTConfig", functools.partial(SFTConfig, use_cpu=True, max_steps=2, report_to="none"))
+    exec(compile(source.replace(hub_model, repr(str(model_dir))), "quickstart.py", "exec"), {"__name__": "__main__"})
+    saved = {path.name for path in (tmp_path / "olmoe-perft-r").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= saved
+    assert not saved & {"model.safetensors", "pytorch_model.bin"}
