@@ -341,7 +341,11 @@ class RoutingMonitor:
         buffer = self._buffer_on(expert_index.device)
         index = expert_index.reshape(expert_index.shape[0], -1).to(buffer.device)
         token_weight = self._token_weights(index.shape[0], buffer)
-        per_choice = token_weight[:, None].expand_as(index).reshape(-1)
+        per_choice = token_weight[:, None].expand_as(index)
+        if counter.router == BASE_ROUTER:
+            # Slots routed past the weighted experts (identity or skip experts) arrive as expert 0 with weight 0.
+            per_choice = per_choice * (expert_weight.reshape(index.shape).to(buffer.device) != 0)
+        per_choice = per_choice.reshape(-1)
         start = counter.offset
         buffer[start : start + counter.num_experts].index_add_(0, index.reshape(-1), per_choice)
         buffer[start + counter.num_experts : start + counter.num_experts + 1].add_(token_weight.sum())

@@ -250,7 +250,7 @@ def _trace_rows(
     tokens = _token_strings(token_ids, tokenizer)
     rows = []
     for layer in layers:
-        base = _routing_lists(tap.latest.get(layer.name))
+        base = _routing_lists(tap.latest.get(layer.name), drop_skipped=True)
         for adapter in active_perft_adapters(layer):
             if adapter_names is not None and adapter not in adapter_names:
                 continue
@@ -278,16 +278,27 @@ def _trace_rows(
     return rows
 
 
-def _routing_lists(routing: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[list, list] | None:
+def _routing_lists(
+    routing: tuple[torch.Tensor, torch.Tensor] | None, drop_skipped: bool = False
+) -> tuple[list, list] | None:
+    """Per-token expert and weight lists; ``drop_skipped`` leaves out the slots the base model routed past its
+    weighted experts (identity or skip experts), which arrive as expert 0 with weight 0."""
     if routing is None:
         return None
-    expert_index, expert_weight = routing
-    return expert_index.cpu().tolist(), expert_weight.float().cpu().tolist()
+    indices, weights = routing[0].cpu().tolist(), routing[1].float().cpu().tolist()
+    if not drop_skipped:
+        return indices, weights
+    kept = [
+        [(i, w) for i, w in zip(row_i, row_w, strict=True) if w != 0]
+        for row_i, row_w in zip(indices, weights, strict=True)
+    ]
+    return [[i for i, _ in row] for row in kept], [[w for _, w in row] for row in kept]
 
 
 def _adapter_lists(layer: AdaptedLayer, adapter: str, num_tokens: int) -> tuple[list, list]:
     """Routed adapters: what their router (R) or the base router (E) chose; D and S: every expert, weight 1."""
-    routed = _routing_lists(perft_routing(layer, adapter))
+    variant = layer.block.perft_configs[adapter].variant
+    routed = _routing_lists(perft_routing(layer, adapter), drop_skipped=variant == ROUTED_BY_BASE)
     if routed is not None:
         return routed
     num_experts = layer.block.perft_configs[adapter].resolved_num_experts(layer.block.spec.num_experts)

@@ -16,7 +16,7 @@ from conftest import build_tiny
 from peft import get_peft_model
 from test_trl import record_forwards, reference_perft_aux_loss
 from torch.utils.data import Dataset as TorchDataset
-from transformers import Trainer, TrainingArguments
+from transformers import LongcatFlashConfig, LongcatFlashForCausalLM, Trainer, TrainingArguments
 
 from peft_perft import PerftConfig, PerftMoeBlock
 from peft_perft.monitor import (
@@ -356,3 +356,50 @@ def test_tensorboard_receives_the_routing_scalars(tmp_path: Path) -> None:
     assert {"train/perft_aux_loss", "train/routing/perft/max_load", "train/routing/base/dead_experts"} <= tags
     logged = trainer.state.log_history[0]["routing/perft/max_load"]
     assert accumulator.Scalars("train/routing/perft/max_load")[-1].value == pytest.approx(logged)
+
+
+def test_slots_routed_to_zero_computation_experts_are_not_counted() -> None:
+    """LongCat-Flash routes some slots to identity ("zero") experts past its 4 weighted ones; those are no load."""
+    config = LongcatFlashConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        ffn_hidden_size=32,
+        q_lora_rank=8,
+        kv_lora_rank=8,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        head_dim=4,
+        v_head_dim=8,
+        moe_topk=2,
+        n_routed_experts=NUM_EXPERTS,
+        zero_expert_num=2,
+        expert_ffn_hidden_size=16,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = get_peft_model(
+        LongcatFlashForCausalLM(config).eval(), PerftConfig(variant="R", r=2, num_experts=4, top_k=2)
+    )
+    block = blocks(model)[0]
+    received = []
+    experts = block.base_layer.experts
+    experts.register_forward_hook(lambda module, args, output: received.append((args[1].clone(), args[2].clone())))
+    input_ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(2))
+    with RoutingMonitor(model) as monitor, torch.no_grad():
+        model(input_ids=input_ids)
+        report = monitor.read()
+    trace = routing_trace(model, {"input_ids": input_ids})
+    raw_index, raw_weight = received[0][0].reshape(-1, 2), received[0][1].reshape(-1, 2)
+    assert (raw_index >= NUM_EXPERTS).any(), "the seed should route some slots to the zero experts"
+    weighted = raw_index < NUM_EXPERTS
+    expected = [(raw_index == expert).sum().item() / raw_index.shape[0] for expert in range(NUM_EXPERTS)]
+    (base,) = [stats for stats in report.routers if stats.router == "base"]
+    assert base.load == pytest.approx(expected)
+    assert sum(base.load) < TOP_K
+    for row in trace.rows:
+        flat = row["example"] * input_ids.shape[1] + row["position"]
+        assert row["base_experts"] == raw_index[flat][weighted[flat]].tolist()
+        assert row["base_weights"] == pytest.approx(raw_weight[flat][weighted[flat]].tolist())
