@@ -106,7 +106,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         base_input = hidden_states.clone() if deltas and self.training else hidden_states
         output = self._run_base(routed_by_base, base_input, *args, **kwargs)
         for delta in deltas:
-            output = _add_to_primary(output, delta.view(hidden_states.shape))
+            output = _add_to_primary(output, delta)
         return output
 
     def _run_base(self, routed_by_base: list[str], hidden_states: torch.Tensor, *args, **kwargs):
@@ -191,10 +191,11 @@ def _activation(config: PerftConfig) -> Callable[[torch.Tensor], torch.Tensor] |
 
 
 def _add_to_primary(output, delta: torch.Tensor):
-    """Add the adapter output to the block's hidden states, also when the block returns a tuple."""
+    """Add the adapter output (T, D) to the block's hidden states, in the shape the block returns them ((B, S, D),
+    or (T, D) as Llama 4 does), also when the block returns a tuple."""
     if isinstance(output, tuple):
-        return (output[0] + delta, *output[1:])
-    return output + delta
+        return (output[0] + delta.view(output[0].shape), *output[1:])
+    return output + delta.view(output.shape)
 
 
 def _device_of(module: nn.Module) -> torch.device:
