@@ -719,19 +719,20 @@ def _model_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def _example_ids(item: Any, tokenizer: Any) -> list[int]:
-    """Token ids of one example."""
-    if isinstance(item, Mapping) and "input_ids" in item:
-        return [int(token) for token in item["input_ids"]]
+    """Token ids of one example (fields that are missing or None, as in datasets with mixed rows, are skipped)."""
+    fields = {key: value for key, value in item.items() if value is not None} if isinstance(item, Mapping) else {}
+    if "input_ids" in fields:
+        return [int(token) for token in fields["input_ids"]]
     if tokenizer is None:
         raise ValueError(
             "routing_report got text examples but no tokenizer: pass tokenizer=... or examples with 'input_ids'."
         )
     if isinstance(item, str):
         return tokenizer(item).input_ids
-    if isinstance(item, Mapping) and "messages" in item:
-        return list(tokenizer.apply_chat_template(item["messages"], tokenize=True, return_dict=True)["input_ids"])
-    if isinstance(item, Mapping) and ("text" in item or "prompt" in item):
-        text = item["text"] if "text" in item else item["prompt"] + item.get("completion", "")
+    if "messages" in fields:
+        return list(tokenizer.apply_chat_template(fields["messages"], tokenize=True, return_dict=True)["input_ids"])
+    if "text" in fields or "prompt" in fields:
+        text = fields["text"] if "text" in fields else fields["prompt"] + fields.get("completion", "")
         return tokenizer(text).input_ids
     raise TypeError(
         f"routing_report cannot read an example of type {type(item).__name__}"

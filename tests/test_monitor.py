@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import build_tiny
+from datasets import Dataset
 from peft import get_peft_model
-from test_trl import record_forwards, reference_perft_aux_loss
+from test_trl import char_tokenizer, record_forwards, reference_perft_aux_loss
 from torch.utils.data import Dataset as TorchDataset
 from transformers import LongcatFlashConfig, LongcatFlashForCausalLM, Trainer, TrainingArguments
 
@@ -403,3 +404,17 @@ def test_slots_routed_to_zero_computation_experts_are_not_counted() -> None:
         flat = row["example"] * input_ids.shape[1] + row["position"]
         assert row["base_experts"] == raw_index[flat][weighted[flat]].tolist()
         assert row["base_weights"] == pytest.approx(raw_weight[flat][weighted[flat]].tolist())
+
+
+def test_routing_report_reads_text_examples_with_a_tokenizer() -> None:
+    model = perft_model()
+    tokenizer = char_tokenizer()
+    examples = [{"prompt": "abc =>", "completion": " cba"}, {"text": "moe route", "prompt": None}]
+    report = routing_report(model, examples, tokenizer=tokenizer, batch_size=8)
+    expected_tokens = len(tokenizer("abc => cba").input_ids) + len(tokenizer("moe route").input_ids)
+    assert all(stats.tokens == expected_tokens for stats in report.routers)
+    assert report.forward_passes == 1
+    for same_text in (["abc => cba", "moe route"], Dataset.from_dict({"text": ["abc => cba", "moe route"]})):
+        assert routing_report(model, same_text, tokenizer=tokenizer).to_dict() == report.to_dict()
+    with pytest.raises(ValueError, match="no tokenizer"):
+        routing_report(model, ["abc"])
