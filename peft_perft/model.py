@@ -99,16 +99,26 @@ class PerftModel(BaseTuner):
         return super()._unload_and_optionally_merge(*args, **kwargs)
 
     def _add_router_aux_loss(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> Any:
-        """When the model computed its router aux loss, add PERFT-R's to the loss and report it separately."""
-        if getattr(outputs, "aux_loss", None) is None:
+        """When the model computed its router aux loss, add PERFT-R's weighted one to both loss paths.
+
+        ``outputs.loss`` gets it directly. Trainers that build their own loss as ``lm + coef * outputs.aux_loss``
+        (TRL's SFTTrainer) get it through ``aux_loss``, which carries PERFT's term divided by the model's ``coef``.
+        The term itself is exposed as the attribute ``outputs.perft_aux_loss`` (not as a new output key, which would
+        break code that rebuilds outputs from their fields, such as DDP).
+        """
+        base_aux_loss = getattr(outputs, "aux_loss", None)
+        if base_aux_loss is None:
             return outputs
         attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         perft_aux_loss = self.router_aux_loss(attention_mask)
         if perft_aux_loss is None:
             return outputs
-        outputs["perft_aux_loss"] = perft_aux_loss
+        outputs.perft_aux_loss = perft_aux_loss
         if getattr(outputs, "loss", None) is not None:
             outputs["loss"] = outputs.loss + perft_aux_loss.to(outputs.loss.dtype)
+        base_coef = getattr(_text_config(module), "router_aux_loss_coef", 0.0)
+        if base_coef:
+            outputs["aux_loss"] = base_aux_loss + perft_aux_loss.to(base_aux_loss.dtype) / base_coef
         return outputs
 
     def router_aux_loss(self, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -129,6 +139,12 @@ class PerftModel(BaseTuner):
             loss = config.router_aux_loss_coef * _switch_loss(records, attention_mask)
             total = loss if total is None else total + loss
         return total
+
+
+def _text_config(model: nn.Module) -> Any:
+    """The language-model part of the model's config (multimodal models nest it)."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _has_record(module: nn.Module, adapter_name: str) -> bool:
