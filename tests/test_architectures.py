@@ -393,3 +393,45 @@ def test_experts_implementations_agree(model_type: str):
         results[implementation] = _logits(peft_model, input_ids)
     for implementation in EXPERTS_IMPLEMENTATIONS[1:]:
         torch.testing.assert_close(results[implementation], results["eager"], rtol=1e-5, atol=1e-5)
+
+
+def _adapted_names(model: torch.nn.Module, **targeting) -> set[str]:
+    peft_model = get_peft_model(model, PerftConfig(variant="S", r=4, **targeting))
+    return {n for n, m in peft_model.base_model.model.named_modules() if isinstance(m, PerftMoeBlock)}
+
+
+def test_layers_to_transform_counts_model_layers_dense_ones_included():
+    """DeepSeek-V3's layer 0 is dense: layer index 1 is its first MoE block, and asking for layer 0 finds nothing."""
+    assert _adapted_names(tiny_model("deepseek_v3")) == {"model.layers.1.mlp"}
+    assert _adapted_names(tiny_model("deepseek_v3"), layers_to_transform=[1]) == {"model.layers.1.mlp"}
+    with pytest.raises(ValueError):
+        _adapted_names(tiny_model("deepseek_v3"), layers_to_transform=[0])
+
+
+def test_target_modules_name_blocks_explicitly_and_exclude_modules_works():
+    """Blocks can be named by path or regex, and excluded, on any attribute name (Granite's block_sparse_moe)."""
+    all_blocks = {"model.layers.0.block_sparse_moe", "model.layers.1.block_sparse_moe"}
+    assert _adapted_names(tiny_model("granitemoe")) == all_blocks
+    chosen = _adapted_names(tiny_model("granitemoe"), target_modules=["model.layers.1.block_sparse_moe"])
+    assert chosen == {"model.layers.1.block_sparse_moe"}
+    by_regex = _adapted_names(tiny_model("granitemoe"), target_modules=r".*layers\.0\.block_sparse_moe")
+    assert by_regex == {"model.layers.0.block_sparse_moe"}
+    excluded = _adapted_names(tiny_model("granitemoe"), exclude_modules=["model.layers.0.block_sparse_moe"])
+    assert excluded == {"model.layers.1.block_sparse_moe"}
+
+
+def test_target_modules_that_name_no_moe_block_are_rejected():
+    """Naming a dense module adapts nothing, so peft reports that no target was found."""
+    with pytest.raises(ValueError):
+        _adapted_names(tiny_model("granitemoe"), target_modules=["model.layers.0.self_attn"])
+
+
+def test_multimodal_model_adapts_only_its_language_model():
+    """Gemma 4 (image-text-to-text): the MoE layers sit in the language model, the towers stay untouched, and
+    layers_to_transform counts the language model's layers."""
+    model = tiny_model("gemma4")
+    assert type(model).__name__ == "Gemma4ForConditionalGeneration"
+    layers = sorted(moe_layers(model))
+    assert layers and all(layer.startswith("model.language_model.layers.") for layer in layers)
+    assert _adapted_names(tiny_model("gemma4")) == {f"{layer}.experts" for layer in layers}
+    assert _adapted_names(tiny_model("gemma4"), layers_to_transform=[1]) == {"model.language_model.layers.1.experts"}
