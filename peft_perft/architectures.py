@@ -41,17 +41,24 @@ class MoeBlockSpec:
     router_name: str
     experts_name: str | None
     experts_call_parameters: tuple[str, ...]
+    experts_hidden_size: int | None = None
 
     @property
     def experts_routable(self) -> bool:
         """Whether the experts' call carries (hidden_states, indices, weights), which PERFT-E needs."""
-        return self.experts_name is not None and len(self.experts_call_parameters) >= 3
+        same_width = self.experts_hidden_size in (None, self.hidden_size)
+        return self.experts_name is not None and len(self.experts_call_parameters) >= 3 and same_width
 
     @property
     def why_not_routable(self) -> str:
         """Why PERFT-E cannot reuse this block's routing (for error messages)."""
         if self.experts_name is None:
             return "its experts are computed inline, not by an experts module that receives the routing"
+        if self.experts_hidden_size not in (None, self.hidden_size):
+            return (
+                f"its experts work at width {self.experts_hidden_size} behind a latent projection, not at the "
+                f"block's hidden size {self.hidden_size}"
+            )
         return f"its experts module {self.experts_name!r} is not called with the routed indices and weights"
 
     def experts_module(self, block: nn.Module) -> nn.Module:
@@ -148,7 +155,18 @@ def _spec(
         router_name=router_name,
         experts_name="" if experts_is_block else experts_name,
         experts_call_parameters=_call_parameters(experts),
+        experts_hidden_size=_experts_input_width(experts),
     )
+
+
+def _experts_input_width(experts: nn.Module) -> int | None:
+    """Input width of experts that follow Transformers' experts interface (which says whether weights are
+    transposed): the width PERFT-E's adapters would see. None when the layout is not declared."""
+    transposed = getattr(experts, "is_transposed", None)
+    weight = next((p for p in experts.parameters(recurse=False) if p.dim() == 3), None)
+    if not isinstance(transposed, bool) or weight is None:
+        return None
+    return weight.shape[1] if transposed else weight.shape[2]
 
 
 def _spec_from_hint(block: nn.Module, hint: BlockHint) -> MoeBlockSpec:
