@@ -435,3 +435,15 @@ def test_multimodal_model_adapts_only_its_language_model():
     assert layers and all(layer.startswith("model.language_model.layers.") for layer in layers)
     assert _adapted_names(tiny_model("gemma4")) == {f"{layer}.experts" for layer in layers}
     assert _adapted_names(tiny_model("gemma4"), layers_to_transform=[1]) == {"model.language_model.layers.1.experts"}
+
+
+def test_latent_moe_refuses_perft_e_and_keeps_block_variants():
+    """NemotronH with moe_latent_size runs its experts in a narrower latent space: E says so, R still trains."""
+    config = tiny_config("nemotron_h")
+    latent = type(config)(**{**config.to_dict(), "moe_latent_size": 16})
+    with pytest.raises(ValueError, match="width 16 behind a latent projection.*Use variant 'R', 'D' or 'S'"):
+        get_peft_model(AutoModelForCausalLM.from_config(latent), _perft_config("E"))
+    peft_model = get_peft_model(AutoModelForCausalLM.from_config(latent), _perft_config("R"))
+    input_ids = _input_ids()
+    peft_model(input_ids=input_ids, labels=input_ids).loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if ".perft_" in n)
