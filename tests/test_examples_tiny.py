@@ -1,0 +1,27 @@
+"""The README's first example runs offline and ends with an exact save / reload."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "tiny_olmoe.py"
+
+
+@pytest.mark.parametrize("variant", ["R", "E"])
+def test_tiny_olmoe_example_trains_and_reloads(variant: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--variant", variant, "--steps", "6"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [
+        float(line.split("loss ")[1].split()[0]) for line in result.stdout.splitlines() if line.startswith("step")
+    ]
+    assert len(losses) == 2 and losses[-1] < losses[0]
+    assert f"saved and reloaded PERFT-{variant}: logits identical = True" in result.stdout
