@@ -126,12 +126,25 @@ def test_every_backend_matches_the_per_token_loop(tokens, hidden_dim, experts, t
     check_backends_against_reference(tokens, hidden_dim, experts, top_k, rank, dtype, silu, routing)
 
 
-def test_grouped_mm_runs_where_aligned_and_auto_takes_it_for_training_batches():
-    """The sorted path is exercised (not silently replaced by dense) on a training-sized call."""
+def test_grouped_mm_matches_on_a_training_sized_call():
+    """The sorted path itself (not a fallback) on many tokens, unused experts included."""
     backends = check_backends_against_reference(512, 32, 16, 2, 8, torch.float32, True, "top_k")
     assert "grouped_mm" in backends
-    hidden, lora_A = torch.zeros(512, 32), torch.zeros(16, 8, 32)
-    assert select_backend("auto", hidden, lora_A, torch.zeros(512, 2, dtype=torch.long)).name == "grouped_mm"
+
+
+@pytest.mark.parametrize(
+    ("tokens", "experts", "top_k", "expected"),
+    [
+        (1, 16, 4, "gather"),  # PERFT-R decode step
+        (1, 64, 8, "gather"),  # PERFT-E decode step
+        (1024, 64, 8, "grouped_mm"),  # PERFT-E training step: dense would do 8x the selected work
+        (1024, 16, 4, "dense"),  # PERFT-R training step: 4x is cheaper than sorting on a CPU
+        (16, 64, 8, "dense"),  # too few tokens to amortise a sort
+    ],
+)
+def test_auto_follows_the_measured_cpu_crossovers(tokens, experts, top_k, expected):
+    hidden, lora_A = torch.zeros(tokens, 512), torch.zeros(experts, 16, 512)
+    assert select_backend("auto", hidden, lora_A, torch.zeros(tokens, top_k, dtype=torch.long)).name == expected
 
 
 def test_grouped_mm_pads_unaligned_ranks_and_refuses_unaligned_hidden_sizes():
@@ -219,7 +232,7 @@ def test_cuda_backends_match_the_per_token_loop(tokens):
 
 @pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("megablocks") is None,
-    reason="needs CUDA and MegaBlocks (pip install 'peft-perft[megablocks]', see README); absent here",
+    reason="needs CUDA and MegaBlocks (see the README's MegaBlocks install steps); absent here",
 )
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_megablocks_matches_the_per_token_loop(routing):

@@ -11,9 +11,9 @@ import torch
 
 from . import Activation, register_backend
 
-# Measured on a 2-core AVX-512 CPU (benchmarks/dispatch_sweep.py, BENCHMARKS.md): beyond this many
-# (token, expert) pairs, copying the selected weights costs more than the dense or sorted paths.
-_MAX_PAIRS = 16
+# Measured on a 2-core AVX-512 CPU (benchmarks/dispatch_sweep.py, BENCHMARKS.md): gathering wins while the
+# selected pairs are at most this many and at most half the experts (else dense reads no more weights).
+_MAX_PAIRS = 32
 
 
 def gather_routed(
@@ -42,8 +42,8 @@ def _supports(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Te
 
 
 def _preferred(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
-    """Decode-sized calls whose experts are not all selected anyway (then dense reads no more weights)."""
-    return expert_index.numel() <= _MAX_PAIRS and lora_A.shape[0] > expert_index.shape[1]
+    """Decode-sized calls that select few of the experts."""
+    return expert_index.numel() <= min(_MAX_PAIRS, lora_A.shape[0] // 2)
 
 
 register_backend("gather", gather_routed, _supports, priority=10, preferred=_preferred)

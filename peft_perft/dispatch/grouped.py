@@ -15,14 +15,9 @@ import torch
 
 from . import Activation, register_backend
 from .dense import dense_routed
-from .sorting import pad_rank, sort_pairs_by_expert, sum_pairs_per_token
+from .sorting import pad_rank, sort_pairs_by_expert, sorting_pays_off, sum_pairs_per_token
 
 _ALIGN_BYTES = 16
-# Measured on a 2-core AVX-512 CPU (benchmarks/dispatch_sweep.py, BENCHMARKS.md): sorting pays off once the
-# dense backend would do at least this many times the selected experts' work ...
-_MIN_DENSE_TO_SORTED_WORK = 3
-# ... and there are enough pairs to amortise the sort and the per-group GEMM launches.
-_MIN_PAIRS = 256
 
 
 def _grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -115,9 +110,8 @@ def _supports(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Te
 
 
 def _preferred(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
-    """Worth sorting: many pairs, and the dense backend would waste most of its work on unselected experts."""
-    num_pairs = expert_index.numel()
-    return num_pairs >= _MIN_PAIRS and lora_A.shape[0] >= _MIN_DENSE_TO_SORTED_WORK * expert_index.shape[1]
+    """Worth sorting: enough tokens, and the dense backend would spend most of its work on unselected experts."""
+    return sorting_pays_off(lora_A, expert_index)
 
 
 register_backend("grouped_mm", grouped_mm_routed, _supports, priority=20, preferred=_preferred)

@@ -18,7 +18,7 @@ import torch
 
 from . import Activation, register_backend
 from .dense import dense_routed
-from .sorting import pad_rank
+from .sorting import pad_rank, sorting_pays_off
 
 _RANK_MULTIPLE = 8  # grouped_gemm's bf16 kernels want 16-byte aligned rows
 
@@ -79,8 +79,9 @@ def _supports(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Te
 
 
 def _preferred(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
-    """Worth its sort and host sync only for training-sized batches; decode steps go to cheaper backends."""
-    return expert_index.numel() >= 256 and lora_A.shape[0] >= 3 * expert_index.shape[1]
+    """Where sorting pays off at all (the CPU-fitted cost model; not yet measured on a GPU); decode steps and
+    small N / K go to cheaper backends."""
+    return sorting_pays_off(lora_A, expert_index)
 
 
 register_backend("megablocks", megablocks_routed, _supports, priority=30, preferred=_preferred)

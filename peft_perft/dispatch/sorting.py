@@ -6,6 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
+# Cost model of one routed call, fitted to benchmarks/dispatch_sweep.py on the 2-core AVX-512 CPU of
+# BENCHMARKS.md (fp32, forward + backward; forward alone crosses over at about the same shapes). Per unit of
+# hidden size, the dense backend spends about _DENSE_NS per (token, expert, rank) and the sorted grouped-GEMM
+# path about _SORTED_NS per (pair, rank), plus a fixed cost for the sort, gathers and per-group launches.
+_DENSE_NS = 25 / 512
+_SORTED_NS = 170 / 512
+_SORTED_FIXED_NS = 600_000
+
 
 @dataclass(frozen=True)
 class ExpertSortedPairs:
@@ -37,6 +45,15 @@ def sort_pairs_by_expert(expert_index: torch.Tensor, num_experts: int) -> Expert
     return ExpertSortedPairs(
         order=order, token=order // top_k, offsets=ends.to(torch.int32), empty=(ends == starts).view(-1, 1, 1)
     )
+
+
+def sorting_pays_off(lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
+    """Whether the sorted path beats the dense one: it saves the (N - K) unselected experts' work per token
+    but pays more per selected pair (gathers, scatter, small GEMMs) and a fixed cost per call."""
+    tokens, top_k = expert_index.shape
+    experts, rank, hidden_dim = lora_A.shape
+    saved_ns = tokens * rank * hidden_dim * (experts * _DENSE_NS - top_k * _SORTED_NS)
+    return saved_ns > _SORTED_FIXED_NS
 
 
 def pad_rank(lora_A: torch.Tensor, lora_B: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
