@@ -3,7 +3,8 @@
 peft writes an adapter's README through `PeftModel.create_or_update_model_card`, which builds a generic card when
 README.md is missing and otherwise only updates its metadata. For a model holding a PERFT adapter we write the
 PERFT card from our template just before that step, so peft then adds its usual metadata (library name, tags,
-base model, PEFT version) to our card. `PeftModel.push_to_hub` is transformers' generic method, which replaces
+base model, PEFT version) to our card; a ``base_model`` that is a local path, which the Hub would reject, is
+dropped from the metadata. `PeftModel.push_to_hub` is transformers' generic method, which replaces
 the README with a card fetched from the Hub after saving; for PERFT models it instead uploads exactly the folder
 `save_pretrained` writes. Both hooks leave every other peft model untouched; `install_hub_hooks` sets them up
 and `import peft_perft` calls it.
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 
@@ -167,6 +170,23 @@ def add_card_tags(path: Path, tags: Sequence[str]) -> None:
     card.save(path)
 
 
+def drop_local_base_model(path: Path) -> None:
+    """Remove a ``base_model`` that is a local path (and peft's matching tag) from the card's metadata.
+
+    peft records whatever the base was loaded from; the Hub only accepts repo ids there and rejects the whole
+    README otherwise, which would make `push_to_hub` fail for a base loaded from a local folder. The card's text
+    still names the path in its loading snippet.
+    """
+    card = ModelCard.load(path)
+    base_model = card.data.base_model
+    names = [base_model] if isinstance(base_model, str) else list(base_model or [])
+    if all(_is_hub_id(name) for name in names):
+        return
+    card.data.base_model = None
+    card.data.tags = [tag for tag in card.data.tags or [] if tag not in {f"base_model:adapter:{n}" for n in names}]
+    card.save(path)
+
+
 def install_hub_hooks() -> None:
     """Give PERFT models their card on `save_pretrained` and a faithful `push_to_hub` (idempotent).
 
@@ -190,6 +210,7 @@ def _with_perft_card(create_or_update: Callable) -> Callable:
         if names:
             variants = [self.peft_config[name].variant for name in names]
             add_card_tags(Path(output_dir) / CARD_FILE, _tags(card_details(self), *variants))
+            drop_local_base_model(Path(output_dir) / CARD_FILE)
 
     setattr(create_or_update_model_card, _HOOKED, True)
     return create_or_update_model_card
@@ -344,7 +365,7 @@ def _card_data(
     data = ModelCardData(**(previous.data.to_dict() if previous is not None else {}))
     data.library_name = "peft"
     data.tags = sorted(set(data.tags or []) | set(_tags(details, *variants)))
-    if base_model_id and not Path(base_model_id).exists():
+    if base_model_id and _is_hub_id(base_model_id):
         data.base_model = base_model_id
     if details.datasets:
         data.datasets = sorted(set(data.datasets or []) | set(details.datasets))
@@ -355,10 +376,19 @@ def _tags(details: CardDetails, *variants: str) -> list[str]:
     return [*CARD_TAGS, *(f"perft-{variant.lower()}" for variant in variants), *details.extra_tags]
 
 
+def _is_hub_id(name: str) -> bool:
+    """A name the Hub accepts as a model repo id, and not a folder on this machine."""
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not Path(name).exists()
+
+
 def _link(model_id: str | None) -> str:
     if not model_id:
         return "it was trained on"
-    if Path(model_id).exists() or model_id.count("/") != 1:
+    if not _is_hub_id(model_id):
         return f"`{model_id}`"
     return f"[`{model_id}`](https://huggingface.co/{model_id})"
 

@@ -113,6 +113,8 @@ def test_loading_snippet_runs_and_reproduces_the_model(tmp_path: Path) -> None:
         AutoModelForCausalLM.from_pretrained(base_dir), peft_perft.PerftConfig(variant="D", r=2, init_weights=False)
     )
     card = saved_card(model, adapter_dir)
+    # The Hub accepts only repo ids as base_model: a local base stays out of the metadata, in the snippet.
+    assert card.data.base_model is None and not any(tag.startswith("base_model:") for tag in card.data.tags)
     snippet = re.search(r"```python\n(.*?)```", card.text, flags=re.DOTALL).group(1)
     assert snippet.index("import peft_perft") < snippet.index("from peft import PeftModel")
 
