@@ -75,10 +75,15 @@ def sum_pairs_per_token(pair_rows: torch.Tensor, pairs: ExpertSortedPairs, num_t
     """Add each sorted pair's row (S, D) into its token's row (T, D).
 
     On CPU ``index_add`` is deterministic and the cheapest; elsewhere it would use atomics (nondeterministic and,
-    in bf16, accumulated in bf16), so rows are put back in token-major order and summed over K instead.
+    in bf16, accumulated in bf16), so there the rows go back to token-major order and are summed over K.
     """
     if pair_rows.device.type == "cpu":
-        return pair_rows.new_zeros(num_tokens, pair_rows.shape[1]).index_add(0, pairs.token, pair_rows)
+        return pair_rows.new_zeros(num_tokens, pair_rows.shape[1]).index_add_(0, pairs.token, pair_rows)
+    return sum_in_token_order(pair_rows, pairs, num_tokens)
+
+
+def sum_in_token_order(pair_rows: torch.Tensor, pairs: ExpertSortedPairs, num_tokens: int) -> torch.Tensor:
+    """Deterministic per-token sum: undo the sort, view as (T, K, D) and reduce over K (fp32 accumulation)."""
     inverse = torch.empty_like(pairs.order)
     inverse[pairs.order] = torch.arange(pairs.order.numel(), device=pairs.order.device)
     return pair_rows.index_select(0, inverse).view(num_tokens, -1, pair_rows.shape[1]).sum(dim=1)
