@@ -4,6 +4,7 @@ For each shape (tokens T, hidden D, experts N, top-k K, rank r) it times every b
 inputs, interleaving the backends within each repetition so that a noisy (shared) machine slows them alike,
 in two modes: ``train`` (forward + backward to inputs, A, B and routing weights) and ``infer`` (forward under
 ``no_grad``). It prints the fastest backend per shape next to what ``auto`` chose and writes JSON + Markdown.
+``gather`` is skipped above 256 (token, expert) pairs, where it is far behind (it copies T*K weight slices).
 
     python benchmarks/dispatch_sweep.py --output benchmarks/results/dispatch_sweep_cpu
 """
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from peft_perft.dispatch import available_backends, routed_experts, select_backend
 
+MAX_GATHER_PAIRS = 256
 EXPERT_SHAPES = {  # (N, K, r)
     "PERFT-R N16 K4 r16": (16, 4, 16),
     "PERFT-E N64 K8 r16": (64, 8, 16),
@@ -118,7 +120,7 @@ def _markdown(rows: list[dict], header: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 16, 64, 256, 1024, 4096])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--repetitions", type=int, default=7)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
