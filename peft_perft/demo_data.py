@@ -2,8 +2,10 @@
 
 The bundled OLMoE is pretrained on generic skills (copy, reverse, upper-casing) so that it knows the
 ``"<task>: <input> => <output>"`` format and how to move characters around. The demo then fine-tunes it on
-a *different* mixture of sub-tasks it never saw, each a new per-character map over its own alphabet, so the
-base model scores about zero and the PERFT router has a reason to send each sub-task to its own experts.
+a *different* mixture of four sub-tasks it never saw, each with a per-character map it was never taught
+(upper to lower case, nine's complement, digit plus one) or a new combination of skills (reverse and
+upper-case), so the base model scores zero and the PERFT router has a reason to give each sub-task its own
+experts.
 
 Everything here is deterministic for a given seed, so the bundled weights and the demo's numbers can be
 reproduced by anyone rerunning ``scripts/train_demo_model.py`` and ``peft-perft demo``.
@@ -21,16 +23,17 @@ from datasets import Dataset, DatasetDict
 LOWERCASE = string.ascii_lowercase
 UPPERCASE = string.ascii_uppercase
 DIGITS = string.digits
+BINARY = "ab"
 PROMPT_SEPARATOR = " => "
 # Every character the generator can emit; the bundled character-level tokenizer has exactly these.
-CHARACTERS = LOWERCASE + UPPERCASE + DIGITS + " :=>-"
+CHARACTERS = LOWERCASE + UPPERCASE + DIGITS + " :=>"
 MIN_INPUT_LENGTH = 3
 MAX_INPUT_LENGTH = 8
 
 
-def _shift_letter(character: str) -> str:
-    """Next letter of the lowercase alphabet, wrapping z to a."""
-    return LOWERCASE[(LOWERCASE.index(character) + 1) % len(LOWERCASE)]
+def _next_digit(character: str) -> str:
+    """The digit one higher, wrapping 9 to 0."""
+    return str((int(character) + 1) % 10)
 
 
 def _nines_complement(character: str) -> str:
@@ -55,14 +58,18 @@ PRETRAINING_TASKS: tuple[StringTask, ...] = (
     StringTask("reverse", UPPERCASE, lambda text: text[::-1]),
     StringTask("reverse", DIGITS, lambda text: text[::-1]),
     StringTask("upper", LOWERCASE, str.upper),
+    # Strings over two letters repeat characters so often that copying by "what followed the character I just
+    # wrote" fails; they make the model copy by position, which the demo's per-character maps then build on.
+    StringTask("copy", BINARY, lambda text: text),
+    StringTask("reverse", BINARY, lambda text: text[::-1]),
 )
 
 # The demo task: four sub-tasks the base model never saw, on different alphabets and with different maps.
 DEMO_TASKS: tuple[StringTask, ...] = (
-    StringTask("next", LOWERCASE, lambda text: "".join(_shift_letter(c) for c in text)),
     StringTask("lower", UPPERCASE, str.lower),
     StringTask("nines", DIGITS, lambda text: "".join(_nines_complement(c) for c in text[::-1])),
     StringTask("shout", LOWERCASE, lambda text: text[::-1].upper()),
+    StringTask("next", DIGITS, lambda text: "".join(_next_digit(c) for c in text)),
 )
 
 
@@ -81,16 +88,21 @@ def _example(task: StringTask, text: str) -> dict[str, str]:
 
 
 def _sample_examples(
-    tasks: Sequence[StringTask], count: int, rng: random.Random, excluded_prompts: set[str]
+    tasks: Sequence[StringTask], count: int, rng: random.Random, excluded_prompts: set[str] | None = None
 ) -> list[dict[str, str]]:
-    """Draw ``count`` distinct examples, cycling through the tasks so every sub-task is equally represented."""
+    """Draw ``count`` examples, cycling through the tasks so every sub-task is equally represented.
+
+    With ``excluded_prompts`` (a set, possibly empty) the examples are also distinct from each other and from
+    those prompts; without it they are drawn independently (repeats allowed, as tiny alphabets need).
+    """
     examples: list[dict[str, str]] = []
-    seen = set(excluded_prompts)
     while len(examples) < count:
         task = tasks[len(examples) % len(tasks)]
         example = _example(task, _random_text(rng, task.alphabet))
-        if example["prompt"] not in seen:
-            seen.add(example["prompt"])
+        if excluded_prompts is None:
+            examples.append(example)
+        elif example["prompt"] not in excluded_prompts:
+            excluded_prompts.add(example["prompt"])
             examples.append(example)
     return examples
 
@@ -98,7 +110,7 @@ def _sample_examples(
 def pretraining_dataset(num_examples: int, seed: int = 0) -> Dataset:
     """The generic-skills mixture the bundled base model is trained on (prompt/completion/task columns)."""
     rng = random.Random(f"pretraining-{seed}")
-    return Dataset.from_list(_sample_examples(PRETRAINING_TASKS, num_examples, rng, excluded_prompts=set()))
+    return Dataset.from_list(_sample_examples(PRETRAINING_TASKS, num_examples, rng))
 
 
 def demo_task_splits(num_train: int = 2000, num_test: int = 200, seed: int = 0) -> DatasetDict:
