@@ -134,17 +134,21 @@ def test_grouped_mm_matches_on_a_training_sized_call():
 
 
 @pytest.mark.parametrize(
-    ("tokens", "experts", "top_k", "expected"),
+    ("tokens", "experts", "top_k", "rank", "training", "expected"),
     [
-        (1, 16, 4, "gather"),  # PERFT-R decode step
-        (1, 64, 8, "gather"),  # PERFT-E decode step
-        (1024, 64, 8, "grouped_mm"),  # PERFT-E training step: dense would do 8x the selected work
-        (1024, 16, 4, "dense"),  # PERFT-R training step: 4x is cheaper than sorting on a CPU
-        (16, 64, 8, "dense"),  # too few tokens to amortise a sort
+        (1, 16, 4, 16, False, "gather"),  # PERFT-R decode step
+        (1, 64, 8, 16, False, "gather"),  # PERFT-E decode step
+        (1024, 16, 4, 16, True, "dense"),  # PERFT-R training step: 4x the selected work is still cheaper
+        (1024, 64, 8, 16, True, "dense"),  # PERFT-E, r=16: dense and sorted within 15%, dense ahead
+        (1024, 32, 2, 32, True, "grouped_mm"),  # N * r / K = 512: dense would do 16x the selected work
+        (64, 32, 2, 32, True, "grouped_mm"),
+        (16, 32, 2, 32, True, "dense"),  # too few tokens to amortise the sort
+        (1024, 32, 2, 32, False, "grouped_mm"),
+        (1024, 64, 8, 16, False, "dense"),  # forward alone: sorting's row traffic weighs more
     ],
 )
-def test_auto_follows_the_measured_cpu_crossovers(tokens, experts, top_k, expected):
-    hidden, lora_A = torch.zeros(tokens, 512), torch.zeros(experts, 16, 512)
+def test_auto_follows_the_measured_cpu_crossovers(tokens, experts, top_k, rank, training, expected):
+    hidden, lora_A = torch.zeros(tokens, 512), torch.zeros(experts, rank, 512, requires_grad=training)
     assert select_backend("auto", hidden, lora_A, torch.zeros(tokens, top_k, dtype=torch.long)).name == expected
 
 

@@ -111,7 +111,7 @@ def _supports(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Te
 
 def _preferred(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
     """Worth sorting: enough tokens, and the dense backend would spend most of its work on unselected experts."""
-    return sorting_pays_off(lora_A, expert_index)
+    return sorting_pays_off(hidden, lora_A, expert_index)
 
 
 register_backend("grouped_mm", grouped_mm_routed, _supports, priority=20, preferred=_preferred)

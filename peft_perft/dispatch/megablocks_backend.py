@@ -81,7 +81,7 @@ def _supports(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Te
 def _preferred(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
     """Where sorting pays off at all (the CPU-fitted cost model; not yet measured on a GPU); decode steps and
     small N / K go to cheaper backends."""
-    return sorting_pays_off(lora_A, expert_index)
+    return sorting_pays_off(hidden, lora_A, expert_index)
 
 
 register_backend("megablocks", megablocks_routed, _supports, priority=30, preferred=_preferred)

@@ -6,13 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-# Cost model of one routed call, fitted to benchmarks/dispatch_sweep.py on the 2-core AVX-512 CPU of
-# BENCHMARKS.md (fp32, forward + backward; forward alone crosses over at about the same shapes). Per unit of
-# hidden size, the dense backend spends about _DENSE_NS per (token, expert, rank) and the sorted grouped-GEMM
-# path about _SORTED_NS per (pair, rank), plus a fixed cost for the sort, gathers and per-group launches.
-_DENSE_NS = 25 / 512
-_SORTED_NS = 170 / 512
-_SORTED_FIXED_NS = 600_000
+# Cost model of one routed call in nanoseconds, fitted to benchmarks/dispatch_sweep.py on the quiet 2-core
+# AVX-512 CPU of BENCHMARKS.md (fp32, hidden 512), for forward + backward (True) and forward only (False):
+# the dense backend costs about DENSE per token * expert * rank * hidden unit (two large GEMMs); the sorted
+# path about PAIR per (token, expert) pair * hidden unit (gathering and scattering D-wide rows, memory-bound)
+# plus PAIR_RANK per pair * rank * hidden unit (its small GEMMs) plus a fixed EXTRA (sort, per-group launches).
+_COSTS_NS = {
+    True: {"dense": 0.044, "pair": 5.3, "pair_rank": 0.055, "extra": 350_000},
+    False: {"dense": 0.0141, "pair": 3.0, "pair_rank": 0.01, "extra": 100_000},
+}
 
 
 @dataclass(frozen=True)
@@ -47,13 +49,18 @@ def sort_pairs_by_expert(expert_index: torch.Tensor, num_experts: int) -> Expert
     )
 
 
-def sorting_pays_off(lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
-    """Whether the sorted path beats the dense one: it saves the (N - K) unselected experts' work per token
-    but pays more per selected pair (gathers, scatter, small GEMMs) and a fixed cost per call."""
+def sorting_pays_off(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
+    """Whether the sorted path should beat the dense one under the cost model above.
+
+    Sorting saves the (N - K) unselected experts' GEMM work per token but pays per selected pair for moving
+    D-wide rows; on this CPU it wins once N * r / K exceeds roughly 150 in training (250 in inference).
+    """
+    costs = _COSTS_NS[torch.is_grad_enabled() and (hidden.requires_grad or lora_A.requires_grad)]
     tokens, top_k = expert_index.shape
     experts, rank, hidden_dim = lora_A.shape
-    saved_ns = tokens * rank * hidden_dim * (experts * _DENSE_NS - top_k * _SORTED_NS)
-    return saved_ns > _SORTED_FIXED_NS
+    dense_ns = costs["dense"] * tokens * experts * rank * hidden_dim
+    sorted_ns = tokens * top_k * hidden_dim * (costs["pair"] + costs["pair_rank"] * rank) + costs["extra"]
+    return sorted_ns < dense_ns
 
 
 def pad_rank(lora_A: torch.Tensor, lora_B: torch.Tensor, multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
