@@ -24,17 +24,18 @@ def gather_routed(
     expert_weight: torch.Tensor,
     activation: Activation,
 ) -> torch.Tensor:
-    """Per token: its K experts' A as one (K*r, D) matrix and B as one (K*r, D) matrix, two batched matmuls."""
+    """Per token, its K experts' A as one (K*r, D) matrix times h; per pair, its B times its weighted bottleneck;
+    then the K pairs of a token summed. Both gathers copy contiguous expert slices (no strided copies)."""
     num_tokens, top_k = expert_index.shape
     num_experts, rank, hidden_dim = lora_A.shape
     flat_index = expert_index.reshape(-1)
     token_A = lora_A.index_select(0, flat_index).view(num_tokens, top_k * rank, hidden_dim)
-    token_B = lora_B.transpose(1, 2).index_select(0, flat_index).view(num_tokens, top_k * rank, hidden_dim)
-    down = torch.bmm(token_A, hidden.unsqueeze(-1)).view(num_tokens, top_k, rank)
+    down = torch.bmm(token_A, hidden.unsqueeze(-1)).view(num_tokens * top_k, rank, 1)
     if activation is not None:
         down = activation(down)
-    gated = down * expert_weight.to(down.dtype).unsqueeze(-1)
-    return torch.bmm(gated.view(num_tokens, 1, top_k * rank), token_B).view(num_tokens, hidden_dim)
+    gated = down * expert_weight.to(down.dtype).reshape(num_tokens * top_k, 1, 1)
+    up = torch.bmm(lora_B.index_select(0, flat_index), gated)
+    return up.view(num_tokens, top_k, hidden_dim).sum(dim=1)
 
 
 def _supports(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
