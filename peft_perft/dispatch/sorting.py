@@ -1,4 +1,5 @@
-"""Shared pieces of the sorted (grouped GEMM) backends: the expert-major order of (token, choice) pairs."""
+"""Shared pieces of the sorted backends: expert-major pair order, rank padding, per-token sums, and the cost
+model that tells `auto` when sorting pays off."""
 
 from __future__ import annotations
 
