@@ -11,6 +11,7 @@ unused-parameter errors; the worker checks from the routing records that they re
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -73,6 +74,10 @@ def main(mode: str, output: str) -> None:
     if accelerator.is_main_process:
         trained = {name: tensor.detach().cpu() for name, tensor in state.items() if ".perft_" in name}
         torch.save({"initial": initial, "trained": trained}, output)
+    # Free the sharded tensors while the process group still exists: destroying them afterwards can abort a
+    # rank at exit ("terminate called without an active exception") once in a while.
+    del model, optimiser, state
+    gc.collect()
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
