@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 TOKEN_IDS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")
 
 
 def tiny_olmoe_config(**overrides) -> OlmoeConfig:
@@ -59,3 +67,13 @@ def tokens() -> torch.Tensor:
     """A fixed batch of token ids (2 x 7) that avoids the special tokens."""
     generator = torch.Generator().manual_seed(1)
     return torch.randint(3, 64, (2, 7), generator=generator)
+
+
+def char_tokenizer(characters: str) -> PreTrainedTokenizerFast:
+    """One token per character, with pad/eos/bos at ids 0/1/2 as in the tiny models' configs (no Hub needed)."""
+    vocabulary = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    vocabulary.update({character: len(SPECIAL_TOKENS) + index for index, character in enumerate(characters)})
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")

@@ -8,12 +8,11 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, char_tokenizer
 from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 import peft_perft
 from peft_perft.evaluation import EvaluationReport, Prediction, TaskResult
@@ -108,7 +107,7 @@ def test_card_comes_from_the_template_with_peft_metadata(tmp_path: Path) -> None
 def test_loading_snippet_runs_and_reproduces_the_model(tmp_path: Path) -> None:
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     build_tiny().save_pretrained(base_dir)
-    character_tokenizer().save_pretrained(base_dir)
+    char_tokenizer("abc").save_pretrained(base_dir)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base_dir), peft_perft.PerftConfig(variant="D", r=2, init_weights=False)
     )
@@ -125,14 +124,6 @@ def test_loading_snippet_runs_and_reproduces_the_model(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(namespace["model"].eval()(tokens).logits, model.eval()(tokens).logits)
     assert namespace["tokenizer"].convert_ids_to_tokens(5) == "c"
-
-
-def character_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over single characters: enough for AutoTokenizer to round-trip."""
-    vocabulary = {token: index for index, token in enumerate(["<pad>", "<eos>", "<bos>", "a", "b", "c"])}
-    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
 
 
 def evaluation_report() -> EvaluationReport:

@@ -12,10 +12,10 @@ import matplotlib.image
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, char_tokenizer
 from datasets import Dataset
 from peft import get_peft_model
-from test_trl import char_tokenizer, record_forwards, reference_perft_aux_loss
+from test_trl import CHARACTERS, record_forwards, reference_perft_aux_loss
 from torch.utils.data import Dataset as TorchDataset
 from transformers import LongcatFlashConfig, LongcatFlashForCausalLM, Trainer, TrainingArguments
 
@@ -408,7 +408,7 @@ def test_slots_routed_to_zero_computation_experts_are_not_counted() -> None:
 
 def test_routing_report_reads_text_examples_with_a_tokenizer() -> None:
     model = perft_model()
-    tokenizer = char_tokenizer()
+    tokenizer = char_tokenizer(CHARACTERS)
     examples = [{"prompt": "abc =>", "completion": " cba"}, {"text": "moe route", "prompt": None}]
     report = routing_report(model, examples, tokenizer=tokenizer, batch_size=8)
     expected_tokens = len(tokenizer("abc => cba").input_ids) + len(tokenizer("moe route").input_ids)

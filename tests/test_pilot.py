@@ -10,11 +10,9 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
-from conftest import build_tiny, tiny_olmoe_config
+from conftest import SPECIAL_TOKENS, build_tiny, char_tokenizer, tiny_olmoe_config
 from datasets import Dataset
 from peft import get_peft_model
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
 from peft_perft.cli import main
@@ -33,19 +31,8 @@ from peft_perft.pilot import (
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llm_adapters"
-SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")
 CHARACTERS = string.ascii_letters + string.digits + " :=>-?.,'\n"
 HIDDEN, LAYERS = 32, 2
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character, with pad/eos/bos at ids 0/1/2 as in the tiny models' configs."""
-    vocabulary = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
-    vocabulary.update({character: len(vocabulary) + index for index, character in enumerate(CHARACTERS)})
-    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
 
 
 def examples(count: int) -> list[dict[str, str]]:
@@ -58,7 +45,7 @@ def examples(count: int) -> list[dict[str, str]]:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("tiny-olmoe")
     build_tiny(vocab_size=len(SPECIAL_TOKENS) + len(CHARACTERS)).save_pretrained(directory)
-    char_tokenizer().save_pretrained(directory)
+    char_tokenizer(CHARACTERS).save_pretrained(directory)
     return directory
 
 
@@ -140,7 +127,7 @@ def test_ranks_bring_every_configuration_closest_to_the_budget() -> None:
 
 def test_held_out_loss_is_the_models_own_completion_loss() -> None:
     """Against the model's loss on the same tokens with the prompt masked, computed as one batch."""
-    tokenizer = char_tokenizer()
+    tokenizer = char_tokenizer(CHARACTERS)
     rows = examples(6)
     model = get_peft_model(build_tiny(vocab_size=len(SPECIAL_TOKENS) + len(CHARACTERS)), perft_config("S", 2))
     args = SFTConfig(output_dir="unused", per_device_eval_batch_size=4, use_cpu=True, report_to="none")

@@ -13,30 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny, tiny_mixtral_config
+from conftest import build_tiny, char_tokenizer, tiny_mixtral_config
 from datasets import Dataset
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
 
 from peft_perft import PerftConfig, PerftMoeBlock
 from peft_perft.evaluation import build_prompt
 from peft_perft.monitor import add_routing_monitor
 
-SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")
 CHARACTERS = string.ascii_lowercase + " =>"
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character, with pad/eos/bos at ids 0/1/2 as in the tiny models' configs (no Hub needed)."""
-    vocabulary = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
-    vocabulary.update({character: len(SPECIAL_TOKENS) + index for index, character in enumerate(CHARACTERS)})
-    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
 
 
 def reversal_dataset(num_examples: int = 12) -> Dataset:
@@ -75,7 +62,7 @@ def sft_trainer(model: torch.nn.Module, args: SFTConfig, peft_config: PerftConfi
         model=model,
         args=args,
         train_dataset=reversal_dataset(),
-        processing_class=char_tokenizer(),
+        processing_class=char_tokenizer(CHARACTERS),
         peft_config=peft_config,
     )
 
@@ -291,7 +278,7 @@ def load_example(name: str):
 def save_local_model(folder: Path, family: str = "olmoe") -> Path:
     """A tiny model with its tokenizer in a folder, standing in for a Hub checkpoint."""
     build_tiny(family, router_aux_loss_coef=0.01, output_router_logits=True).save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
+    char_tokenizer(CHARACTERS).save_pretrained(folder)
     return folder
 
 
