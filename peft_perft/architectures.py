@@ -32,7 +32,8 @@ class MoeBlockSpec:
 
     ``experts_name`` is the block's child that computes the routed experts ("" when the adapted block is the experts
     module itself, None when the experts are not a module that receives the routing). ``num_experts`` counts the
-    experts that have weights; routing slots beyond them (zero-compute or skip experts) carry no PERFT-E adapter.
+    experts that have weights; ``routing_slots`` the router's rows, whose slots beyond ``num_experts``
+    (zero-compute or skip experts) carry no PERFT-E adapter.
     """
 
     hidden_size: int
@@ -42,6 +43,13 @@ class MoeBlockSpec:
     experts_name: str | None
     experts_call_parameters: tuple[str, ...]
     experts_hidden_size: int | None = None
+    routing_slots: int | None = None
+
+    @property
+    def has_skip_slots(self) -> bool:
+        """Whether the router has rows past the weighted experts (or their count is unknown), so that some routing
+        slots may point at zero-compute or skip experts."""
+        return self.routing_slots is None or self.routing_slots > self.num_experts
 
     @property
     def experts_routable(self) -> bool:
@@ -73,11 +81,14 @@ class MoeBlockSpec:
         Slots routed past the weighted experts (LongCat's identity experts, ZAYA's skip slot) come back with
         index 0 and weight 0, so they add no adapter output.
         """
-        names = self.experts_call_parameters
-        values = dict(zip(names, args, strict=False))
-        values.update({name: kwargs[name] for name in names if name in kwargs})
-        hidden, index, weight = values[names[0]], values[names[1]], values[names[2]]
+        if len(args) >= 3:
+            hidden, index, weight = args[:3]
+        else:
+            values = {**dict(zip(self.experts_call_parameters, args, strict=False)), **kwargs}
+            hidden, index, weight = (values[name] for name in self.experts_call_parameters[:3])
         index, weight = index.reshape(-1, index.shape[-1]), weight.reshape(-1, index.shape[-1])
+        if not self.has_skip_slots:
+            return hidden.reshape(-1, hidden.shape[-1]), index, weight
         weighted = index < self.num_experts
         index = torch.where(weighted, index, torch.zeros_like(index))
         weight = torch.where(weighted, weight, torch.zeros_like(weight))
@@ -151,6 +162,7 @@ def _spec(
     return MoeBlockSpec(
         hidden_size=hidden_size,
         num_experts=num_experts,
+        routing_slots=max(_router_rows(_unwrapped(router), num_experts)),
         top_k=_top_k(router, block),
         router_name=router_name,
         experts_name="" if experts_is_block else experts_name,

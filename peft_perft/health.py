@@ -57,8 +57,8 @@ class NumericsGuard:
             hidden = output[0] if isinstance(output, tuple) else output
             self._output_flags[position] |= ~torch.isfinite(hidden).all()
             for record in block.routing_records.values():
-                if record.router_probs is not None:
-                    self._router_flags[position] |= ~torch.isfinite(record.router_probs).all()
+                if record.router_logits is not None:
+                    self._router_flags[position] |= ~torch.isfinite(record.router_logits).all()
 
         return flag_non_finite
 

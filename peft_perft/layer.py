@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .architectures import MoeBlockSpec
 from .config import PerftConfig
@@ -26,13 +27,20 @@ from .dispatch import always_on_experts, routed_experts
 class RoutingRecord:
     """The routing an adapted block used in its last forward: what the aux loss and the monitor read.
 
-    ``router_probs`` (T, N) is PERFT-R's full softmax (None for E, whose base router is frozen);
-    ``expert_index`` and ``expert_weight`` (T, K) are the experts each token went to.
+    ``expert_index`` and ``expert_weight`` (T, K) are the experts each token went to; ``router_logits`` (T, N) are
+    PERFT-R's router outputs (None for E, whose base router is frozen).
     """
 
-    router_probs: torch.Tensor | None
     expert_index: torch.Tensor
     expert_weight: torch.Tensor
+    router_logits: torch.Tensor | None = None
+
+    @property
+    def router_probs(self) -> torch.Tensor | None:
+        """PERFT-R's full softmax (T, N) in fp32, computed when read (by the aux loss), not on every decode step."""
+        if self.router_logits is None:
+            return None
+        return torch.softmax(self.router_logits, dim=-1, dtype=torch.float32)
 
 
 class PerftMoeBlock(nn.Module, BaseTunerLayer):
@@ -51,6 +59,8 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self.perft_dropout = nn.ModuleDict()
         self.perft_configs: dict[str, PerftConfig] = {}
         self.routing_records: dict[str, RoutingRecord] = {}
+        self._experts_call_adapters: list[str] = []
+        self._experts_hook_handle: RemovableHandle | None = None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -70,6 +80,9 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             self.perft_router[adapter_name] = nn.Parameter(torch.empty(num_experts, hidden, device=device))
         self.perft_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         self.perft_configs[adapter_name] = config
+        if config.variant == "E" and self._experts_hook_handle is None:
+            experts = self.spec.experts_module(self.base_layer)
+            self._experts_hook_handle = experts.register_forward_hook(self._add_routed_experts, with_kwargs=True)
         self.reset_parameters(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -110,49 +123,56 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         return output
 
     def _run_base(self, routed_by_base: list[str], hidden_states: torch.Tensor, *args, **kwargs):
-        """Call the frozen block, with the PERFT-E hook on its experts only for the duration of the call."""
-        if not routed_by_base:
-            return self.base_layer(hidden_states, *args, **kwargs)
-        experts = self.spec.experts_module(self.base_layer)
-        handle = experts.register_forward_hook(self._experts_hook(routed_by_base), with_kwargs=True)
+        """Call the frozen block; its experts hook adds the E adapters named here, for this call only.
+
+        The names go into a list kept for the module's life: a list update costs far less per decode step than
+        setting a module attribute."""
+        self._experts_call_adapters[:] = routed_by_base
         try:
             return self.base_layer(hidden_states, *args, **kwargs)
         finally:
-            handle.remove()
+            self._experts_call_adapters.clear()
+
+    def remove_experts_hook(self) -> None:
+        """Detach the PERFT-E hook from the base experts (on unload, so the original block comes back clean)."""
+        if self._experts_hook_handle is not None:
+            self._experts_hook_handle.remove()
+            self._experts_hook_handle = None
 
     def _block_delta(self, adapter_name: str, flat: torch.Tensor) -> torch.Tensor:
         """Output of an R, D or S adapter for flattened block inputs (T, D)."""
         config = self.perft_configs[adapter_name]
         lora_A, lora_B = self.perft_A[adapter_name], self.perft_B[adapter_name]
-        adapter_input = self.perft_dropout[adapter_name](flat.to(lora_A.dtype))
+        adapter_input = self._dropout(adapter_name, flat.to(lora_A.dtype))
         if config.variant != "R":
             delta = always_on_experts(adapter_input, lora_A, lora_B, _activation(config)) * config.scaling
             return delta.to(flat.dtype)
-        router_logits = F.linear(flat.to(lora_A.dtype), self.perft_router[adapter_name])
-        router_probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-        top_weight, top_index = router_probs.topk(config.resolved_top_k(), dim=-1)
-        if config.normalize_top_k:
-            top_weight = top_weight / top_weight.sum(dim=-1, keepdim=True)
-        self.routing_records[adapter_name] = RoutingRecord(router_probs, top_index, top_weight)
+        router_logits = F.linear(flat.to(lora_A.dtype), self.perft_router[adapter_name]).float()
+        record = RoutingRecord(*_top_k_routing(router_logits, config), router_logits=router_logits)
+        self.routing_records[adapter_name] = record
+        top_index, top_weight = record.expert_index, record.expert_weight
         delta = self._routed(config, adapter_input, lora_A, lora_B, top_index, top_weight.to(lora_A.dtype))
         return delta.to(flat.dtype)
 
-    def _experts_hook(self, adapter_names: list[str]) -> Callable:
-        """Forward hook on the base experts that adds ``sum_i g_i dE_i(h)`` with the routing they received."""
+    def _add_routed_experts(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
+        """Forward hook on the base experts, installed once: inside this block's forward it adds
+        ``sum_i g_i dE_i(h)`` of the active E adapters with the routing the experts received; otherwise nothing."""
+        if not self._experts_call_adapters:
+            return None
+        hidden, expert_index, expert_weight = self.spec.read_experts_call(args, kwargs)
+        total = output
+        for name in self._experts_call_adapters:
+            config, lora_A, lora_B = self.perft_configs[name], self.perft_A[name], self.perft_B[name]
+            self.routing_records[name] = RoutingRecord(expert_index.detach(), expert_weight.detach())
+            adapter_input = self._dropout(name, hidden.to(lora_A.dtype))
+            weight = expert_weight.to(lora_A.dtype)
+            delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight)
+            total = total + delta.to(output.dtype).view(output.shape)
+        return total
 
-        def add_adapter_experts(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-            hidden, expert_index, expert_weight = self.spec.read_experts_call(args, kwargs)
-            total = output
-            for name in adapter_names:
-                config, lora_A, lora_B = self.perft_configs[name], self.perft_A[name], self.perft_B[name]
-                self.routing_records[name] = RoutingRecord(None, expert_index.detach(), expert_weight.detach())
-                adapter_input = self.perft_dropout[name](hidden.to(lora_A.dtype))
-                weight = expert_weight.to(lora_A.dtype)
-                delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight)
-                total = total + delta.to(output.dtype).view(output.shape)
-            return total
-
-        return add_adapter_experts
+    def _dropout(self, adapter_name: str, adapter_input: torch.Tensor) -> torch.Tensor:
+        """The adapter's dropout, skipped outside training where it is the identity anyway."""
+        return self.perft_dropout[adapter_name](adapter_input) if self.training else adapter_input
 
     @staticmethod
     def _routed(
@@ -184,6 +204,16 @@ MERGE_ERROR = (
     "frozen weights reproduces them. Keep the adapter separate (PeftModel.from_pretrained at inference), or use "
     "unload() to get the original model back without the adapter."
 )
+
+
+def _top_k_routing(router_logits: torch.Tensor, config: PerftConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """PERFT-R's (indices, weights) (T, K): the top-k experts by router probability, their probabilities
+    renormalised to sum 1 (the softmax of their logits, as softmax is monotonic) or left as they are."""
+    if config.normalize_top_k:
+        top_logits, top_index = router_logits.topk(config.resolved_top_k(), dim=-1)
+        return top_index, torch.softmax(top_logits, dim=-1)
+    top_weight, top_index = torch.softmax(router_logits, dim=-1).topk(config.resolved_top_k(), dim=-1)
+    return top_index, top_weight
 
 
 def _activation(config: PerftConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:

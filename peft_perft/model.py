@@ -77,7 +77,9 @@ class PerftModel(BaseTuner):
         return remapped
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        """Put a module in place; used by unload() to restore the original block."""
+        """Put a module in place; used by unload() to restore the original block, without PERFT's experts hook."""
+        if isinstance(child, PerftMoeBlock):
+            child.remove_experts_hook()
         setattr(parent, child_name, new_module)
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
@@ -107,7 +109,7 @@ class PerftModel(BaseTuner):
         break code that rebuilds outputs from their fields, such as DDP).
         """
         base_aux_loss = getattr(outputs, "aux_loss", None)
-        if base_aux_loss is None:
+        if base_aux_loss is None or (getattr(outputs, "loss", None) is None and not torch.is_grad_enabled()):
             return outputs
         attention_mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         perft_aux_loss = self.router_aux_loss(attention_mask)
@@ -166,7 +168,7 @@ def _switch_loss(records: list, attention_mask: torch.Tensor | None) -> torch.Te
 
 def _token_weights(attention_mask: torch.Tensor | None, records: list, probs: torch.Tensor) -> torch.Tensor:
     """1 for real tokens, 0 for padding; all ones when the mask does not line up with the recorded tokens."""
-    tokens_per_layer = records[0].router_probs.shape[0]
+    tokens_per_layer = records[0].expert_index.shape[0]
     if attention_mask is None or attention_mask.dim() != 2 or attention_mask.numel() != tokens_per_layer:
         return torch.ones(probs.shape[0], 1, device=probs.device, dtype=probs.dtype)
     mask = attention_mask.reshape(-1, 1).to(device=probs.device, dtype=probs.dtype)

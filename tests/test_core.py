@@ -144,6 +144,29 @@ def test_perft_e_does_not_run_the_base_router_twice(tokens: torch.Tensor) -> Non
     torch.testing.assert_close(outputs.router_logits[0], base_logits[0], rtol=0, atol=0)
 
 
+def test_perft_e_hook_adds_only_inside_its_block(tokens: torch.Tensor) -> None:
+    """The E hook stays on the experts between calls; a direct call of the experts module gets no adapter output."""
+    model = get_peft_model(build_tiny(), PerftConfig(variant="E", r=4, init_weights=False))
+    block = adapted_blocks(model)[0]
+    experts = block.base_layer.experts
+    hidden = torch.randn(5, 32)
+    index, weight = torch.tensor([[0, 1]] * 5), torch.full((5, 2), 0.5)
+    with torch.no_grad():
+        model(tokens)
+        direct = experts(hidden, index, weight)
+        frozen = build_tiny().model.layers[0].mlp.experts(hidden, index, weight)
+    torch.testing.assert_close(direct, frozen, rtol=0, atol=0)
+
+
+def test_router_aux_loss_is_skipped_only_where_nothing_could_use_it(tokens: torch.Tensor) -> None:
+    """Generation (no labels, no gradients) pays no aux loss; evaluation with labels and training still do."""
+    model = get_peft_model(build_tiny(), PerftConfig(variant="R", r=4, num_experts=4, top_k=2))
+    with torch.no_grad():
+        assert not hasattr(model(tokens, output_router_logits=True), "perft_aux_loss")
+        assert hasattr(model(tokens, labels=tokens, output_router_logits=True), "perft_aux_loss")
+    assert model(tokens, output_router_logits=True).perft_aux_loss.requires_grad
+
+
 def test_router_aux_loss_matches_switch_formula_and_skips_padding(tokens: torch.Tensor) -> None:
     config = PerftConfig(variant="R", r=4, num_experts=4, top_k=2, router_aux_loss_coef=0.5)
     model = get_peft_model(build_tiny(), config)

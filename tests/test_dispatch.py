@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from peft_perft import dispatch
 from peft_perft.dispatch import always_on_experts, available_backends, routed_experts, select_backend
 from peft_perft.dispatch.sorting import sort_pairs_by_expert, sum_in_token_order
 
@@ -150,6 +152,22 @@ def test_grouped_mm_matches_on_a_training_sized_call():
 def test_auto_follows_the_measured_cpu_crossovers(tokens, experts, top_k, rank, training, expected):
     hidden, lora_A = torch.zeros(tokens, 512), torch.zeros(experts, rank, 512, requires_grad=training)
     assert select_backend("auto", hidden, lora_A, torch.zeros(tokens, top_k, dtype=torch.long)).name == expected
+
+
+def test_auto_remembers_its_choice_per_grad_mode_and_forgets_it_when_backends_change(monkeypatch):
+    """The choice is cached per call signature (a decode step repeats it every token); the signature includes
+    whether gradients flow, whose cost model differs, and registering a backend clears the cache."""
+    hidden, lora_A = torch.zeros(64, 512), torch.zeros(64, 16, 512, requires_grad=True)
+    index = torch.zeros(64, 4, dtype=torch.long)
+    with torch.no_grad():
+        assert select_backend("auto", hidden, lora_A, index).name == "dense"
+    assert select_backend("auto", hidden, lora_A, index).name == "grouped_mm"
+    with torch.no_grad():
+        assert select_backend("auto", hidden, lora_A, index).name == "dense"
+    for registry in ("_BACKENDS", "_BY_PRIORITY", "_AUTO_CHOICES"):
+        monkeypatch.setattr(dispatch, registry, copy.copy(getattr(dispatch, registry)))
+    dispatch.register_backend("always", dispatch._BACKENDS["dense"].routed, lambda *args: True, priority=100)
+    assert select_backend("auto", hidden, lora_A, index).name == "always"
 
 
 def test_grouped_mm_pads_unaligned_ranks_and_refuses_unaligned_hidden_sizes():

@@ -95,6 +95,7 @@ def test_disable_adapter_and_unload_give_the_base_model_back(variant: str, token
         torch.testing.assert_close(model(tokens).logits, expected, rtol=0, atol=0)
     original = model.unload()
     assert not any(isinstance(module, PerftMoeBlock) for module in original.modules())
+    assert not any(module._forward_hooks for module in original.modules()), "unload must leave no PERFT hook"
     assert type(original.model.layers[0].mlp).__name__ == "OlmoeSparseMoeBlock"
     torch.testing.assert_close(original(tokens).logits, expected, rtol=0, atol=0)
     assert not hasattr(original(tokens, labels=tokens, output_router_logits=True), "perft_aux_loss")

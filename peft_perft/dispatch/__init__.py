@@ -55,6 +55,9 @@ class DispatchBackend:
 
 _BACKENDS: dict[str, DispatchBackend] = {}
 _BY_PRIORITY: list[DispatchBackend] = []
+_AUTO_CHOICES: dict[tuple, DispatchBackend] = {}
+"""``auto``'s choice per call signature: the same decode step repeats every token, and asking every backend
+again costs more than a small kernel."""
 
 
 def register_backend(
@@ -65,11 +68,11 @@ def register_backend(
         name=name, routed=routed, supports=supports, priority=priority, preferred=preferred
     )
     _BY_PRIORITY[:] = sorted(_BACKENDS.values(), key=lambda candidate: -candidate.priority)
+    _AUTO_CHOICES.clear()
 
 
 def available_backends() -> list[str]:
     """Names that ``PerftConfig(dispatch_backend=...)`` accepts, besides ``auto``."""
-    _load_builtin_backends()
     return sorted(_BACKENDS)
 
 
@@ -77,7 +80,6 @@ def select_backend(
     name: str, hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor
 ) -> DispatchBackend:
     """Resolve ``name`` (or ``auto``) to a backend that can run on these inputs."""
-    _load_builtin_backends()
     if name != "auto":
         if name not in _BACKENDS:
             raise ValueError(f"Unknown dispatch backend {name!r}; choose 'auto' or one of {sorted(_BACKENDS)}.")
@@ -88,10 +90,33 @@ def select_backend(
                 f"{lora_A.shape[1]}; use dispatch_backend='auto' to fall back to one that can."
             )
         return backend
+    if torch.compiler.is_compiling():
+        return _first_suiting(hidden, lora_A, expert_index)
+    key = _call_signature(hidden, lora_A, expert_index)
+    chosen = _AUTO_CHOICES.get(key)
+    if chosen is None:
+        chosen = _AUTO_CHOICES[key] = _first_suiting(hidden, lora_A, expert_index)
+    return chosen
+
+
+def _first_suiting(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> DispatchBackend:
     for backend in _BY_PRIORITY:
         if backend.suits(hidden, lora_A, expert_index):
             return backend
     raise RuntimeError("No dispatch backend supports these inputs; this is a bug, please report it.")
+
+
+def _call_signature(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> tuple:
+    """Everything a backend's ``supports`` and ``preferred`` may look at: devices, dtypes, shapes, grad mode."""
+    differentiable = torch.is_grad_enabled() and (hidden.requires_grad or lora_A.requires_grad)
+    return (
+        hidden.device,
+        hidden.dtype,
+        lora_A.dtype,
+        lora_A.shape,
+        expert_index.shape,
+        differentiable,
+    )
 
 
 def routed_experts(
@@ -120,8 +145,5 @@ def always_on_experts(
     return down @ up_weight.t()
 
 
-def _load_builtin_backends() -> None:
-    """Import the backend modules once so that they register themselves (MegaBlocks itself loads lazily)."""
-    if "dense" in _BACKENDS:
-        return
-    from . import dense, gather, grouped, megablocks_backend  # noqa: F401
+# The built-in backends register themselves on import (MegaBlocks itself is imported only when first used).
+from . import dense, gather, grouped, megablocks_backend  # noqa: E402, F401

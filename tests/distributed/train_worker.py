@@ -41,7 +41,8 @@ def shard_with_fsdp2(model: torch.nn.Module) -> torch.nn.Module:
 def main(mode: str, output: str) -> None:
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    config = PerftConfig(variant="R", r=4, num_experts=4, top_k=1, init_weights=False)
+    # Top-1 weights left unnormalised (a renormalised single weight is the constant 1, giving the router no gradient).
+    config = PerftConfig(variant="R", r=4, num_experts=4, top_k=1, normalize_top_k=False, init_weights=False)
     model = get_peft_model(build_tiny(), config)
     blocks = [module for module in model.modules() if isinstance(module, PerftMoeBlock)]
     with torch.no_grad():
