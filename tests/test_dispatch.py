@@ -122,6 +122,7 @@ def check_backends_against_reference(tokens, hidden_dim, experts, top_k, rank, d
 )
 @example(tokens=0, hidden_dim=16, experts=4, top_k=2, rank=8, dtype=torch.float32, silu=True, routing="top_k")
 @example(tokens=1, hidden_dim=16, experts=6, top_k=2, rank=4, dtype=torch.float32, silu=False, routing="top_k")
+@example(tokens=1, hidden_dim=12, experts=5, top_k=3, rank=5, dtype=torch.bfloat16, silu=True, routing="with_repeats")
 @example(tokens=9, hidden_dim=16, experts=5, top_k=1, rank=8, dtype=torch.bfloat16, silu=True, routing="one_expert_set")
 @example(tokens=300, hidden_dim=16, experts=12, top_k=2, rank=6, dtype=torch.float32, silu=True, routing="top_k")
 def test_every_backend_matches_the_per_token_loop(tokens, hidden_dim, experts, top_k, rank, dtype, silu, routing):

