@@ -114,12 +114,12 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         routed_by_base = [name for name in active if self.perft_configs[name].variant == "E"]
         beside_block = [name for name in active if self.perft_configs[name].variant != "E"]
         flat = hidden_states.reshape(-1, self.spec.hidden_size)
-        deltas = [self._block_delta(name, flat) for name in beside_block]
+        deltas = [(self._block_delta(name, flat), self.perft_configs[name].scaling) for name in beside_block]
         # Some blocks scale their input in place (Mixtral's router jitter); keep the adapters' input intact.
         base_input = hidden_states.clone() if deltas and self.training else hidden_states
         output = self._run_base(routed_by_base, base_input, *args, **kwargs)
-        for delta in deltas:
-            output = _add_to_primary(output, delta)
+        for delta, scaling in deltas:
+            output = _add_to_primary(output, delta, scaling)
         return output
 
     def _run_base(self, routed_by_base: list[str], hidden_states: torch.Tensor, *args, **kwargs):
@@ -140,13 +140,13 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             self._experts_hook_handle = None
 
     def _block_delta(self, adapter_name: str, flat: torch.Tensor) -> torch.Tensor:
-        """Output of an R, D or S adapter for flattened block inputs (T, D)."""
+        """Output of an R, D or S adapter for flattened block inputs (T, D), before its scaling (which the
+        addition to the block output applies, saving a kernel per block and token)."""
         config = self.perft_configs[adapter_name]
         lora_A, lora_B = self.perft_A[adapter_name], self.perft_B[adapter_name]
         adapter_input = self._dropout(adapter_name, flat.to(lora_A.dtype))
         if config.variant != "R":
-            delta = always_on_experts(adapter_input, lora_A, lora_B, _activation(config)) * config.scaling
-            return delta.to(flat.dtype)
+            return always_on_experts(adapter_input, lora_A, lora_B, _activation(config)).to(flat.dtype)
         router_logits = F.linear(flat.to(lora_A.dtype), self.perft_router[adapter_name]).float()
         record = RoutingRecord(*_top_k_routing(router_logits, config), router_logits=router_logits)
         self.routing_records[adapter_name] = record
@@ -167,7 +167,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             adapter_input = self._dropout(name, hidden.to(lora_A.dtype))
             weight = expert_weight.to(lora_A.dtype)
             delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight)
-            total = total + delta.to(output.dtype).view(output.shape)
+            total = torch.add(total, delta.to(output.dtype).view(output.shape), alpha=config.scaling)
         return total
 
     def _dropout(self, adapter_name: str, adapter_input: torch.Tensor) -> torch.Tensor:
@@ -183,15 +183,9 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         expert_index: torch.Tensor,
         expert_weight: torch.Tensor,
     ) -> torch.Tensor:
-        """Scaled routed experts through the configured dispatch backend (scaling folded into the weights)."""
+        """Routed experts (unscaled) through the configured dispatch backend."""
         return routed_experts(
-            adapter_input,
-            lora_A,
-            lora_B,
-            expert_index,
-            expert_weight * config.scaling,
-            _activation(config),
-            backend=config.dispatch_backend,
+            adapter_input, lora_A, lora_B, expert_index, expert_weight, _activation(config), config.dispatch_backend
         )
 
     def __repr__(self) -> str:
@@ -220,12 +214,12 @@ def _activation(config: PerftConfig) -> Callable[[torch.Tensor], torch.Tensor] |
     return F.silu if config.adapter_type == "parallel_adapter" else None
 
 
-def _add_to_primary(output, delta: torch.Tensor):
-    """Add the adapter output (T, D) to the block's hidden states, in the shape the block returns them ((B, S, D),
-    or (T, D) as Llama 4 does), also when the block returns a tuple."""
+def _add_to_primary(output, delta: torch.Tensor, scaling: float):
+    """Add the scaled adapter output (T, D) to the block's hidden states, in the shape the block returns them
+    ((B, S, D), or (T, D) as Llama 4 does), also when the block returns a tuple."""
     if isinstance(output, tuple):
-        return (output[0] + delta.view(output[0].shape), *output[1:])
-    return output + delta.view(output.shape)
+        return (torch.add(output[0], delta.view(output[0].shape), alpha=scaling), *output[1:])
+    return torch.add(output, delta.view(output.shape), alpha=scaling)
 
 
 def _device_of(module: nn.Module) -> torch.device:
