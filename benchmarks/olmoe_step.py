@@ -114,7 +114,8 @@ class Trainer:
 
     def __init__(self, variant: Variant, config: OlmoeConfig, args: argparse.Namespace) -> None:
         torch.manual_seed(0)
-        model = OlmoeForCausalLM(config).to(device=args.device, dtype=getattr(torch, args.dtype))
+        with torch.device(args.device):  # initialise on the target device: the full OLMoE shape is slow on a CPU
+            model = OlmoeForCausalLM(config).to(dtype=getattr(torch, args.dtype))
         model.requires_grad_(False)
         self.model = model if variant.config is None else get_peft_model(model, variant.config)
         generator = torch.Generator().manual_seed(1)
