@@ -172,6 +172,10 @@ def test_auto_remembers_its_choice_per_grad_mode_and_forgets_it_when_backends_ch
         monkeypatch.setattr(dispatch, registry, copy.copy(getattr(dispatch, registry)))
     dispatch.register_backend("always", dispatch._BACKENDS["dense"].routed, lambda *args: True, priority=100)
     assert select_backend("auto", hidden, lora_A, index).name == "always"
+    monkeypatch.setattr(dispatch, "_MAX_REMEMBERED", 3)
+    for tokens in range(1, 10):  # a new token count per call, as in training on unpadded batches
+        select_backend("auto", hidden[:tokens], lora_A, index[:tokens])
+        assert len(dispatch._AUTO_CHOICES) <= 3
 
 
 def test_grouped_mm_pads_unaligned_ranks_and_refuses_unaligned_hidden_sizes():

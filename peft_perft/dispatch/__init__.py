@@ -57,7 +57,9 @@ _BACKENDS: dict[str, DispatchBackend] = {}
 _BY_PRIORITY: list[DispatchBackend] = []
 _AUTO_CHOICES: dict[tuple, DispatchBackend] = {}
 """``auto``'s choice per call signature: the same decode step repeats every token, and asking every backend
-again costs more than a small kernel."""
+again costs more than a small kernel. Emptied when it reaches ``_MAX_REMEMBERED`` signatures, since training
+on unpadded batches brings a new token count almost every step."""
+_MAX_REMEMBERED = 4096
 
 
 def register_backend(
@@ -95,6 +97,8 @@ def select_backend(
     key = _call_signature(hidden, lora_A, expert_index)
     chosen = _AUTO_CHOICES.get(key)
     if chosen is None:
+        if len(_AUTO_CHOICES) >= _MAX_REMEMBERED:
+            _AUTO_CHOICES.clear()
         chosen = _AUTO_CHOICES[key] = _first_suiting(hidden, lora_A, expert_index)
     return chosen
 
