@@ -110,17 +110,15 @@ def _first_suiting(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: tor
     raise RuntimeError("No dispatch backend supports these inputs; this is a bug, please report it.")
 
 
+def needs_gradients(hidden: torch.Tensor, lora_A: torch.Tensor) -> bool:
+    """Whether this call will be differentiated: the cost models for training and inference differ."""
+    return torch.is_grad_enabled() and (hidden.requires_grad or lora_A.requires_grad)
+
+
 def _call_signature(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> tuple:
     """Everything a backend's ``supports`` and ``preferred`` may look at: devices, dtypes, shapes, grad mode."""
-    differentiable = torch.is_grad_enabled() and (hidden.requires_grad or lora_A.requires_grad)
-    return (
-        hidden.device,
-        hidden.dtype,
-        lora_A.dtype,
-        lora_A.shape,
-        expert_index.shape,
-        differentiable,
-    )
+    differentiable = needs_gradients(hidden, lora_A)
+    return (hidden.device, hidden.dtype, lora_A.dtype, lora_A.shape, expert_index.shape, differentiable)
 
 
 def routed_experts(

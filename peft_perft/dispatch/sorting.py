@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import needs_gradients
+
 # Cost model of one routed call in nanoseconds, fitted to benchmarks/dispatch_sweep.py on the quiet 2-core
 # AVX-512 CPU of BENCHMARKS.md (fp32, hidden 512), for forward + backward (True) and forward only (False):
 # the dense backend costs about DENSE per token * expert * rank * hidden unit (two large GEMMs); the sorted
@@ -56,7 +58,7 @@ def sorting_pays_off(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: t
     Sorting saves the (N - K) unselected experts' GEMM work per token but pays per selected pair for moving
     D-wide rows; on this CPU it wins once N * r / K exceeds roughly 150 in training (250 in inference).
     """
-    costs = _COSTS_NS[torch.is_grad_enabled() and (hidden.requires_grad or lora_A.requires_grad)]
+    costs = _COSTS_NS[needs_gradients(hidden, lora_A)]
     tokens, top_k = expert_index.shape
     experts, rank, hidden_dim = lora_A.shape
     dense_ns = costs["dense"] * tokens * experts * rank * hidden_dim
