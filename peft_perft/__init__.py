@@ -8,10 +8,10 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.utils import register_peft_method
 
 from .config import PerftConfig, perft_peft_type
+from .hub import install_hub_hooks
 from .layer import PerftMoeBlock
 from .loading import install_loading_guard
 from .model import PerftModel
-from .model_card import install_hub_hooks
 
 __all__ = ["PerftConfig", "PerftModel", "PerftMoeBlock", "__version__"]
 __version__ = "0.1.0"

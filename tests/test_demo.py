@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from peft_perft import demo
 from peft_perft.cli import main
+from peft_perft.demo import run as demo
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = 12

@@ -10,7 +10,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from peft_perft import PerftConfig, PerftMoeBlock
-from peft_perft.health import NonFiniteError, NumericsCallback, NumericsGuard
+from peft_perft.monitor.health import NonFiniteError, NumericsCallback, NumericsGuard
 
 
 def perft_r_model() -> torch.nn.Module:

@@ -23,7 +23,7 @@ from huggingface_hub.utils._http import default_client_factory, hf_request_event
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from peft_perft import PerftConfig
-from peft_perft.model_card import CARD_MARKER
+from peft_perft.hub.model_card import CARD_MARKER
 
 REPO_ID = "perft-tests/tiny-perft-r"
 COMMIT_SHA = "0123456789abcdef0123456789abcdef01234567"

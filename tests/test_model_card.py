@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import peft_perft
 from peft_perft.evaluation import EvaluationReport, Prediction, TaskResult
-from peft_perft.model_card import (
+from peft_perft.hub.model_card import (
     CARD_MARKER,
     MISSING_INFORMATION,
     render_model_card,

@@ -16,17 +16,13 @@ from peft import get_peft_model
 from trl import SFTConfig, SFTTrainer
 
 from peft_perft.cli import main
-from peft_perft.pilot import (
-    CandidateResult,
-    PilotReport,
-    PilotSettings,
+from peft_perft.pilot import CandidateResult, PilotReport, PilotSettings, recommend
+from peft_perft.pilot.measure import held_out_losses, token_weighted
+from peft_perft.pilot.run import (
     attention_projection_names,
-    held_out_losses,
     match_budget,
     parse_config_keys,
     perft_config,
-    recommend,
-    token_weighted,
     validate_settings,
 )
 

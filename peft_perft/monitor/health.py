@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .layer import PerftMoeBlock
+from ..layer import PerftMoeBlock
 
 
 class NonFiniteError(FloatingPointError):

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model import PerftModel
-from .monitor_stats import BASE_ROUTER, PERFT_ROUTER, RouterStats, RoutingReport
+from ..model import PerftModel
+from .stats import BASE_ROUTER, PERFT_ROUTER, RouterStats, RoutingReport
 from .trace import (
     ROUTED_BY_OWN_ROUTER,
     AdaptedLayer,

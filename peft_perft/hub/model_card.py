@@ -31,8 +31,8 @@ from huggingface_hub.utils import validate_repo_id
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 
-from .config import PerftConfig
-from .layer import PerftMoeBlock
+from ..config import PerftConfig
+from ..layer import PerftMoeBlock
 
 TEMPLATE_NAME = "perft_adapter.md"
 CARD_FILE = "README.md"
@@ -74,7 +74,7 @@ class CardDetails:
 
 def template_path() -> Path:
     """The card template: `model_cards/` of a source checkout, or its copy inside an installed wheel."""
-    checkout_copy = Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE_NAME
+    checkout_copy = Path(__file__).resolve().parents[2] / "model_cards" / TEMPLATE_NAME
     if checkout_copy.is_file():
         return checkout_copy
     installed_copy = importlib.resources.files("peft_perft") / "model_cards" / TEMPLATE_NAME
@@ -395,7 +395,7 @@ def _link(model_id: str | None) -> str:
 
 def _routing_markdown(summary: Any) -> str:
     """The routing monitor's `RoutingReport` as one row per router, or any other summary as given."""
-    from .monitor import RoutingReport
+    from ..monitor import RoutingReport
 
     if not isinstance(summary, RoutingReport):
         return _as_markdown(summary, ("router", "summary"))
@@ -437,6 +437,6 @@ def _format_value(value: Any) -> str:
 
 
 def _perft_version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .monitor_counting import RoutingMonitor
-from .monitor_stats import REPORT_FILE_NAME, RoutingReport
+from .counting import RoutingMonitor
+from .stats import REPORT_FILE_NAME, RoutingReport
 
 
 @torch.no_grad()

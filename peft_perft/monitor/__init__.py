@@ -7,19 +7,25 @@ step it adds the scalars to the Trainer's logs (so every ``report_to`` backend g
 router collapses, and writes layer x expert heatmaps at the end. `routing_report` gives the same figures for a
 dataset, as data and pictures.
 
-The code lives in flat modules next to this one, which imports only from them: `monitor_stats` (the figures,
-`RoutingReport`, collapse criteria, heatmaps), `monitor_counting` (`RoutingMonitor`), `monitor_callback` (the
-Trainer integration) and `monitor_dataset` (`routing_report`). Import the public names from here.
+`routing_trace` gives per-token routing for one input (the audit trace), and `NumericsGuard` /
+`NumericsCallback` flag non-finite adapter outputs per layer. The code lives in the modules of this package:
+`stats` (the figures, `RoutingReport`, collapse criteria, heatmaps), `counting` (`RoutingMonitor`), `callback`
+(the Trainer integration), `dataset` (`routing_report`), `trace` (`routing_trace`) and `health` (numerical
+health). Import the public names from here.
 """
 
-from .monitor_callback import RoutingMonitorCallback, add_routing_monitor
-from .monitor_counting import RoutingMonitor
-from .monitor_dataset import routing_report
-from .monitor_stats import CollapseCriteria, RouterCollapseWarning, RouterStats, RoutingReport
+from .callback import RoutingMonitorCallback, add_routing_monitor
+from .counting import RoutingMonitor
+from .dataset import routing_report
+from .health import NonFiniteError, NumericsCallback, NumericsGuard
+from .stats import CollapseCriteria, RouterCollapseWarning, RouterStats, RoutingReport
 from .trace import RoutingTrace, routing_trace
 
 __all__ = [
     "CollapseCriteria",
+    "NonFiniteError",
+    "NumericsCallback",
+    "NumericsGuard",
     "RouterCollapseWarning",
     "RouterStats",
     "RoutingMonitor",

@@ -1,8 +1,8 @@
 """``peft-perft demo``: fine-tune a pretrained MoE with PERFT end to end and report what changed.
 
 With no arguments it needs no network: it loads the small pretrained OLMoE shipped in
-``peft_perft/assets/demo-olmoe`` (made by ``scripts/train_demo_model.py``), measures its accuracy on the held-out
-split of a bundled task it never saw (``peft_perft.demo_data``), fine-tunes a PERFT adapter with TRL's
+``peft_perft/demo/assets/demo-olmoe`` (made by ``scripts/train_demo_model.py``), measures its accuracy on the held-out
+split of a bundled task it never saw (``peft_perft.demo.data``), fine-tunes a PERFT adapter with TRL's
 ``SFTTrainer``, measures again, saves the adapter and reloads it with ``PeftModel.from_pretrained`` to check that
 the logits match exactly, draws routing heatmaps and prints a short report (also written as ``report.json``).
 ``--model`` and ``--dataset`` run the same pipeline on any causal MoE LM and data set, e.g. on a GPU with
@@ -31,10 +31,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from trl import SFTConfig, SFTTrainer
 
 from peft_perft import PerftConfig, PerftMoeBlock
-from peft_perft.demo_data import DEMO_TASKS, MAX_INPUT_LENGTH, demo_task_splits
 from peft_perft.evaluation import build_prompt, is_correct
 from peft_perft.evaluation.runner import generate_batch
 from peft_perft.monitor import routing_report
+
+from .data import DEMO_TASKS, MAX_INPUT_LENGTH, demo_task_splits
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-olmoe"
 BUNDLED_DATASET = "bundled"

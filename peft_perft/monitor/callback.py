@@ -15,8 +15,8 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
-from .monitor_counting import RoutingMonitor
-from .monitor_stats import (
+from .counting import RoutingMonitor
+from .stats import (
     PERFT_ROUTER,
     REPORT_FILE_NAME,
     CollapseCriteria,

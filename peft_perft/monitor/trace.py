@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer import PerftMoeBlock
-from .model import PerftModel
+from ..layer import PerftMoeBlock
+from ..model import PerftModel
 
 ROUTED_BY_OWN_ROUTER = "R"
 ROUTED_BY_BASE = "E"

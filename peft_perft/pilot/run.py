@@ -8,9 +8,8 @@ given. The result is a console table, ``pilot.json``, ``pilot.png`` (quality aga
 against step time), a recommendation that says how clear each winner is, and what the full run would cost here.
 
 This module is the run itself and its command line. What a run records and how it is presented (settings, results,
-recommendation, table, plot) lives in ``peft_perft.pilot_report``; the instruments that measure a configuration
-(step timer, peak memory, held-out losses) live in ``peft_perft.pilot_measure``. Their public names are re-exported
-here, so ``peft_perft.pilot`` stays the one module to import from.
+recommendation, table, plot) lives in ``report``; the instruments that measure a configuration (step timer, peak
+memory, held-out losses) live in ``measure``. Import the public names from ``peft_perft.pilot``.
 """
 
 from __future__ import annotations
@@ -45,8 +44,8 @@ from peft_perft.demo import (
     load_user_splits,
 )
 from peft_perft.evaluation import EvaluationReport, GenerationSettings, evaluate
-from peft_perft.pilot_measure import (
-    IGNORED_LABEL,
+
+from .measure import (
     PeakMemory,
     StepTimer,
     environment,
@@ -54,66 +53,15 @@ from peft_perft.pilot_measure import (
     load_average,
     token_weighted,
 )
-from peft_perft.pilot_report import (
-    ALWAYS_ACTIVE,
+from .report import (
     CONFIG_NAMES,
     DEFAULT_CONFIGS,
-    JSON_NAME,
-    PLOT_NAME,
-    SIGNIFICANT,
     CandidateResult,
     PilotReport,
     PilotSettings,
-    busy_machine_note,
-    draw_plot,
-    format_duration,
     recommend,
     standard_error,
 )
-
-__all__ = [
-    "ALPHA_PER_RANK",
-    "ALWAYS_ACTIVE",
-    "BUNDLED_FULL_RUN_EXAMPLES",
-    "CONFIG_NAMES",
-    "DEFAULT_CONFIGS",
-    "IGNORED_LABEL",
-    "JSON_NAME",
-    "PLOT_NAME",
-    "REFERENCE_RANK",
-    "SIGNIFICANT",
-    "Candidate",
-    "CandidateResult",
-    "PeakMemory",
-    "PilotData",
-    "PilotReport",
-    "PilotSettings",
-    "StepTimer",
-    "add_cli_arguments",
-    "attention_projection_names",
-    "build_peft_config",
-    "busy_machine_note",
-    "count_trainable_parameters",
-    "datasets_progress_bars_off",
-    "draw_plot",
-    "environment",
-    "format_duration",
-    "held_out_losses",
-    "load_average",
-    "load_pilot_data",
-    "match_budget",
-    "parse_config_keys",
-    "perft_config",
-    "recommend",
-    "run_cli",
-    "run_pilot",
-    "sft_config",
-    "standard_error",
-    "test_accuracy",
-    "token_weighted",
-    "train_candidate",
-    "validate_settings",
-]
 
 REFERENCE_RANK = 8
 ALPHA_PER_RANK = 2

@@ -2,7 +2,7 @@
 counts as collapsed (`CollapseCriteria`), and the `RoutingReport` that gathers them for every adapted layer, with
 its JSON file, logger scalars and layer x expert heatmaps.
 
-Nothing here touches a model: `monitor_counting` fills these figures from the routing it counts.
+Nothing here touches a model: `counting` fills these figures from the routing it counts.
 """
 
 from __future__ import annotations
