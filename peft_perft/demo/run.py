@@ -31,8 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from trl import SFTConfig, SFTTrainer
 
 from peft_perft import PerftConfig, PerftMoeBlock
-from peft_perft.evaluation import build_prompt, is_correct
-from peft_perft.evaluation.runner import generate_batch
+from peft_perft.evaluation import build_prompt, generate_batch, is_correct
 from peft_perft.monitor import routing_report
 
 from .data import DEMO_TASKS, MAX_INPUT_LENGTH, demo_task_splits

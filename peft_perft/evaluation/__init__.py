@@ -14,6 +14,7 @@ from peft_perft.evaluation.runner import (
     TaskResult,
     evaluate,
     evaluate_task,
+    generate_batch,
     load_model,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "evaluate",
     "evaluate_task",
     "extract_answer",
+    "generate_batch",
     "get_task",
     "is_correct",
     "load_model",

@@ -1,0 +1,80 @@
+"""The package layout is the architecture: the core imports no tool, and tools use each other's public faces only.
+
+The import graph is read from the source with ``ast`` (every import, including those inside functions), so a lazy
+import cannot slip past.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "peft_perft"
+TOOLS = ("demo", "evaluation", "hub", "monitor", "pilot")
+CORE_MODULES = sorted(
+    path
+    for path in PACKAGE.rglob("*.py")
+    if path.relative_to(PACKAGE).parts[0] not in TOOLS + ("__init__.py", "cli.py")
+)
+
+
+def module_name(path: Path) -> str:
+    parts = ["peft_perft", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute names of the peft_perft modules one file imports (relative imports resolved)."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            module = node.module if node.level == 0 else ".".join(filter(None, [base, node.module]))
+            names.add(module)
+            names |= {f"{module}.{alias.name}" for alias in node.names if f"{module}.{alias.name}" in ALL_MODULES}
+    return {name for name in names if name == "peft_perft" or name.startswith("peft_perft.")}
+
+
+ALL_MODULES = {module_name(path) for path in PACKAGE.rglob("*.py")}
+
+
+def tool_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in TOOLS else None
+
+
+def test_the_tree_has_no_flat_module_families() -> None:
+    """No top-level module shares a name prefix with another one (families live in subpackages)."""
+    top = [path.stem for path in PACKAGE.glob("*.py") if path.stem != "__init__"]
+    prefixes = [name.split("_")[0] for name in top]
+    assert sorted(prefixes) == sorted(set(prefixes)), f"flat module family at the top of peft_perft: {top}"
+    assert {path.name for path in PACKAGE.iterdir() if path.is_dir() and (path / "__init__.py").exists()} >= set(TOOLS)
+
+
+@pytest.mark.parametrize("path", CORE_MODULES, ids=lambda path: str(path.relative_to(PACKAGE)))
+def test_core_imports_no_tool(path: Path) -> None:
+    tools = sorted(name for name in imported_modules(path) if tool_of(name))
+    assert not tools, f"{path.relative_to(PACKAGE)} is core and imports tools: {tools}"
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_tools_use_each_other_through_public_faces(tool: str) -> None:
+    """Inside a tool anything goes; another tool is imported only as ``peft_perft.<tool>``, its ``__init__``."""
+    reaching_in = []
+    for path in sorted((PACKAGE / tool).rglob("*.py")):
+        for name in imported_modules(path):
+            other = tool_of(name)
+            if other and other != tool and name != f"peft_perft.{other}":
+                reaching_in.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert not reaching_in, "\n".join(reaching_in)
+
+
+def test_the_checks_see_real_imports() -> None:
+    """The import reader finds a known cross-tool import, so the checks above cannot pass vacuously."""
+    assert "peft_perft.demo" in imported_modules(PACKAGE / "pilot" / "run.py")
+    assert "peft_perft.layer" in imported_modules(PACKAGE / "monitor" / "trace.py")
