@@ -8,7 +8,7 @@ package pins, nor MegaBlocks. This script puts into ``.whl/`` (ignored by git):
   enough versions (tokenizers, safetensors, regex), downloaded by pip without dependencies;
 - the source distributions of MegaBlocks 0.10.0 and of the two packages it builds on (stanford-stk, grouped_gemm),
   which must be compiled against the GPU machine's own torch and CUDA (their releases pin torch 2.7.0, so pip
-  cannot install them as dependencies; see the README's MegaBlocks section).
+  cannot install them as dependencies; see the MegaBlocks section of docs/performance.md).
 
     python scripts/fetch_gpu_packages.py            # then: device run with carry [".whl"] and scripts/gpu_session.sh
 """

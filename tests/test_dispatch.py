@@ -277,7 +277,7 @@ def test_cuda_backends_match_the_per_token_loop(tokens):
 
 @pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("megablocks") is None,
-    reason="needs CUDA and MegaBlocks (see the README's MegaBlocks install steps); absent here",
+    reason="needs CUDA and MegaBlocks (see the MegaBlocks install steps in docs/performance.md); absent here",
 )
 @pytest.mark.parametrize("routing", ROUTINGS)
 def test_megablocks_matches_the_per_token_loop(routing):

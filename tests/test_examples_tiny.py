@@ -1,4 +1,4 @@
-"""The README's first example runs offline and ends with an exact save / reload."""
+"""The getting-started example (examples/tiny_olmoe.py) runs offline and ends with an exact save / reload."""
 
 from __future__ import annotations
 
