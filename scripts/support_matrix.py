@@ -1,12 +1,12 @@
-"""Regenerate docs/support_matrix.md and the README's matrix from a run of the architecture coverage test.
+"""Regenerate docs/support_matrix.md from a run of the architecture coverage test.
 
 Runs ``tests/test_architectures.py`` (or reads the JUnit XML of an earlier run), reads one outcome per
 architecture and variant, and writes the architecture x variant table. Nothing in the table is typed by hand: a cell is
 "yes" only if its test passed in that run. The descriptive columns (where the MoE block sits, its class) come from
 building the same tiny models.
 
-    python scripts/support_matrix.py                    # run the tests, write docs/support_matrix.md and README.md
-    python scripts/support_matrix.py --check            # fail if either is out of date
+    python scripts/support_matrix.py                    # run the tests, write docs/support_matrix.md
+    python scripts/support_matrix.py --check            # fail if it is out of date
     python scripts/support_matrix.py --junitxml run.xml # render an existing run instead of running the tests
 """
 
@@ -26,8 +26,6 @@ import transformers
 REPO = Path(__file__).resolve().parents[1]
 TEST_FILE = REPO / "tests" / "test_architectures.py"
 DEFAULT_OUTPUT = REPO / "docs" / "support_matrix.md"
-README = REPO / "README.md"
-README_START, README_END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
 VARIANTS = ("R", "E", "D", "S")
 CASE = re.compile(r"^(?P<test>test_\w+)\[(?P<param>[^\]]+)\]$")
 
@@ -111,13 +109,6 @@ def render(outcomes: dict[tuple[str, str], str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def embed_in_readme(readme: str, document: str) -> str:
-    """The README with its matrix section (between the markers) replaced by the rendered matrix."""
-    start, end = readme.index(README_START) + len(README_START), readme.index(README_END)
-    body = document.split("\n", 2)[2].replace("\n## ", "\n### ")  # drop the title, nest under the README's
-    return readme[:start] + "\n" + body + readme[end:]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Markdown file to write.")
@@ -128,17 +119,15 @@ def main(argv: list[str] | None = None) -> int:
         junit_path = args.junitxml or Path(directory) / "coverage.xml"
         exit_code = 0 if args.junitxml else run_coverage(junit_path)
         document = render(read_outcomes(junit_path))
-    readme = embed_in_readme(README.read_text(), document)
     if args.check:
         current = args.output.read_text() if args.output.exists() else ""
-        if current != document or README.read_text() != readme:
-            print(f"{args.output} or {README} is out of date; run python scripts/support_matrix.py", file=sys.stderr)
+        if current != document:
+            print(f"{args.output} is out of date; run python scripts/support_matrix.py", file=sys.stderr)
             return 1
         return exit_code
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(document)
-    README.write_text(readme)
-    print(f"wrote {args.output} and the matrix section of {README}")
+    print(f"wrote {args.output}")
     return exit_code
 
 
