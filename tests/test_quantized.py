@@ -1,0 +1,186 @@
+"""PERFT on quantized frozen bases, on CPU: bitsandbytes NF4 and 8-bit, torchao int8 on the fused experts, quanto.
+
+A tiny OLMoE is saved once and loaded quantized each time (as a user loads a Hub checkpoint). Each variant must
+train with gradients on adapter tensors only and a falling loss, and its adapter, saved and loaded onto a freshly
+quantized base, must give the same logits. TRL's SFTTrainer, peft's ``prepare_model_for_kbit_training`` with
+gradient checkpointing, and peft's LoRA on the expert weights are tried on the same quantized models.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, QuantoConfig, TorchAoConfig
+from trl import SFTConfig, SFTTrainer
+
+from peft_perft import PerftConfig
+from peft_perft.quantization import load_quantized_base
+
+pytest.importorskip("bitsandbytes", reason="the quantized tests need the 'quantized' extra (bitsandbytes)")
+pytest.importorskip("torchao", reason="the quantized tests need the 'quantized' extra (torchao)")
+pytest.importorskip("optimum.quanto", reason="the quantized tests need the 'quantized' extra (optimum-quanto)")
+
+KINDS = ("bnb4", "bnb8", "int8-experts", "quanto")
+VARIANTS = ("R", "E", "D", "S")
+EXPERTS_WEIGHT = "model.layers.0.mlp.experts.gate_up_proj"
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny OLMoE checkpoint with attention, router and experts large enough to quantize (hidden 64)."""
+    directory = tmp_path_factory.mktemp("tiny-olmoe")
+    build_tiny("olmoe", hidden_size=64, intermediate_size=32).save_pretrained(directory)
+    return directory
+
+
+def load(base_dir: Path, kind: str) -> torch.nn.Module:
+    """The checkpoint quantized with ``kind``; quanto through Transformers' QuantoConfig (int8 weights)."""
+    if kind == "quanto":
+        return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=QuantoConfig(weights="int8"))
+    return load_quantized_base(str(base_dir), kind)
+
+
+def perft_config(variant: str) -> PerftConfig:
+    sizes = {"R": {"num_experts": 4, "top_k": 2}, "D": {"num_experts": 2}}.get(variant, {})
+    return PerftConfig(variant=variant, r=4, lora_alpha=8, **sizes)
+
+
+def input_ids() -> torch.Tensor:
+    return torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_each_quantizer_quantizes_what_the_docs_say(base_dir: Path):
+    """bitsandbytes and quanto replace Linear layers and leave the fused experts; int8-experts does the opposite."""
+    kinds = {kind: load(base_dir, kind) for kind in KINDS}
+    q_proj = {kind: type(m.model.layers[0].self_attn.q_proj).__name__ for kind, m in kinds.items()}
+    experts = {kind: type(m.get_parameter(EXPERTS_WEIGHT)).__name__ for kind, m in kinds.items()}
+    assert q_proj == {"bnb4": "Linear4bit", "bnb8": "Linear8bitLt", "int8-experts": "Linear", "quanto": "QLinear"}
+    assert experts == {"bnb4": "Parameter", "bnb8": "Parameter", "int8-experts": "Int8Tensor", "quanto": "Parameter"}
+    assert kinds["int8-experts"].config._experts_implementation == "eager"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_variant_trains_and_reloads_exactly_on_quantized_base(base_dir: Path, kind: str, variant: str):
+    """A plain training loop: only adapter tensors get gradients, the loss falls; the saved adapter on a freshly
+    quantized base gives the same logits."""
+    model = get_peft_model(load(base_dir, kind), perft_config(variant))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".perft_" in name for name in trainable)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, losses = input_ids(), []
+    for _ in range(4):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert all(p.grad is None for name, p in model.named_parameters() if name not in trainable)
+        assert all(model.get_parameter(name).grad is not None for name in trainable)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    model.eval()
+    trained = logits(model, ids)
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        reloaded = PeftModel.from_pretrained(load(base_dir, kind), directory)
+    torch.testing.assert_close(logits(reloaded, ids), trained, rtol=0, atol=0)
+
+
+def sft_dataset() -> Dataset:
+    return Dataset.from_dict({"input_ids": [list(range(3 + i, 19 + i)) for i in range(8)]})
+
+
+def sft_args(directory: str) -> SFTConfig:
+    return SFTConfig(
+        output_dir=directory,
+        max_steps=4,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+    )
+
+
+@pytest.mark.parametrize("kind", ["bnb4", "bnb8", "int8-experts", "quanto"])
+def test_sft_trainer_trains_perft_on_quantized_base(base_dir: Path, kind: str, tmp_path: Path):
+    """TRL's SFTTrainer accepts every base loaded as peft_perft.quantization (or QuantoConfig) loads it."""
+    model = get_peft_model(load(base_dir, kind), perft_config("E"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    frozen = experts_weight(model).detach().clone()
+    trainer = SFTTrainer(model=model, args=sft_args(str(tmp_path)), train_dataset=sft_dataset())
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert all(not torch.equal(before[name], p) for name, p in model.named_parameters() if name in before)
+    assert torch.equal(experts_weight(model).dequantize(), frozen.dequantize()), "the frozen experts must not move"
+
+
+def experts_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The first layer's fused gate/up expert weight, wherever PERFT's wrapper put it."""
+    return next(p for name, p in model.named_parameters() if name.endswith("experts.gate_up_proj"))
+
+
+def test_trainer_refuses_torchao_config_models_so_int8_experts_quantizes_after_loading(base_dir: Path, tmp_path):
+    """Transformers' Trainer reads the bit width from the torchao config's class name, so a model loaded with
+    TorchAoConfig(FqnToConfig(...)) counts as not trainable; peft_perft quantizes with torchao after loading."""
+    from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig
+
+    config = TorchAoConfig(FqnToConfig({"re:.*experts\\.(gate_up_proj|down_proj)": Int8WeightOnlyConfig()}))
+    loaded = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=config, experts_implementation="eager")
+    model = get_peft_model(loaded, perft_config("S"))
+    with pytest.raises(ValueError, match="TORCHAO but that quantization method do not support training"):
+        SFTTrainer(model=model, args=sft_args(str(tmp_path)), train_dataset=sft_dataset())
+
+
+def adapter_gradients(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("variant", ["R", "E"])
+def test_prepare_model_for_kbit_training_with_gradient_checkpointing(base_dir: Path, variant: str):
+    """peft's k-bit preparation with gradient checkpointing gives the adapter the gradients of a plain run."""
+    torch.manual_seed(0)
+    plain = get_peft_model(load(base_dir, "bnb4"), perft_config(variant))
+    prepared_base = prepare_model_for_kbit_training(load(base_dir, "bnb4"), use_gradient_checkpointing=True)
+    assert prepared_base.is_gradient_checkpointing
+    torch.manual_seed(0)
+    prepared = get_peft_model(prepared_base, perft_config(variant))
+    ids = input_ids()
+    expected, checkpointed = adapter_gradients(plain, ids), adapter_gradients(prepared, ids)
+    assert expected.keys() == checkpointed.keys() and expected
+    for name, gradient in expected.items():
+        torch.testing.assert_close(checkpointed[name], gradient, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_on_the_expert_weights_fails_where_perft_trains(base_dir: Path):
+    """peft's LoRA on the fused expert weights (target_parameters) runs baddbmm on torchao's int8 tensor, which
+    has no such op: NotImplementedError. PERFT-E on the same quantized model trains (tests above)."""
+    lora = LoraConfig(r=4, target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    model = get_peft_model(load(base_dir, "int8-experts"), lora)
+    ids = input_ids()
+    with pytest.raises(NotImplementedError, match="Int8Tensor dispatch.*baddbmm"):
+        model(input_ids=ids, labels=ids)
