@@ -13,6 +13,8 @@ PERFT never changes the frozen experts, so they can stay in any storage. Two fam
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -79,3 +81,14 @@ def quantize_experts_int8(model: nn.Module) -> nn.Module:
         model.set_experts_implementation("eager")
     quantize_(model, FqnToConfig({name: Int8WeightOnlyConfig() for name in names}), filter_fn=None)
     return model
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--quantize`` flag of ``peft-perft demo`` and ``peft-perft pilot``: train on a quantized frozen base."""
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default=None,
+        help="load the frozen base quantized: bnb4 (NF4) / bnb8 on its Linear layers (bitsandbytes), int8-experts on "
+        "its fused experts (torchao); default: unquantized",
+    )

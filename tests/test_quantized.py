@@ -152,6 +152,15 @@ def test_trainer_refuses_torchao_config_models_so_int8_experts_quantizes_after_l
     model = get_peft_model(loaded, perft_config("S"))
     with pytest.raises(ValueError, match="TORCHAO but that quantization method do not support training"):
         SFTTrainer(model=model, args=sft_args(str(tmp_path)), train_dataset=sft_dataset())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, losses = input_ids(), []
+    for _ in range(4):  # the plain loop of docs/quantized.md trains it
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
 
 
 def adapter_gradients(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -184,3 +193,57 @@ def test_lora_on_the_expert_weights_fails_where_perft_trains(base_dir: Path):
     ids = input_ids()
     with pytest.raises(NotImplementedError, match="Int8Tensor dispatch.*baddbmm"):
         model(input_ids=ids, labels=ids)
+
+
+def test_demo_quantize_flag_loads_the_base_quantized_and_its_reload_check_is_exact(base_dir: Path):
+    """``peft-perft demo --quantize`` reaches load_base_model, and the demo's reload check rebuilds the same
+    quantized base (an unquantized one would not reproduce the logits)."""
+    from peft_perft.cli import build_parser
+    from peft_perft.demo.run import check_reload, load_base_model
+
+    assert build_parser("demo").parse_args(["demo", "--quantize", "int8-experts"]).quantize == "int8-experts"
+    with pytest.raises(SystemExit):
+        build_parser("demo").parse_args(["demo", "--quantize", "int4"])
+    cpu = torch.device("cpu")
+    model = get_peft_model(load_base_model(str(base_dir), cpu, "bnb4"), PerftConfig(variant="E", init_weights=False))
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    test = Dataset.from_dict({"prompt": ["ABC", "DE"], "completion": ["FG", "H"]})
+    tokenizer = _byte_tokenizer()
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        assert check_reload(model.eval(), str(base_dir), Path(directory), tokenizer, test, cpu, "bnb4")["passed"]
+        assert not check_reload(model, str(base_dir), Path(directory), tokenizer, test, cpu, None)["passed"]
+
+
+def _byte_tokenizer():
+    from conftest import char_tokenizer
+
+    return char_tokenizer("".join(chr(c) for c in range(33, 91)))  # 58 characters: ids 3..60 of the 64
+
+
+def test_pilot_quantize_flag_trains_every_configuration_on_the_quantized_base(
+    base_dir: Path, tmp_path: Path, monkeypatch
+):
+    """``peft-perft pilot --quantize int8-experts`` prices the run on a base whose experts are int8."""
+    import json
+
+    from peft_perft.cli import main
+    from peft_perft.pilot import run as pilot_run
+
+    model_dir = tmp_path / "model"
+    build_tiny("olmoe", hidden_size=64, intermediate_size=32).save_pretrained(model_dir)
+    _byte_tokenizer().save_pretrained(model_dir)
+    loaded = []
+    original = pilot_run.load_base_model
+    monkeypatch.setattr(pilot_run, "load_base_model", lambda *a: loaded.append(original(*a)) or loaded[-1])
+    data = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"{chr(33 + i % 40)}{chr(34 + i % 40)}", "completion": f"{chr(35 + i % 40)}"} for i in range(60)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["pilot", "--model", str(model_dir), "--dataset", str(data), "--configs", "E,S", "--max-steps", "4"]
+    argv += ["--batch-size", "4", "--train-samples", "16", "--eval-samples", "8", "--quantize", "int8-experts"]
+    assert main([*argv, "--output-dir", str(tmp_path / "pilot")]) == 0
+    report = json.loads((tmp_path / "pilot" / "pilot.json").read_text())
+    assert report["settings"]["quantize"] == "int8-experts"
+    assert [result["name"] for result in report["results"]] == ["PERFT-E", "PERFT-S"]
+    assert all(result["steps"] == 4 for result in report["results"])
+    assert len(loaded) == 2 and all(type(experts_weight(m)).__name__ == "Int8Tensor" for m in loaded)
