@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import build_tiny
 from peft import get_peft_model
-from test_architectures import _perft_config, tiny_model
+from test_architectures import _perft_config, _single_thread, tiny_model  # noqa: F401 (_single_thread: autouse)
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GptOssConfig
 
@@ -24,17 +24,8 @@ BNB4_ROUTER_CASES = ("afmoe", "dbrx", "gemma4", "hunyuan_v1_moe", "jetmoe", "lon
 """Architectures whose routers are nn.Linear, which bitsandbytes 4-bit packs to (rows * cols / 2, 1) bytes."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def bnb4(model: nn.Module) -> nn.Module:
     """``model`` saved and loaded back with bitsandbytes NF4, as from the Hub."""
-    pytest.importorskip("bitsandbytes", reason="needs the 'quantized' extra (bitsandbytes)")
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")

@@ -371,6 +371,19 @@ def test_longcat_zero_experts_get_no_adapter():
 # and are called without the routing, so PERFT-E reads it from the router's output.
 
 
+def assert_perft_e_follows_the_reference_routing(block: PerftMoeBlock, x: torch.Tensor, reference) -> torch.Tensor:
+    """The reference reproduces the frozen block's output (so its routing is the block's), and PERFT-E adds the
+    reference adapter with that routing and records it; returns the reference's expert indices."""
+    flat = x.reshape(-1, HIDDEN)
+    with torch.no_grad():
+        index, weight, routed_output = reference(flat, block.base_layer)
+        frozen = primary(block.base_layer(x)).reshape(flat.shape)
+    torch.testing.assert_close(frozen, routed_output, rtol=1e-5, atol=1e-5)
+    assert_block_matches(block, x, reference_adapter(flat, block, index, weight))
+    assert_records_match(block, index, weight)
+    return index
+
+
 def llama4_model() -> torch.nn.Module:
     torch.manual_seed(0)
     config = Llama4TextConfig(
@@ -405,13 +418,7 @@ def test_llama4_perft_e_reads_the_routing_its_block_applies():
     model = llama4_model()
     randomise_router(model.model.layers[0].feed_forward.router, seed=7)
     block = adapted_blocks(model, perft("E"))["model.layers.0.feed_forward"]
-    x = hidden_states()
-    flat = x.reshape(-1, HIDDEN)
-    with torch.no_grad():
-        index, weight, routed_output = llama4_reference(flat, block.base_layer)
-        torch.testing.assert_close(primary(block.base_layer(x)), routed_output, rtol=1e-5, atol=1e-5)
-    assert_block_matches(block, x, reference_adapter(flat, block, index, weight))
-    assert_records_match(block, index, weight)
+    assert_perft_e_follows_the_reference_routing(block, hidden_states(), llama4_reference)
 
 
 # JetMoE: softmax over the top-k logits; the experts are called with the (token, slot) pairs sorted by expert and
@@ -457,11 +464,5 @@ def test_jetmoe_perft_e_rebuilds_the_routing_of_its_grouped_experts():
         )
         moe.bias.normal_()
     block = adapted_blocks(model, perft("E"))["model.layers.0.mlp"]
-    x = hidden_states(tokens=16)
-    flat = x.reshape(-1, HIDDEN)
-    with torch.no_grad():
-        index, weight, routed_output = jetmoe_reference(flat, block.base_layer)
-        torch.testing.assert_close(block.base_layer(x).reshape(flat.shape), routed_output, rtol=1e-5, atol=1e-5)
+    index = assert_perft_e_follows_the_reference_routing(block, hidden_states(tokens=16), jetmoe_reference)
     assert len(set(index.flatten().tolist())) == 4, "the tokens must reach every expert, so groups are non-trivial"
-    assert_block_matches(block, x, reference_adapter(flat, block, index, weight))
-    assert_records_match(block, index, weight)

@@ -8,8 +8,8 @@ builds the model from its config (random weights, fp32), quantizes the fused exp
   malloc_trim, so that the fp32 weights int8 replaced do not count), minus the same process's before the model;
 - weights: the bytes of the model's tensors as stored (int8 data and scales for quantized experts).
 
-    python scripts/quantized_memory.py                 # the benchmark's OLMoE shape (hidden 512, 64 experts), 16 layers
-    python scripts/quantized_memory.py --layers 4      # quicker
+    python benchmarks/quantized_memory.py               # olmoe_step.py's CPU shape (hidden 512, 64 experts), 16 layers
+    python benchmarks/quantized_memory.py --layers 4    # quicker
 """
 
 from __future__ import annotations
@@ -23,26 +23,10 @@ import sys
 
 import psutil
 import torch
-from transformers import OlmoeConfig, OlmoeForCausalLM
+from olmoe_step import model_config, perft_config
+from transformers import OlmoeForCausalLM
 
 EXPERTS_STORAGE = ("fp32", "int8")
-
-
-def olmoe_config(layers: int) -> OlmoeConfig:
-    """OLMoE-1B-7B at a quarter of its width (the shape of benchmarks/olmoe_step.py): 64 experts, top-8."""
-    return OlmoeConfig(
-        hidden_size=512,
-        intermediate_size=256,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=4096,
-        num_hidden_layers=layers,
-        num_experts=64,
-        num_experts_per_tok=8,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-    )
 
 
 def stored_bytes(model: torch.nn.Module) -> int:
@@ -65,17 +49,16 @@ def measure(storage: str, layers: int) -> dict:
     """One setting, in this process: build, quantize (int8), attach PERFT-R, one step; memory in MiB."""
     from peft import get_peft_model
 
-    from peft_perft import PerftConfig
     from peft_perft.quantization import quantize_experts_int8
 
     torch.manual_seed(0)
     process = psutil.Process()
     release_freed_heap()
     before = process.memory_info().rss
-    model = OlmoeForCausalLM(olmoe_config(layers))
+    model = OlmoeForCausalLM(model_config("cpu", layers))
     if storage == "int8":
         quantize_experts_int8(model)
-    model = get_peft_model(model, PerftConfig(variant="R", r=16, lora_alpha=32, num_experts=16, top_k=4))
+    model = get_peft_model(model, perft_config("R", "auto"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(3, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
