@@ -11,12 +11,20 @@ Detection relies on that shape, not on class names, so that new models with the 
 - a block that is a whole decoder layer (router and experts beside the attention, as in Gemma 4) is adapted at
   its experts module, which is the MoE computation of that layer.
 
-``BLOCK_HINTS`` covers the few blocks whose structure is not enough on its own.
+Shapes are read as the model's math sees them, not as the storage holds them (`logical_shape`): bitsandbytes packs
+4-bit Linear weights into (rows * cols / 2, 1) bytes, DeepSpeed ZeRO-3 leaves (0,)-shaped placeholders, FP4 experts
+hold two values per byte; DTensors and the quantized tensor subclasses of torchao and quanto already report their
+logical shape. Each block's hidden size is then checked against the model's config, so a misread storage is an
+error naming the block, never an adapter of the wrong width.
+
+``BLOCK_HINTS`` covers the few blocks whose structure is not enough on its own; ``ROUTER_OUTPUT_ROUTING`` the routers
+whose output carries the routing when the experts' call does not (Llama 4, JetMoE).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +32,13 @@ from torch import nn
 
 ROUTER_EXTRA_ROWS = 2.0
 """A router may have up to this factor more rows than experts (zero-compute, sink or shared-expert logits)."""
+
+PACKED_FP4_STORAGE = torch.uint8
+"""Storage dtype of 4-bit expert weights packed two values per byte (MXFP4, NVFP4, int4); 8-bit formats store one
+value per element (int8, float8), and tensor subclasses (torchao, quanto) report their logical shape themselves."""
+
+RouterRouting = Callable[[object, int], tuple[torch.Tensor, torch.Tensor]]
+"""Reads (expert indices (T, K), expert weights (T, K)) from a router's output, given the block's top-k."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,12 @@ class MoeBlockSpec:
     experts_call_parameters: tuple[str, ...]
     experts_hidden_size: int | None = None
     routing_slots: int | None = None
+    router_routing: RouterRouting | None = None
+
+    @property
+    def routes_from_router(self) -> bool:
+        """Whether PERFT-E reads the routing from the router's output (the experts' call does not carry it)."""
+        return self.router_routing is not None and self.top_k is not None
 
     @property
     def has_skip_slots(self) -> bool:
@@ -54,6 +75,8 @@ class MoeBlockSpec:
     @property
     def experts_routable(self) -> bool:
         """Whether the experts' call carries (hidden_states, indices, weights), which PERFT-E needs."""
+        if self.routes_from_router:
+            return True
         same_width = self.experts_hidden_size in (None, self.hidden_size)
         return self.experts_name is not None and len(self.experts_call_parameters) >= 3 and same_width
 
@@ -116,6 +139,59 @@ BLOCK_HINTS: dict[str, BlockHint] = {
 }
 
 
+def _llama4_router_routing(output: tuple[torch.Tensor, torch.Tensor], top_k: int) -> tuple[torch.Tensor, ...]:
+    """Llama 4's router returns (scores (T, N), logits (T, N)): the top-k of the logits, whose sigmoid the scores
+    hold there (0 elsewhere). The block multiplies those scores into the experts' input."""
+    scores, logits = output
+    index = logits.topk(top_k, dim=-1).indices
+    return index, scores.gather(1, index)
+
+
+def _jetmoe_router_routing(output: tuple, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """JetMoE's router returns its (token, slot) pairs sorted by expert: their flat positions, tokens, gates,
+    per-expert counts and the logits. Scattering the sorted pairs back gives (indices, gates) per token and slot."""
+    sorted_positions, _, sorted_gates, expert_sizes, _ = output
+    counts = torch.tensor(expert_sizes, device=sorted_positions.device)
+    sorted_experts = torch.arange(len(expert_sizes), device=sorted_positions.device).repeat_interleave(counts)
+    index = torch.empty_like(sorted_positions).scatter(0, sorted_positions, sorted_experts)
+    weight = torch.empty_like(sorted_gates).scatter(0, sorted_positions, sorted_gates)
+    return index.view(-1, top_k), weight.view(-1, top_k)
+
+
+ROUTER_OUTPUT_ROUTING: dict[str, RouterRouting] = {
+    "Llama4Router": _llama4_router_routing,
+    "JetMoeTopKGating": _jetmoe_router_routing,
+}
+"""Routers (by class) whose output gives PERFT-E the routing that their block's experts call does not carry."""
+
+
+def logical_shape(module: nn.Module, name: str, parameter: torch.Tensor) -> torch.Size:
+    """The shape of ``module``'s parameter ``name`` in the model's math, whatever its storage.
+
+    DeepSpeed ZeRO-3 placeholders keep the real shape in ``ds_shape``; bitsandbytes 4-bit weights in their
+    ``quant_state``; other Linear layers (8-bit, packed) declare ``in_features`` / ``out_features``. DTensors and
+    torchao / quanto tensor subclasses report their logical (global, unquantized) shape as ``shape`` already.
+    """
+    ds_shape = getattr(parameter, "ds_shape", None)
+    if ds_shape is not None:
+        return torch.Size(ds_shape)
+    quantized_shape = getattr(getattr(parameter, "quant_state", None), "shape", None)
+    if quantized_shape is not None:
+        return torch.Size(quantized_shape)
+    features = getattr(module, "out_features", None), getattr(module, "in_features", None)
+    if name == "weight" and all(isinstance(size, int) for size in features):
+        return torch.Size(features)
+    return parameter.shape
+
+
+def _shapes(module: nn.Module, recurse: bool = True) -> Iterator[tuple[torch.Size, torch.Tensor]]:
+    """(logical shape, stored tensor) of each parameter of ``module`` (and of its submodules if ``recurse``)."""
+    modules = module.modules() if recurse else (module,)
+    for owner in modules:
+        for name, parameter in owner.named_parameters(recurse=False):
+            yield logical_shape(owner, name, parameter), parameter
+
+
 def describe_moe_block(block: nn.Module) -> MoeBlockSpec | None:
     """Return the spec of ``block`` if it is an MoE block (a router child and an experts child), else None."""
     found = _locate(block)
@@ -123,7 +199,10 @@ def describe_moe_block(block: nn.Module) -> MoeBlockSpec | None:
 
 
 def find_moe_blocks(model: nn.Module) -> dict[str, MoeBlockSpec]:
-    """Map the qualified name of every MoE block in ``model`` to its spec, skipping blocks nested in another."""
+    """Map the qualified name of every MoE block in ``model`` to its spec, skipping blocks nested in another.
+
+    Raises ValueError if a block's hidden size differs from the hidden size of the model's (text) config.
+    """
     blocks: dict[str, MoeBlockSpec] = {}
     for name, module in model.named_modules():
         if any(name == outer or name.startswith(f"{outer}.") for outer in blocks):
@@ -132,7 +211,25 @@ def find_moe_blocks(model: nn.Module) -> dict[str, MoeBlockSpec]:
         if found is not None:
             relative, spec = found
             blocks[".".join(part for part in (name, relative) if part)] = spec
+    _check_hidden_sizes(model, blocks)
     return blocks
+
+
+def _check_hidden_sizes(model: nn.Module, blocks: dict[str, MoeBlockSpec]) -> None:
+    """Refuse a block whose detected hidden size is not the model's: its adapters would have the wrong width."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    expected = getattr(text_config, "hidden_size", None)
+    if not isinstance(expected, int):
+        return
+    for name, spec in blocks.items():
+        if spec.hidden_size != expected:
+            raise ValueError(
+                f"MoE block {name!r} was detected with hidden size {spec.hidden_size}, but the model's config has "
+                f"hidden_size={expected}: its router's weight is stored in a layout PERFT does not recognise (packed "
+                f"or sharded). Report the block class and the quantizer or engine that stored it; PERFT will not "
+                f"build adapters of the wrong width."
+            )
 
 
 def _locate(module: nn.Module) -> tuple[str, MoeBlockSpec] | None:
@@ -167,28 +264,34 @@ def _spec(
         router_name=router_name,
         experts_name="" if experts_is_block else experts_name,
         experts_call_parameters=_call_parameters(experts),
-        experts_hidden_size=_experts_input_width(experts),
+        experts_hidden_size=_experts_input_width(experts, hidden_size),
+        router_routing=ROUTER_OUTPUT_ROUTING.get(type(_unwrapped(router)).__name__),
     )
 
 
-def _experts_input_width(experts: nn.Module) -> int | None:
+def _experts_input_width(experts: nn.Module, hidden_size: int) -> int | None:
     """Input width of experts that follow Transformers' experts interface (which says whether weights are
-    transposed): the width PERFT-E's adapters would see. None when the layout is not declared."""
+    transposed): the width PERFT-E's adapters would see. None when the layout is not declared.
+
+    A weight stored two 4-bit values per byte holds half its logical width along the packed (last) dimension."""
     transposed = getattr(experts, "is_transposed", None)
-    weight = next((p for p in experts.parameters(recurse=False) if p.dim() == 3), None)
-    if not isinstance(transposed, bool) or weight is None:
+    found = next(((shape, p) for shape, p in _shapes(experts, recurse=False) if len(shape) == 3), None)
+    if not isinstance(transposed, bool) or found is None:
         return None
-    return weight.shape[1] if transposed else weight.shape[2]
+    shape, weight = found
+    width = shape[1] if transposed else shape[2]
+    packed = weight.dtype == PACKED_FP4_STORAGE and type(weight) in (torch.Tensor, nn.Parameter)
+    return 2 * width if packed and not transposed and 2 * width == hidden_size else width
 
 
 def _spec_from_hint(block: nn.Module, hint: BlockHint) -> MoeBlockSpec:
     """Spec of a hinted block: sizes from the named router, the expert count from the block."""
     router = block.get_submodule(hint.router)
-    weight = _first_matrix(router)
+    rows, hidden_size = _first_matrix_shape(router)
     experts = _unwrapped(block.get_submodule(hint.experts)) if hint.experts is not None else None
     return MoeBlockSpec(
-        hidden_size=weight.shape[1],
-        num_experts=int(getattr(block, "num_experts", weight.shape[0])),
+        hidden_size=hidden_size,
+        num_experts=int(getattr(block, "num_experts", rows)),
         top_k=_top_k(router, block),
         router_name=hint.router,
         experts_name=hint.experts,
@@ -202,7 +305,7 @@ def _find_experts_child(block: nn.Module) -> tuple[str, int] | None:
     for name, child in children:
         if isinstance(child, nn.modules.conv._ConvNd):
             continue
-        leading = [p.shape[0] for p in child.parameters(recurse=False) if p.dim() == 3]
+        leading = [shape[0] for shape, _ in _shapes(child, recurse=False) if len(shape) == 3]
         if leading and (num_experts := min(leading)) > 1:
             return name, num_experts
     for name, child in children:
@@ -228,11 +331,11 @@ def _find_router_child(block: nn.Module, num_experts: int, exclude: str) -> tupl
     candidates: list[tuple[int, str, int]] = []
     for name, child in block.named_children():
         child = _unwrapped(child)
-        if name == exclude or any(p.dim() == 3 for p in child.parameters()):
+        if name == exclude or any(len(shape) == 3 for shape, _ in _shapes(child)):
             continue
         fitting = _router_rows(child, num_experts)
         if fitting:
-            candidates.append((min(fitting) - num_experts, name, _first_matrix(child).shape[1]))
+            candidates.append((min(fitting) - num_experts, name, _first_matrix_shape(child)[1]))
     if not candidates:
         return None
     _, name, hidden_size = min(candidates)
@@ -246,7 +349,7 @@ def _is_decoder_layer(module: nn.Module) -> bool:
 
 def _router_rows(module: nn.Module, num_experts: int) -> list[int]:
     """Row counts of the 2-D parameters of ``module`` that fit a router over ``num_experts`` experts."""
-    rows = [p.shape[0] for p in module.parameters() if p.dim() == 2]
+    rows = [shape[0] for shape, _ in _shapes(module) if len(shape) == 2]
     return [r for r in rows if num_experts <= r <= ROUTER_EXTRA_ROWS * num_experts]
 
 
@@ -254,9 +357,9 @@ def _has_router_rows(module: nn.Module, num_experts: int) -> bool:
     return bool(_router_rows(module, num_experts))
 
 
-def _first_matrix(module: nn.Module) -> torch.Tensor | None:
-    """The first 2-D parameter of ``module`` (recursively), or None if it has none."""
-    return next((p for p in module.parameters() if p.dim() == 2), None)
+def _first_matrix_shape(module: nn.Module) -> torch.Size:
+    """The logical shape of the first 2-D parameter of ``module`` (recursively)."""
+    return next(shape for shape, _ in _shapes(module) if len(shape) == 2)
 
 
 def _top_k(router: nn.Module, block: nn.Module) -> int | None:

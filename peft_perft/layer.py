@@ -3,7 +3,9 @@
 Per adapter the layer stores stacked tensors ``perft_A`` (N, r, D), ``perft_B`` (N, D, r) and, for PERFT-R,
 ``perft_router`` (N, D). R, D and S add their output to the block's output; E adds ``g_i dE_i(h)`` inside the
 experts call through a forward hook, so it uses exactly the indices and weights the base experts receive and
-never runs the base router a second time.
+never runs the base router a second time. Where the experts' call does not carry the routing (Llama 4, JetMoE), a
+hook on the base router reads it from the router's output and E is added to the block's output. Either way, an
+active E adapter whose hook did not run during the block's forward is an error, never a silent no-op.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self.perft_configs: dict[str, PerftConfig] = {}
         self.routing_records: dict[str, RoutingRecord] = {}
         self._experts_call_adapters: list[str] = []
+        self._base_routing_seen: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self._experts_hook_handle: RemovableHandle | None = None
+        self.block_name = type(base_layer).__name__
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
@@ -81,8 +85,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self.perft_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         self.perft_configs[adapter_name] = config
         if config.variant == "E" and self._experts_hook_handle is None:
-            experts = self.spec.experts_module(self.base_layer)
-            self._experts_hook_handle = experts.register_forward_hook(self._add_routed_experts, with_kwargs=True)
+            self._experts_hook_handle = self._register_base_routing_hook()
         self.reset_parameters(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -123,15 +126,59 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         return output
 
     def _run_base(self, routed_by_base: list[str], hidden_states: torch.Tensor, *args, **kwargs):
-        """Call the frozen block; its experts hook adds the E adapters named here, for this call only.
+        """Call the frozen block; its experts hook adds the E adapters named here, for this call only (or its router
+        hook records the routing, and the E adapters are added to the block output here).
 
         The names go into a list kept for the module's life: a list update costs far less per decode step than
         setting a module attribute."""
         self._experts_call_adapters[:] = routed_by_base
+        self._base_routing_seen.clear()
         try:
-            return self.base_layer(hidden_states, *args, **kwargs)
+            output = self.base_layer(hidden_states, *args, **kwargs)
         finally:
             self._experts_call_adapters.clear()
+        if routed_by_base and not self._base_routing_seen:
+            raise RuntimeError(self._hook_did_not_run(routed_by_base))
+        if routed_by_base and self.spec.routes_from_router:
+            flat = hidden_states.reshape(-1, self.spec.hidden_size)
+            output = self._add_router_routed_experts(routed_by_base, flat, output, *self._base_routing_seen[-1])
+        return output
+
+    def _register_base_routing_hook(self) -> RemovableHandle:
+        """The hook through which E adapters get the base routing: on the experts, or on the router where only
+        the router's output carries the routing."""
+        if self.spec.routes_from_router:
+            router = self.base_layer.get_submodule(self.spec.router_name)
+            return router.register_forward_hook(self._record_router_routing)
+        experts = self.spec.experts_module(self.base_layer)
+        return experts.register_forward_hook(self._add_routed_experts, with_kwargs=True)
+
+    def _hook_did_not_run(self, adapter_names: list[str]) -> str:
+        hooked = self.spec.router_name if self.spec.routes_from_router else self.spec.experts_name or "(the block)"
+        return (
+            f"PERFT-E adapter(s) {adapter_names} added nothing in block {self.block_name!r}: the forward hook on its "
+            f"module {hooked!r} did not run during the block's forward, so the base routing never reached PERFT. The "
+            f"block computes that module another way than through its forward (for example GPT-OSS with MXFP4 "
+            f"experts calls experts.forward_routed). Use variant 'R', 'D' or 'S', or load the experts unquantized "
+            f"(e.g. Mxfp4Config(dequantize=True))."
+        )
+
+    def _record_router_routing(self, module: nn.Module, args: tuple, output) -> None:
+        """Forward hook on a base router whose output carries the routing: keep it for this block call."""
+        if self._experts_call_adapters:
+            self._base_routing_seen.append(self.spec.router_routing(output, self.spec.top_k))
+
+    def _add_router_routed_experts(
+        self, adapter_names: list[str], flat: torch.Tensor, output, expert_index: torch.Tensor, weight: torch.Tensor
+    ):
+        """Add ``sum_k g_k dE_k(h)`` of the E adapters to the block output, with the routing its router returned."""
+        for name in adapter_names:
+            config, lora_A, lora_B = self.perft_configs[name], self.perft_A[name], self.perft_B[name]
+            self.routing_records[name] = RoutingRecord(expert_index.detach(), weight.detach())
+            adapter_input = self._dropout(name, flat.to(lora_A.dtype))
+            delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight.to(lora_A.dtype))
+            output = _add_to_primary(output, delta.to(flat.dtype), config.scaling)
+        return output
 
     def remove_experts_hook(self) -> None:
         """Detach the PERFT-E hook from the base experts (on unload, so the original block comes back clean)."""
@@ -168,6 +215,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             weight = expert_weight.to(lora_A.dtype)
             delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight)
             total = torch.add(total, delta.to(output.dtype).view(output.shape), alpha=config.scaling)
+        self._base_routing_seen.append(None)
         return total
 
     def _dropout(self, adapter_name: str, adapter_input: torch.Tensor) -> torch.Tensor:

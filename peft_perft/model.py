@@ -63,6 +63,7 @@ class PerftModel(BaseTuner):
         if spec is None:
             raise ValueError(f"Module {current_key!r} is not an MoE block; PERFT can only adapt MoE blocks.")
         new_module = PerftMoeBlock(target, adapter_name, peft_config, spec)
+        new_module.block_name = current_key
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         setattr(parent, target_name, new_module)

@@ -69,6 +69,13 @@ def block_location(tests, model_type: str) -> str:
     return f"`{name.split('.')[-1]}` ({type(model.get_submodule(name)).__name__})"
 
 
+def routes_from_router(tests, model_type: str) -> bool:
+    """Whether PERFT-E takes this model's routing from its router's output rather than from the experts' call."""
+    from peft_perft.architectures import find_moe_blocks
+
+    return any(spec.routes_from_router for spec in find_moe_blocks(tests.tiny_model(model_type)).values())
+
+
 def render(outcomes: dict[tuple[str, str], str]) -> str:
     """The Markdown document: legend, the architecture x variant table, then the exceptions with their reasons."""
     tests = _tests_module()
@@ -100,6 +107,14 @@ def render(outcomes: dict[tuple[str, str], str]) -> str:
         detected = mark[outcomes.get(("test_detector_finds_every_moe_layer", model_type))]
         location = block_location(tests, model_type)
         lines.append(f"| `{model_type}` | {location} | {detected} | {' | '.join(cells)} | {implementations} |")
+    from_router = [t for t in tests.COVERED if routes_from_router(tests, t)]
+    lines += ["", "## PERFT-E from the router's output", ""]
+    lines += [
+        f"{', '.join(f'`{t}`' for t in from_router)}: the experts' call does not carry the routing (Llama 4 scales the "
+        f"experts' input by the routing scores, JetMoE calls its experts with token groups), so PERFT-E reads the "
+        f"top-k indices and weights from the router's output and adds its term to the block output; "
+        f"`tests/test_special_routing.py` checks each against a hand-written reference of the block's routing."
+    ]
     lines += ["", "## PERFT-E refused", ""]
     lines += [f"- `{t}`: {reason}. R, D and S work." for t, reason in sorted(tests.PERFT_E_UNAVAILABLE.items())]
     lines += ["", "## Not covered", ""]

@@ -147,12 +147,11 @@ UNCOVERED: dict[str, str] = {
 """MoE-declaring architectures that no tiny MoE model can be built for, each with the reason (checked below)."""
 
 PERFT_E_UNAVAILABLE: dict[str, str] = {
-    "doge": "CDMoE computes its embedding-row experts inline from product-key routing; no experts module receives it",
-    "jetmoe": "its ParallelExperts are called with token groups and sizes, not with the routed indices and weights",
-    "llama4": "Llama 4 multiplies the routing scores into the experts' input and calls the experts without routing",
+    "doge": "CDMoE has no per-token expert routing to reuse: its product-key router picks embedding rows (one "
+    "scalar weight each) that the block computes inline, so there is no expert MLP an adapter could sit beside",
 }
-PERFT_E_UNAVAILABLE["llama4_text"] = PERFT_E_UNAVAILABLE["llama4"]
-"""Architectures whose experts never see the routing: PERFT-E must refuse them with a clear error."""
+"""Architectures without per-token routing to MLP experts that PERFT-E could reuse: PERFT-E must refuse them with a
+clear error. (Llama 4 and JetMoE, whose experts' call does not carry the routing, get it from their router.)"""
 
 NOT_MOE: dict[str, str] = {
     "bamba": "its modeling code names experts, but fixes num_experts = 1 (a dense MLP)",

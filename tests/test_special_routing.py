@@ -20,7 +20,9 @@ from transformers import (
     DeepseekV3Config,
     GptOssConfig,
     JambaConfig,
+    JetMoeConfig,
     LagunaConfig,
+    Llama4TextConfig,
     LongcatFlashConfig,
     Qwen2MoeConfig,
 )
@@ -363,3 +365,104 @@ def test_longcat_zero_experts_get_no_adapter():
     weighted = index < 4
     delta = reference_adapter(flat, block, index.where(weighted, 0), weight.where(weighted, 0.0))
     assert_block_matches(block, x, delta)
+
+
+# Llama 4: sigmoid of the top-k logits, multiplied into the experts' INPUT; the experts run on every (expert, token)
+# and are called without the routing, so PERFT-E reads it from the router's output.
+
+
+def assert_perft_e_follows_the_reference_routing(block: PerftMoeBlock, x: torch.Tensor, reference) -> torch.Tensor:
+    """The reference reproduces the frozen block's output (so its routing is the block's), and PERFT-E adds the
+    reference adapter with that routing and records it; returns the reference's expert indices."""
+    flat = x.reshape(-1, HIDDEN)
+    with torch.no_grad():
+        index, weight, routed_output = reference(flat, block.base_layer)
+        frozen = primary(block.base_layer(x)).reshape(flat.shape)
+    torch.testing.assert_close(frozen, routed_output, rtol=1e-5, atol=1e-5)
+    assert_block_matches(block, x, reference_adapter(flat, block, index, weight))
+    assert_records_match(block, index, weight)
+    return index
+
+
+def llama4_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = Llama4TextConfig(
+        **TOKENS,
+        **ATTENTION,
+        hidden_size=HIDDEN,
+        intermediate_size=16,
+        intermediate_size_mlp=32,
+        head_dim=8,
+        num_hidden_layers=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def llama4_reference(flat: torch.Tensor, moe: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices, weights, block output): top-k of the router logits with sigmoid scores s, and
+    shared(h) + sum_k E_k(s_k h), each expert a SwiGLU on its own (H, 2I) / (I, H) matrices."""
+    top_logits, index = (flat @ moe.router.weight.t()).topk(2, dim=-1)
+    weight = torch.sigmoid(top_logits)
+    out = moe.shared_expert(flat)
+    for token in range(flat.shape[0]):
+        for slot in range(2):
+            expert = int(index[token, slot])
+            gate, up = (weight[token, slot] * flat[token] @ moe.experts.gate_up_proj[expert]).chunk(2)
+            out[token] = out[token] + (up * F.silu(gate)) @ moe.experts.down_proj[expert]
+    return index, weight, out
+
+
+def test_llama4_perft_e_reads_the_routing_its_block_applies():
+    model = llama4_model()
+    randomise_router(model.model.layers[0].feed_forward.router, seed=7)
+    block = adapted_blocks(model, perft("E"))["model.layers.0.feed_forward"]
+    assert_perft_e_follows_the_reference_routing(block, hidden_states(), llama4_reference)
+
+
+# JetMoE: softmax over the top-k logits; the experts are called with the (token, slot) pairs sorted by expert and
+# the per-expert counts, so PERFT-E rebuilds the per-token routing from the router's sorted output.
+
+
+def jetmoe_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = JetMoeConfig(
+        **TOKENS,
+        hidden_size=HIDDEN,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_key_value_heads=4,
+        kv_channels=8,
+        max_position_embeddings=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def jetmoe_reference(flat: torch.Tensor, moe: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices, weights, block output): softmax over the top-k logits, and bias + sum_k g_k E_k(h), each expert a
+    SwiGLU whose stacked (2I, H) input and (H, I) output matrices are applied one token at a time."""
+    top_logits, index = (flat @ moe.router.layer.weight.t()).topk(2, dim=-1)
+    weight = torch.softmax(top_logits, dim=-1)
+    out = moe.bias.expand_as(flat).clone()
+    for token in range(flat.shape[0]):
+        for slot in range(2):
+            expert = int(index[token, slot])
+            gate, up = (moe.input_linear.weight[expert] @ flat[token]).chunk(2)
+            out[token] += weight[token, slot] * (moe.output_linear.weight[expert] @ (F.silu(gate) * up))
+    return index, weight, out
+
+
+def test_jetmoe_perft_e_rebuilds_the_routing_of_its_grouped_experts():
+    model = jetmoe_model()
+    moe = model.model.layers[0].mlp
+    with torch.no_grad():
+        moe.router.layer.weight.copy_(
+            torch.randn(moe.router.layer.weight.shape, generator=torch.Generator().manual_seed(8))
+        )
+        moe.bias.normal_()
+    block = adapted_blocks(model, perft("E"))["model.layers.0.mlp"]
+    index = assert_perft_e_follows_the_reference_routing(block, hidden_states(tokens=16), jetmoe_reference)
+    assert len(set(index.flatten().tolist())) == 4, "the tokens must reach every expert, so groups are non-trivial"

@@ -33,6 +33,7 @@ from trl import SFTConfig, SFTTrainer
 from peft_perft import PerftConfig, PerftMoeBlock
 from peft_perft.evaluation import build_prompt, generate_batch, is_correct
 from peft_perft.monitor import routing_report
+from peft_perft.quantization import add_quantize_argument, load_quantized_base
 
 from .data import DEMO_TASKS, MAX_INPUT_LENGTH, demo_task_splits
 
@@ -95,6 +96,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "torch's own default otherwise)",
     )
     parser.add_argument("--report-to", default="none", help="Trainer logging backends, e.g. tensorboard or wandb")
+    add_quantize_argument(parser)
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -140,7 +142,7 @@ def _run_pipeline(args: argparse.Namespace, device: torch.device) -> dict[str, A
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args.model)
     task = load_demo_task(args)
-    model = load_base_model(args.model, device)
+    model = load_base_model(args.model, device, args.quantize)
     print(f"[demo] {task.description}: {len(task.train)} training and {len(task.test)} held-out examples", flush=True)
     accuracy_before = measure_accuracy(model, tokenizer, task)
     print(f"[demo] base model accuracy on the held-out split: {accuracy_before[ALL_TASKS]:.1%}", flush=True)
@@ -155,7 +157,7 @@ def _run_pipeline(args: argparse.Namespace, device: torch.device) -> dict[str, A
     adapter_dir = output_dir / ADAPTER_DIR_NAME
     peft_model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
-    reload_check = check_reload(peft_model, args.model, adapter_dir, tokenizer, task.test, device)
+    reload_check = check_reload(peft_model, args.model, adapter_dir, tokenizer, task.test, device, args.quantize)
     with datasets_progress_bars_off():
         heatmaps = write_heatmaps(peft_model, tokenizer, task.test, output_dir)
     report = {
@@ -210,9 +212,12 @@ def load_tokenizer(model_name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(model_name_or_path: str, device: torch.device) -> torch.nn.Module:
-    """The frozen base: float32 on a CPU (exact reload check), bfloat16 on a GPU."""
+def load_base_model(model_name_or_path: str, device: torch.device, quantize: str | None = None) -> torch.nn.Module:
+    """The frozen base: float32 on a CPU (exact reload check), bfloat16 on a GPU; quantized if ``quantize`` names
+    one of peft_perft.quantization's schemes."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if quantize:
+        return load_quantized_base(model_name_or_path, quantize, dtype, device).eval()
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
     return model.to(device).eval()
 
@@ -410,6 +415,7 @@ def check_reload(
     tokenizer: PreTrainedTokenizerBase,
     test: Dataset,
     device: torch.device,
+    quantize: str | None = None,
     num_examples: int = 16,
 ) -> dict[str, Any]:
     """Load a fresh base, put the saved adapter on it with PeftModel.from_pretrained, compare the logits.
@@ -417,7 +423,8 @@ def check_reload(
     On a CPU the comparison is exact (the same float32 operations in the same order); on a GPU, kernels may
     reorder sums, so a difference within bfloat16 rounding of the logit scale is accepted.
     """
-    reloaded = PeftModel.from_pretrained(load_base_model(model_name_or_path, device), adapter_dir).eval()
+    base = load_base_model(model_name_or_path, device, quantize)
+    reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
     texts = [row["prompt"] + row["completion"] for row in test.select(range(min(num_examples, len(test))))]
     batch = tokenizer(texts, return_tensors="pt", padding=True, return_token_type_ids=False).to(device)
     expected = trained(**batch).logits.float()

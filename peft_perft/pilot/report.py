@@ -87,6 +87,7 @@ class PilotSettings:
     gradient_checkpointing: bool | None = None
     seed: int = 0
     output_dir: str = "pilot-output"
+    quantize: str | None = None
 
 
 @dataclass

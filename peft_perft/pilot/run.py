@@ -44,6 +44,7 @@ from peft_perft.demo import (
     load_user_splits,
 )
 from peft_perft.evaluation import EvaluationReport, GenerationSettings, evaluate
+from peft_perft.quantization import add_quantize_argument
 
 from .measure import (
     PeakMemory,
@@ -135,6 +136,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--output-dir", default=defaults.output_dir)
+    add_quantize_argument(parser)
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -157,6 +159,7 @@ def run_cli(args: argparse.Namespace) -> int:
         gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
         seed=args.seed,
         output_dir=args.output_dir,
+        quantize=args.quantize,
     )
     report = run_pilot(settings)
     paths = report.write(settings.output_dir)
@@ -298,7 +301,7 @@ def train_candidate(
     """Train one configuration from the same seed and data order as the others, then measure it."""
     set_seed(settings.seed)
     tokenizer = load_tokenizer(settings.model)
-    model = get_peft_model(load_base_model(settings.model, device), candidate.peft_config)
+    model = get_peft_model(load_base_model(settings.model, device, settings.quantize), candidate.peft_config)
     timer = StepTimer()
     with datasets_progress_bars_off():
         trainer = SFTTrainer(
