@@ -128,8 +128,7 @@ class RoutingMonitorCallback(TrainerCallback):
             f"step {state.global_step}: {reason} over the last {self.criteria.patience} logging window(s). "
             f"Consider a larger router_aux_loss_coef, a lower learning rate, or fewer experts (num_experts)."
         )
-        logger.warning(message)
-        warnings.warn(message, RouterCollapseWarning, stacklevel=2)
+        warnings.warn(message, RouterCollapseWarning, stacklevel=2)  # once: no logger line besides it
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if self.monitor is None:
