@@ -6,7 +6,6 @@ backend gets them), warns when a PERFT-R router collapses, and writes layer x ex
 
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from .stats import (
 )
 
 # The public module's name, so that logging configured for `peft_perft.monitor` still gets collapse warnings.
-logger = logging.getLogger("peft_perft.monitor")
 
 
 class RoutingMonitorCallback(TrainerCallback):
@@ -128,7 +126,7 @@ class RoutingMonitorCallback(TrainerCallback):
             f"step {state.global_step}: {reason} over the last {self.criteria.patience} logging window(s). "
             f"Consider a larger router_aux_loss_coef, a lower learning rate, or fewer experts (num_experts)."
         )
-        warnings.warn(message, RouterCollapseWarning, stacklevel=2)  # once: no logger line besides it
+        warnings.warn(message, RouterCollapseWarning, stacklevel=2)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if self.monitor is None:
