@@ -27,7 +27,14 @@ import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
 from trl import SFTConfig, SFTTrainer
 
 from peft_perft import PerftConfig, PerftMoeBlock
@@ -35,10 +42,10 @@ from peft_perft.evaluation import build_prompt, is_correct
 from peft_perft.evaluation.runner import generate_batch
 from peft_perft.monitor import routing_report
 
+from .checks import BUNDLED_DATASET, check_data_fits, validate_demo_args
 from .data import DEMO_TASKS, MAX_INPUT_LENGTH, demo_task_splits
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-olmoe"
-BUNDLED_DATASET = "bundled"
 REPORT_FILE_NAME = "report.json"
 ADAPTER_DIR_NAME = "adapter"
 TASK_HEATMAP_NAME = "routing_by_task.png"
@@ -65,15 +72,22 @@ class DemoTask:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``peft-perft demo``; the defaults reproduce the bundled demo on a CPU in under three minutes."""
-    parser.add_argument("--variant", choices=["R", "E", "D", "S"], default="R", help="PERFT variant (default R)")
+    parser.add_argument("--variant", choices=["R", "E", "D", "S"], default="R", help="PERFT variant")
     parser.add_argument("--r", type=int, default=8, help="bottleneck rank of each adapter expert")
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scaling numerator (scale alpha/r)")
-    parser.add_argument("--num-experts", type=int, default=None, help="adapter experts (default: the variant's)")
-    parser.add_argument("--top-k", type=int, default=None, help="PERFT-R experts per token (default 2)")
+    parser.add_argument(
+        "--num-experts",
+        type=int,
+        default=None,
+        help="adapter experts per block, R, D and S only (default: R 8, D 2, S 1)",
+    )
+    parser.add_argument("--top-k", type=int, default=None, help="PERFT-R adapter experts per token (default 2)")
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps")
-    parser.add_argument("--learning-rate", type=float, default=5e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--output-dir", type=Path, default=Path("perft-demo-output"))
+    parser.add_argument("--learning-rate", type=float, default=5e-3, help="peak learning rate (cosine schedule)")
+    parser.add_argument("--batch-size", type=int, default=32, help="training examples per optimizer step")
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("perft-demo-output"), help="where the adapter, heatmaps and report go"
+    )
     parser.add_argument(
         "--model", default=str(BUNDLED_MODEL_DIR), help="Hub model id or local path (default: the bundled OLMoE)"
     )
@@ -83,11 +97,20 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="'bundled', a datasets name, or a local JSON/JSONL file with prompt/completion or LLM-Adapters "
         "instruction/input/output(/answer) records",
     )
-    parser.add_argument("--eval-task", default=None, help="score with this LLM-Adapters task's answer rule (gsm8k...)")
+    parser.add_argument(
+        "--eval-task",
+        default=None,
+        help="score with this LLM-Adapters task's answer rule, e.g. gsm8k (default: exact match of the completion)",
+    )
     parser.add_argument("--max-eval-samples", type=int, default=200, help="held-out examples to score")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="generation length when scoring")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation length when scoring (default: bundled task 10, --eval-task 256, other data 64)",
+    )
     parser.add_argument("--max-length", type=int, default=512, help="truncate training sequences to this many tokens")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the adapter's init and training")
     parser.add_argument(
         "--threads",
         type=int,
@@ -106,7 +129,11 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole pipeline; returns the report that is also written to ``<output-dir>/report.json``."""
+    """The whole pipeline; returns the report that is also written to ``<output-dir>/report.json``.
+
+    Every flag and the model and data names are checked first, before anything is loaded.
+    """
+    validate_demo_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with torch_threads(demo_threads(args, device)):
         return _run_pipeline(args, device)
@@ -141,6 +168,14 @@ def _run_pipeline(args: argparse.Namespace, device: torch.device) -> dict[str, A
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args.model)
     task = load_demo_task(args)
+    if args.dataset != BUNDLED_DATASET:  # the bundled task is written in the bundled tokenizer's alphabet
+        texts = {
+            "train": [row["prompt"] + row["completion"] for row in task.train],
+            "test": list(task.test["prompt"]),
+        }
+        model_config = AutoConfig.from_pretrained(args.model)
+        max_length = check_data_fits(texts, tokenizer, model_config, args, task.max_new_tokens)
+        args = argparse.Namespace(**{**vars(args), "max_length": max_length})
     model = load_base_model(args.model, device)
     print(f"[demo] {task.description}: {len(task.train)} training and {len(task.test)} held-out examples", flush=True)
     accuracy_before = measure_accuracy(model, tokenizer, task)
