@@ -65,7 +65,7 @@ def test_pilot_end_to_end(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.C
     status = main(
         ["pilot", "--model", str(tiny_model_dir), "--dataset", str(data), "--configs", "S,lora"]
         + ["--max-steps", "6", "--batch-size", "8", "--train-samples", "48", "--eval-samples", "16"]
-        + ["--test-files", str(FIXTURES / "boolq" / "test.json"), "--test-samples", "2"]
+        + ["--test-files", str(FIXTURES / "boolq"), "--test-samples", "2"]  # a task folder, as the README has it
         + ["--epochs", "2", "--learning-rate", "0.01", "--output-dir", str(output)]
     )
 

@@ -22,7 +22,10 @@ def _positive_int(text: str) -> int:
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `peft-perft eval`."""
     parser.add_argument("--model", required=True, help="base model: local folder or Hugging Face Hub id")
-    parser.add_argument("--adapter", help="PERFT or other PEFT adapter to load on top: local folder or Hub id")
+    parser.add_argument(
+        "--adapter",
+        help="PERFT or other PEFT adapter to load on top: local folder or Hub id (default: none, the base model alone)",
+    )
     parser.add_argument(
         "--data-dir",
         required=True,

@@ -134,8 +134,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="recompute activations (auto: on a GPU only, as peft-perft demo)",
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--output-dir", default=defaults.output_dir)
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed of the data order and every adapter's init"
+    )
+    parser.add_argument("--output-dir", default=defaults.output_dir, help="where pilot.json and pilot.png go")
 
 
 def run_cli(args: argparse.Namespace) -> int:
