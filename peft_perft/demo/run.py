@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import sys
 import time
@@ -468,60 +467,49 @@ def write_heatmaps(
 ) -> list[Path]:
     """The routing monitor's layer x expert heatmaps over the held-out split, plus one per sub-task."""
     routing_dir = output_dir / "routing"
-    overall = routing_report(model, test, tokenizer=tokenizer, batch_size=32, output_dir=routing_dir)
+    description = f"held-out split ({len(test)} examples)"
+    overall = routing_report(
+        model, test, tokenizer=tokenizer, batch_size=32, output_dir=routing_dir, description=description
+    )
     paths = sorted(routing_dir.glob("*.png"))
     task_names = sorted(set(test["task"]))
     if len(task_names) < 2 or overall.empty:
         return paths
     family = "perft" if any(stats.router == "perft" for stats in overall.routers) else "base"
-    loads = {}
+    reports = {}
     for name in task_names:
         rows = test.select([index for index, row_task in enumerate(test["task"]) if row_task == name])
-        loads[name] = task_loads(routing_report(model, rows, tokenizer=tokenizer, batch_size=32), family)
-    return [*paths, draw_task_heatmap(loads, family, output_dir / TASK_HEATMAP_NAME)]
+        reports[name] = routing_report(model, rows, tokenizer=tokenizer, batch_size=32)
+    return [*paths, draw_task_heatmap(reports, family, description, output_dir / TASK_HEATMAP_NAME)]
 
 
-def task_loads(report: Any, family: str) -> list[list[float]]:
-    """Per adapted layer, the fraction of tokens each expert of the chosen router family received."""
-    routers = sorted((stats for stats in report.routers if stats.router == family), key=lambda stats: stats.layer)
-    return [stats.load for stats in routers]
+def family_routers(report: Any, family: str) -> list[Any]:
+    """The chosen router family's statistics, one per adapted layer, in layer order."""
+    return sorted((stats for stats in report.routers if stats.router == family), key=lambda stats: stats.layer)
 
 
-def draw_task_heatmap(loads: dict[str, list[list[float]]], family: str, path: Path) -> Path:
-    """One panel per layer: sub-tasks x experts, coloured by the fraction of the sub-task's tokens each expert got."""
-    import matplotlib
+def draw_task_heatmap(reports: dict[str, Any], family: str, description: str, path: Path) -> Path:
+    """Rows are (layer, sub-task), columns experts, on the routing monitor's shared relative-load scale."""
+    from peft_perft.monitor.pictures import draw_load_heatmap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    task_names = list(loads)
-    num_layers = len(next(iter(loads.values())))
-    num_experts = len(loads[task_names[0]][0])
-    columns = min(num_layers, 4)
-    rows = math.ceil(num_layers / columns)
-    figure, axes = plt.subplots(
-        rows,
-        columns,
-        figsize=(1.5 + columns * (0.45 * num_experts + 1), 0.8 + rows * (0.45 * len(task_names) + 1)),
-        squeeze=False,
-        layout="constrained",
-    )
-    for layer, axis in enumerate(axes.flat):
-        if layer >= num_layers:
-            axis.axis("off")
-            continue
-        matrix = [loads[name][layer] for name in task_names]
-        image = axis.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-        axis.set_title(f"layer {layer}", fontsize=9)
-        axis.set_xticks(range(num_experts))
-        axis.set_xlabel("expert", fontsize=8)
-        axis.set_yticks(range(len(task_names)), task_names if layer % columns == 0 else [""] * len(task_names))
-    figure.colorbar(image, ax=axes, label="fraction of tokens (rows sum to top-k)", shrink=0.9)
+    per_task = {name: family_routers(report, family) for name, report in reports.items()}
+    first = next(iter(per_task.values()))
+    labels, loads = [], []
+    for layer_index, stats in enumerate(first):
+        for name, routers in per_task.items():
+            labels.append(f"layer {stats.layer}  {name}")
+            loads.append(routers[layer_index].load)
     router_name = "PERFT-R adapter router" if family == "perft" else "base model router"
-    figure.suptitle(f"{router_name}: where each held-out sub-task's tokens go", fontsize=10)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    tokens = ", ".join(f"{name} {routers[0].tokens:,.0f}" for name, routers in per_task.items())
+    return draw_load_heatmap(
+        f"{router_name}: where each sub-task's tokens go (top-{first[0].top_k or 1} of {first[0].num_experts})",
+        labels,
+        loads,
+        (first[0].top_k or 1) / first[0].num_experts,
+        path,
+        f"{description}, tokens per sub-task: {tokens}",
+        row_groups=len(first),
+    )
 
 
 def peak_memory_mb(device: torch.device) -> float:

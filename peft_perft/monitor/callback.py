@@ -132,6 +132,7 @@ class RoutingMonitorCallback(TrainerCallback):
         if self.monitor is None:
             return
         self._final_report = self.monitor.report()
+        self._final_report.source = f"training, steps 1-{state.global_step}"
         self.monitor.detach()
         if self.save_at_end and state.is_world_process_zero:
             directory = self.output_dir or Path(args.output_dir) / "routing"
@@ -144,7 +145,9 @@ class RoutingMonitorCallback(TrainerCallback):
             return self._final_report
         if self.monitor is None:
             raise RuntimeError("RoutingMonitorCallback.report() is only available once training has begun.")
-        return self.monitor.report()
+        report = self.monitor.report()
+        report.source = "training so far"
+        return report
 
     def save_heatmaps(self, directory: str | Path) -> list[Path]:
         """Draw the heatmaps of the run so far on demand."""
