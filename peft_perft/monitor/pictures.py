@@ -10,6 +10,7 @@ there are few enough of them to read.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,8 @@ def draw_load_heatmap(
     axis.set_xticks(_spaced(num_experts))
     axis.set_yticks(_spaced(num_rows), [row_labels[index] for index in _spaced(num_rows)], fontsize=8)
     axis.set_xlabel(f"expert (of {num_experts}; balanced load = {balanced:.3g} of the tokens each)")
-    axis.set_title(f"{title}\n{caption}", fontsize=10)
+    wrapped = textwrap.fill(caption, width=max(40, int(9 * width)))  # the axes get about 9 characters per inch
+    axis.set_title(f"{title}\n{wrapped}", fontsize=10)
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
