@@ -52,11 +52,21 @@ class PeftImportHook:
         if fullname != TARGET_MODULE:
             return None
         sys.meta_path.remove(self)  # one-shot: later imports never see this finder
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        spec = _find_with_the_other_finders(fullname, path, target)
         if spec is None or spec.loader is None:
             return spec
         spec.loader = _RegisteringLoader(spec.loader)
         return spec
+
+
+def _find_with_the_other_finders(fullname: str, path: object, target: ModuleType | None):
+    """The spec the import system would find without this hook (site-packages, an editable install's finder...)."""
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        spec = find_spec(fullname, path, target) if find_spec is not None else None
+        if spec is not None:
+            return spec
+    return None
 
 
 class _RegisteringLoader:

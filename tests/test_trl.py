@@ -353,8 +353,9 @@ def test_quickstart_runs_as_written_on_a_local_model(tmp_path: Path, monkeypatch
     model_dir = save_local_model(tmp_path / "tiny-olmoe")
     monkeypatch.setattr("datasets.load_dataset", lambda *args, **kwargs: reversal_dataset(8))
     monkeypatch.chdir(tmp_path)
-    # CPU and two steps here; the copied lines stay as they are.
-    monkeypatch.setattr("trl.SFTConfig", functools.partial(SFTConfig, use_cpu=True, max_steps=2, report_to="none"))
+    # Two steps here; the copied lines stay as they are (no use_cpu: their bf16 setting must already suit a CPU).
+    monkeypatch.setattr("trl.SFTConfig", functools.partial(SFTConfig, max_steps=2, report_to="none"))
+    monkeypatch.setattr("sys.argv", ["quickstart.py"])
     exec(compile(source.replace(hub_model, repr(str(model_dir))), "quickstart.py", "exec"), {"__name__": "__main__"})
     saved = {path.name for path in (tmp_path / "olmoe-perft-r").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json"} <= saved
