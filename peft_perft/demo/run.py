@@ -108,7 +108,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="generation length when scoring (default: bundled task 10, --eval-task 256, other data 64)",
     )
-    parser.add_argument("--max-length", type=int, default=512, help="truncate training sequences to this many tokens")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=512,
+        help="truncate training sequences to this many tokens (at most the context)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the adapter's init and training")
     parser.add_argument(
         "--threads",
