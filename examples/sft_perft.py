@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from datasets import Dataset, load_dataset
 from transformers import AutoConfig, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
@@ -32,7 +33,8 @@ from peft_perft.evaluation import build_prompt
 from peft_perft.monitor import add_routing_monitor
 
 PAPER_LEARNING_RATES = {"olmoe": 1e-5, "mixtral": 2e-5}
-PAPER_DEFAULTS = {"num_train_epochs": 3, "max_length": 256, "dtype": "auto"}
+# bf16 only on a GPU: SFTConfig's own default turns it on, which Transformers refuses on a CPU.
+PAPER_DEFAULTS = {"num_train_epochs": 3, "max_length": 256, "dtype": "auto", "bf16": torch.cuda.is_available()}
 FLAG_PREFIX = "perft_"
 
 

@@ -8,6 +8,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.utils import register_peft_method
 
 from .config import PerftConfig, perft_peft_type
+from .dependency_warnings import quiet_known_dependency_warnings
 from .hub import install_hub_hooks
 from .layer import PerftMoeBlock
 from .loading import install_loading_guard
@@ -25,3 +26,4 @@ else:
     register_peft_method(name="perft", config_cls=PerftConfig, model_cls=PerftModel, prefix=PerftModel.prefix)
 install_loading_guard()
 install_hub_hooks()
+quiet_known_dependency_warnings()

@@ -126,8 +126,10 @@ class PerftConfig(PeftConfig):
             self.router_init_std,
             "> 0",
         )
-        _require(isinstance(self.dispatch_backend, str), "dispatch_backend", self.dispatch_backend, "a backend name")
+        self._validate_dispatch_backend()
         _require(isinstance(self.normalize_top_k, bool), "normalize_top_k", self.normalize_top_k, "True or False")
+        _require(isinstance(self.init_weights, bool), "init_weights", self.init_weights, "True or False")
+        self._validate_module_selection()
         if self.num_experts is not None:
             _require(
                 _is_int(self.num_experts) and self.num_experts > 0,
@@ -138,6 +140,48 @@ class PerftConfig(PeftConfig):
         if self.top_k is not None:
             _require(_is_int(self.top_k) and self.top_k > 0, "top_k", self.top_k, "a positive integer")
         self._validate_variant_shape()
+
+    def _validate_dispatch_backend(self) -> None:
+        """'auto' or a registered backend, so that a typo fails here and not at the first forward."""
+        from .dispatch import available_backends
+
+        choices = ["auto", *available_backends()]
+        _require(self.dispatch_backend in choices, "dispatch_backend", self.dispatch_backend, f"one of {choices}")
+
+    def _validate_module_selection(self) -> None:
+        """peft's selection fields: names or a regex, layer indices, extra modules, token ids."""
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            value = getattr(self, name)
+            _require(
+                value is None or isinstance(value, str) or _is_list_of(value, str),
+                name,
+                value,
+                "None, a string (regex) or a list of module names",
+            )
+        layers = self.layers_to_transform
+        _require(
+            layers is None
+            or (_is_int(layers) and layers >= 0)
+            or (_is_list_of(layers, int) and min(layers, default=0) >= 0),
+            "layers_to_transform",
+            layers,
+            "None, a layer index or a list of layer indices (>= 0)",
+        )
+        _require(
+            self.modules_to_save is None or _is_list_of(self.modules_to_save, str),
+            "modules_to_save",
+            self.modules_to_save,
+            "None or a list of module names",
+        )
+        tokens = self.trainable_token_indices
+        _require(
+            tokens is None
+            or _is_list_of(tokens, int)
+            or (isinstance(tokens, dict) and all(_is_list_of(ids, int) for ids in tokens.values())),
+            "trainable_token_indices",
+            tokens,
+            "None, a list of token ids or a dict of module name to token ids",
+        )
 
     def _validate_variant_shape(self) -> None:
         """Check the combinations of variant, num_experts and top_k."""
@@ -160,6 +204,13 @@ class PerftConfig(PeftConfig):
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_list_of(value: object, item_type: type) -> bool:
+    """A list (or tuple, or set) whose items are all ``item_type`` (bools are not ints)."""
+    return isinstance(value, (list, tuple, set)) and all(
+        isinstance(item, item_type) and not isinstance(item, bool) for item in value
+    )
 
 
 def _is_number(value: object) -> bool:

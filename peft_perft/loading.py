@@ -1,8 +1,10 @@
 """Save and load protections: an adapter either fits the model exactly or is refused before any tensor is copied.
 
 Loading refuses pickle-based ``adapter_model.bin`` files for PERFT adapters unless the user opts in, so that loading
-never unpickles anything by default. Saving writes the weights to a temporary file and renames it into place, so a
-save that fails halfway leaves the previous file intact.
+never unpickles anything by default. A damaged ``adapter_config.json`` (not JSON) or weights file (truncated or
+corrupt safetensors) is reported with the file's path and what is wrong with it, for every peft adapter. Saving
+writes the weights to a temporary file and renames it into place, so a save that fails halfway leaves the previous
+file intact.
 """
 
 from __future__ import annotations
@@ -14,15 +16,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
 ALLOW_PICKLE_ENV = "PEFT_PERFT_ALLOW_PICKLE"
 ADAPTER_KEY_MARKERS = (".perft_A.", ".perft_B.", ".perft_router.")
+SAFETENSORS_NAME = "adapter_model.safetensors"
 
 
 class AdapterMismatchError(ValueError):
     """The adapter was trained on a model of another shape (hidden size, expert count, layers or targets)."""
+
+
+class DamagedAdapterError(ValueError):
+    """A file of a saved adapter cannot be read: its configuration is not JSON, or its weights are cut or corrupt."""
 
 
 def check_adapter_fits(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
@@ -73,10 +81,34 @@ def guard_weight_loading(load_weights: Callable) -> Callable:
                 f"If you trust its origin, convert it to adapter_model.safetensors, or set {ALLOW_PICKLE_ENV}=1 "
                 f"to load it anyway."
             )
-        return load_weights(model_id, *args, **kwargs)
+        try:
+            return load_weights(model_id, *args, **kwargs)
+        except SafetensorError as error:
+            weights = folder / SAFETENSORS_NAME if folder.is_dir() else f"the {SAFETENSORS_NAME} of {model_id}"
+            raise DamagedAdapterError(
+                f"{weights} is damaged ({error}): the file is truncated or corrupt, e.g. by an interrupted save or "
+                f"download. Save the adapter again, or delete the file and download it again."
+            ) from None
 
     load_checked.__perft_guarded__ = True
     return load_checked
+
+
+def guard_config_reading(from_json_file: Callable) -> Callable:
+    """Wrap peft's adapter_config.json reader: a file that is not JSON is named, with what is wrong with it."""
+
+    @functools.wraps(from_json_file)
+    def read_checked(cls: type, path_json_file: str, **kwargs):
+        try:
+            return from_json_file(cls, path_json_file, **kwargs)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DamagedAdapterError(
+                f"{path_json_file} is not valid JSON ({error}): the adapter's configuration is damaged. Save the "
+                f"adapter again, or download it again."
+            ) from None
+
+    read_checked.__perft_guarded__ = True
+    return read_checked
 
 
 def save_atomically(tensors: dict[str, torch.Tensor], filename: str, metadata: dict | None = None) -> None:
@@ -96,16 +128,20 @@ def _write_tensors(tensors: dict[str, torch.Tensor], filename: str, metadata: di
 
 def install_loading_guard() -> None:
     """Install the load guard and the atomic save where ``PeftModel`` looks them up (once, also across reloads)."""
+    import peft.config
     import peft.peft_model
 
     if not getattr(peft.peft_model.load_peft_weights, "__perft_guarded__", False):
         peft.peft_model.load_peft_weights = guard_weight_loading(peft.peft_model.load_peft_weights)
+    reader = peft.config.PeftConfigMixin.from_json_file
+    if not getattr(reader, "__perft_guarded__", False):
+        peft.config.PeftConfigMixin.from_json_file = classmethod(guard_config_reading(reader.__func__))
     peft.peft_model.safe_save_file = save_atomically
 
 
 def _lacks_weights(folder: Path) -> bool:
     """A local PERFT adapter folder without any weights file."""
-    names = ("adapter_model.safetensors", "adapter_model.bin")
+    names = (SAFETENSORS_NAME, "adapter_model.bin")
     return not any((folder / name).exists() for name in names) and _is_local_perft_adapter(folder)
 
 

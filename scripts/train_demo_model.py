@@ -4,8 +4,13 @@ Rerun with ``python scripts/train_demo_model.py`` (about four minutes on one CPU
 character-level tokenizer, pretrains a tiny ``OlmoeForCausalLM`` from scratch on the generic-skills
 mixture of ``peft_perft.demo.data`` (copy, reverse, upper-case), and writes config, safetensors weights,
 tokenizer files and a metadata file into ``peft_perft/demo/assets/demo-olmoe``. The demo's fine-tuning task is
-never shown to this model; the script prints the base model's accuracy on it to prove that. With the same
-seed and thread count the weights come out bit for bit the same.
+never shown to this model; the script prints the base model's accuracy on it to prove that.
+
+Bit-for-bit reproduction needs the same seed and thread count, the same torch, transformers and tokenizers versions
+(``training_metadata.json`` records them, with the CPU) and the same kind of CPU: float kernels differ between CPU
+models. ``--compare-with DIR`` rebuilds and reports whether the weights equal those in DIR, bit for bit or how far
+apart, e.g. ``python scripts/train_demo_model.py --output-dir /tmp/rebuilt --compare-with
+peft_perft/demo/assets/demo-olmoe``.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import random
 import time
 from pathlib import Path
 
+import tokenizers
 import torch
 import transformers
+from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
 
@@ -163,7 +170,8 @@ def write_assets(model: OlmoeForCausalLM, tokenizer: PreTrainedTokenizerFast, ou
 
 def command_line_flags(args: argparse.Namespace) -> str:
     """The flags that reproduce this run (the output folder aside)."""
-    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items() if key != "output_dir")
+    skipped = {"output_dir", "compare_with"}
+    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items() if key not in skipped)
 
 
 def parse_args() -> argparse.Namespace:
@@ -180,7 +188,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; results can differ across counts")
+    parser.add_argument("--compare-with", type=Path, default=None, help="a model folder to compare the weights with")
     return parser.parse_args()
+
+
+def cpu_name() -> str:
+    """The CPU model (float kernels, hence the exact weights, depend on it)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def compare_weights(built: Path, reference: Path) -> str:
+    """Whether two model.safetensors files hold identical tensors, else the largest difference."""
+    new, old = load_file(built / "model.safetensors"), load_file(reference / "model.safetensors")
+    if new.keys() != old.keys():
+        return f"different tensors: {sorted(new.keys() ^ old.keys())}"
+    differences = {name: (new[name].float() - old[name].float()).abs().max().item() for name in new}
+    if not any(differences.values()):
+        return f"identical: every tensor of {built} equals {reference} bit for bit"
+    worst = max(differences, key=differences.get)
+    differing = sum(1 for value in differences.values() if value)
+    return f"NOT identical: {differing} of {len(new)} tensors differ, the most {worst} by {differences[worst]:.3g}"
 
 
 def main() -> None:
@@ -209,11 +241,15 @@ def main() -> None:
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "tokenizers": tokenizers.__version__,
             "python": platform.python_version(),
+            "cpu": cpu_name(),
         },
     }
     write_assets(model, tokenizer, args.output_dir, metadata)
     print(f"wrote {args.output_dir} in {time.perf_counter() - started:.0f} s")
+    if args.compare_with is not None:
+        print(compare_weights(args.output_dir, args.compare_with))
 
 
 if __name__ == "__main__":

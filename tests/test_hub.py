@@ -108,8 +108,9 @@ def test_push_uploads_exactly_what_save_pretrained_writes(fake_hub: FakeHub, tmp
     )
     assert fake_hub.committed["adapter_model.safetensors"] == local["adapter_model.safetensors"]
     assert fake_hub.committed["adapter_config.json"] == local["adapter_config.json"]
-    # The card is the same one, except that its loading snippet names the Hub repo instead of the local folder.
-    expected_card = local["README.md"].decode().replace(str(tmp_path / "adapter"), REPO_ID)
+    # The card is the same one, except that its loading snippet names the Hub repo instead of a placeholder path.
+    assert str(tmp_path) not in local["README.md"].decode()
+    expected_card = local["README.md"].decode().replace("path/to/this/adapter", REPO_ID)
     assert fake_hub.committed["README.md"].decode() == expected_card
     assert f'PeftModel.from_pretrained(base, "{REPO_ID}")' in expected_card
     assert fake_hub.paths() == [

@@ -77,7 +77,7 @@ def test_card_describes_each_variant(tmp_path: Path, variant: str, experts: str,
     assert settings["adapted MoE blocks"] == f"{LAYERS} (hidden size {HIDDEN})"
     count = sum(tensor.numel() for tensor in weights.values())
     assert count == expected_parameters(variant)
-    assert f"**Trainable parameters:** {count:,} (" in card.text
+    assert f"**Trainable parameters:** {count:,} of " in card.text
 
 
 def test_card_explains_the_configuration_in_words(tmp_path: Path) -> None:
@@ -112,10 +112,13 @@ def test_loading_snippet_runs_and_reproduces_the_model(tmp_path: Path) -> None:
         AutoModelForCausalLM.from_pretrained(base_dir), peft_perft.PerftConfig(variant="D", r=2, init_weights=False)
     )
     card = saved_card(model, adapter_dir)
-    # The Hub accepts only repo ids as base_model: a local base stays out of the metadata, in the snippet.
+    # The Hub accepts only repo ids as base_model, and a card must not publish this machine's paths.
     assert card.data.base_model is None and not any(tag.startswith("base_model:") for tag in card.data.tags)
+    assert str(tmp_path) not in str(card) and "/tmp" not in str(card)
     snippet = re.search(r"```python\n(.*?)```", card.text, flags=re.DOTALL).group(1)
-    assert snippet.index("import peft_perft") < snippet.index("from peft import PeftModel")
+    assert "import peft_perft" not in snippet  # installed peft-perft registers itself when peft is imported
+    assert '"path/to/base"' in snippet and '"path/to/this/adapter"' in snippet
+    snippet = snippet.replace("path/to/base", str(base_dir)).replace("path/to/this/adapter", str(adapter_dir))
 
     namespace: dict = {}
     exec(compile(snippet, "model card snippet", "exec"), namespace)
@@ -126,12 +129,21 @@ def test_loading_snippet_runs_and_reproduces_the_model(tmp_path: Path) -> None:
     assert namespace["tokenizer"].convert_ids_to_tokens(5) == "c"
 
 
+def test_card_counts_parameters_as_the_clis_do(tmp_path: Path) -> None:
+    model = perft_model("R")
+    trainable, total = model.get_nb_trainable_parameters()
+    card = saved_card(model, tmp_path)
+    assert f"**Trainable parameters:** {trainable:,} of {total:,} ({100 * trainable / total:.2f}%" in card.text
+
+
 def evaluation_report() -> EvaluationReport:
     predictions = [
         Prediction("boolq", index, "prompt", text, text, "true", text == "true")
         for index, text in enumerate(["true", "false", "true", "true"])
     ]
-    return EvaluationReport({"boolq": TaskResult("boolq", predictions)})
+    settings = {"batch_size": 8, "num_beams": 4, "max_new_tokens": None}
+    metadata = {"data_source": "/home/me/LLM-Adapters/dataset", "max_samples": 50, "generation": settings}
+    return EvaluationReport({"boolq": TaskResult("boolq", predictions)}, metadata)
 
 
 def test_card_shows_the_details_the_user_attached(tmp_path: Path) -> None:
@@ -149,7 +161,10 @@ def test_card_shows_the_details_the_user_attached(tmp_path: Path) -> None:
 
     sections = dict(re.findall(r"^## (.+?)\n\n(.*?)(?=\n## |\n### |\Z)", card.text, flags=re.MULTILINE | re.DOTALL))
     assert sections["Training data"].strip() == "commonsense_170k from LLM-Adapters, 3 epochs"
-    assert sections["Evaluation results"].strip() == report.to_markdown().strip()
+    assert sections["Evaluation results"].strip().endswith(report.to_markdown().strip())
+    protocol = sections["Evaluation results"].split("\n")[0]
+    assert protocol.startswith("**Protocol:** `peft-perft eval`") and "beam search with 4 beams" in protocol
+    assert "the first 50 records of each task" in protocol and "`dataset`" in protocol and "/home/me" not in protocol
     assert "| **average** (1 tasks) | | | **75.00** |" in sections["Evaluation results"]
     assert "| layer 0 | expert 0: 0.25, expert 1: 0.75 |" in sections["Routing summary"]
     assert card.data.datasets == ["perft-tests/commonsense"]
@@ -223,7 +238,7 @@ def test_every_perft_adapter_is_described(tmp_path: Path) -> None:
     card = saved_card(model, tmp_path)
 
     assert "## Adapter `default`: PERFT-R" in card.text and "## Adapter `small`: PERFT-S" in card.text
-    assert f"**Trainable parameters:** {expected_parameters('S', r=2):,} (" in card.text
+    assert f"**Trainable parameters:** {expected_parameters('S', r=2):,} of " in card.text
     assert {"perft-r", "perft-s"} <= set(card.data.tags)
 
 

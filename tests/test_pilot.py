@@ -65,7 +65,7 @@ def test_pilot_end_to_end(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.C
     status = main(
         ["pilot", "--model", str(tiny_model_dir), "--dataset", str(data), "--configs", "S,lora"]
         + ["--max-steps", "6", "--batch-size", "8", "--train-samples", "48", "--eval-samples", "16"]
-        + ["--test-files", str(FIXTURES / "boolq" / "test.json"), "--test-samples", "2"]
+        + ["--test-files", str(FIXTURES / "boolq"), "--test-samples", "2"]  # a task folder, as the README has it
         + ["--epochs", "2", "--learning-rate", "0.01", "--output-dir", str(output)]
     )
 
@@ -218,7 +218,30 @@ def test_recommendation_notes_equivalent_configurations_and_accuracy() -> None:
     lines = recommend(report)
     assert any("PERFT-D and PERFT-S measured identical held-out losses" in line for line in lines)
     accuracy = next(line for line in lines if "best accuracy" in line)
-    assert "PERFT-D 50.0% vs PERFT-S 50.0% on 40 examples" in accuracy and "within sampling noise" in accuracy
+    assert "PERFT-D 50.0% vs PERFT-S 50.0% on 40 examples" in accuracy and "a tie" in accuracy
+
+
+def test_a_tie_is_never_a_win_and_coinciding_values_get_a_readable_axis(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report = pilot_report(
+        result("PERFT-R", [1.0, 1.1], [0.1, 0.1, 0.1], accuracy=0.0, accuracy_examples=50),
+        result("PERFT-E", [1.0, 1.1], [0.1, 0.1, 0.1], accuracy=0.0, accuracy_examples=50),
+    )
+    lines = recommend(report)
+    for axis_line in (lines[1], lines[2], next(line for line in lines if "best accuracy" in line)):
+        assert "a tie: no difference measured" in axis_line and "clear" not in axis_line
+
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    report.write(tmp_path)
+    accuracy_axes = [axis for axis in figures[0].axes if axis.get_ylabel().startswith("accuracy")]
+    loss_axes = [axis for axis in figures[0].axes if axis.get_ylabel().startswith("eval loss")]
+    assert accuracy_axes and all(axis.get_ylim() == (-2.0, 8.0) for axis in accuracy_axes)
+    for axis in loss_axes:  # both losses are 1.05: the axis spans +-5% of it, not matplotlib's +-0.04 of zero
+        assert axis.get_ylim() == pytest.approx((1.05 * 0.95, 1.05 * 1.05))
 
 
 def test_bad_settings_are_refused_before_training() -> None:

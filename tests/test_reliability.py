@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from peft_perft import PerftConfig, loading
-from peft_perft.loading import ALLOW_PICKLE_ENV, AdapterMismatchError
+from peft_perft.loading import ALLOW_PICKLE_ENV, AdapterMismatchError, DamagedAdapterError
 
 
 def saved_adapter(tmp_path: Path, variant: str = "R", **overrides) -> Path:
@@ -75,15 +75,18 @@ def test_truncated_weights_file_is_reported(tmp_path: Path) -> None:
     adapter = saved_adapter(tmp_path)
     weights = adapter / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(Exception, match="(?i)deserializ|header|incomplete|invalid"):
+    with pytest.raises(DamagedAdapterError, match="truncated or corrupt") as raised:
         PeftModel.from_pretrained(build_tiny(), adapter)
+    assert str(raised.value).startswith(f"{weights} is damaged (")
 
 
 def test_corrupt_or_missing_config_is_reported(tmp_path: Path) -> None:
     adapter = saved_adapter(tmp_path)
     (adapter / "adapter_config.json").write_text('{"peft_type": "PERFT", "variant": ')
-    with pytest.raises(ValueError):
-        PeftModel.from_pretrained(build_tiny(), adapter)
+    for load in (lambda: PeftModel.from_pretrained(build_tiny(), adapter), lambda: PeftConfig.from_pretrained(adapter)):
+        with pytest.raises(DamagedAdapterError) as raised:
+            load()
+        assert str(raised.value).startswith(f"{adapter / 'adapter_config.json'} is not valid JSON (")
     (adapter / "adapter_config.json").unlink()
     with pytest.raises(ValueError, match="adapter_config.json"):
         PeftModel.from_pretrained(build_tiny(), adapter)

@@ -298,8 +298,10 @@ def test_sft_perft_script_trains_with_the_paper_defaults(tmp_path: Path) -> None
     output_dir = tmp_path / "run"
     argv = ["--model_name_or_path", str(model_dir), "--dataset_path", str(data), "--output_dir", str(output_dir)]
     argv += ["--perft_r", "4", "--perft_num_experts", "4", "--perft_top_k", "2", "--max_steps", "1"]
-    argv += ["--per_device_train_batch_size", "4", "--use_cpu", "--report_to", "none", "--disable_tqdm", "true"]
+    # No --use_cpu and no --bf16 flag, as the README's command: bf16 stays off where there is no GPU.
+    argv += ["--per_device_train_batch_size", "4", "--report_to", "none", "--disable_tqdm", "true"]
     trainer = sft_perft.main(argv)
+    assert trainer.args.bf16 == torch.cuda.is_available()
     assert trainer.args.learning_rate == 1e-5  # the paper's OLMoE rate
     assert trainer.args.num_train_epochs == 3 and trainer.args.max_length == 256
     config = trainer.model.peft_config["default"]
@@ -351,8 +353,9 @@ def test_quickstart_runs_as_written_on_a_local_model(tmp_path: Path, monkeypatch
     model_dir = save_local_model(tmp_path / "tiny-olmoe")
     monkeypatch.setattr("datasets.load_dataset", lambda *args, **kwargs: reversal_dataset(8))
     monkeypatch.chdir(tmp_path)
-    # CPU and two steps here; the copied lines stay as they are.
-    monkeypatch.setattr("trl.SFTConfig", functools.partial(SFTConfig, use_cpu=True, max_steps=2, report_to="none"))
+    # Two steps here; the copied lines stay as they are (no use_cpu: their bf16 setting must already suit a CPU).
+    monkeypatch.setattr("trl.SFTConfig", functools.partial(SFTConfig, max_steps=2, report_to="none"))
+    monkeypatch.setattr("sys.argv", ["quickstart.py"])
     exec(compile(source.replace(hub_model, repr(str(model_dir))), "quickstart.py", "exec"), {"__name__": "__main__"})
     saved = {path.name for path in (tmp_path / "olmoe-perft-r").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json"} <= saved

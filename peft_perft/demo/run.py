@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import sys
 import time
@@ -27,7 +26,14 @@ import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase, set_seed
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+    set_seed,
+)
 from trl import SFTConfig, SFTTrainer
 
 from peft_perft import PerftConfig, PerftMoeBlock
@@ -35,10 +41,10 @@ from peft_perft.evaluation import build_prompt, generate_batch, is_correct
 from peft_perft.monitor import routing_report
 from peft_perft.quantization import add_quantize_argument, load_quantized_base
 
+from .checks import BUNDLED_DATASET, check_data_fits, validate_demo_args
 from .data import DEMO_TASKS, MAX_INPUT_LENGTH, demo_task_splits
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-olmoe"
-BUNDLED_DATASET = "bundled"
 REPORT_FILE_NAME = "report.json"
 ADAPTER_DIR_NAME = "adapter"
 TASK_HEATMAP_NAME = "routing_by_task.png"
@@ -65,15 +71,22 @@ class DemoTask:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``peft-perft demo``; the defaults reproduce the bundled demo on a CPU in under three minutes."""
-    parser.add_argument("--variant", choices=["R", "E", "D", "S"], default="R", help="PERFT variant (default R)")
+    parser.add_argument("--variant", choices=["R", "E", "D", "S"], default="R", help="PERFT variant")
     parser.add_argument("--r", type=int, default=8, help="bottleneck rank of each adapter expert")
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scaling numerator (scale alpha/r)")
-    parser.add_argument("--num-experts", type=int, default=None, help="adapter experts (default: the variant's)")
-    parser.add_argument("--top-k", type=int, default=None, help="PERFT-R experts per token (default 2)")
+    parser.add_argument(
+        "--num-experts",
+        type=int,
+        default=None,
+        help="adapter experts per block, R, D and S only (default: R 8, D 2, S 1)",
+    )
+    parser.add_argument("--top-k", type=int, default=None, help="PERFT-R adapter experts per token (default 2)")
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps")
-    parser.add_argument("--learning-rate", type=float, default=5e-3)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--output-dir", type=Path, default=Path("perft-demo-output"))
+    parser.add_argument("--learning-rate", type=float, default=5e-3, help="peak learning rate (cosine schedule)")
+    parser.add_argument("--batch-size", type=int, default=32, help="training examples per optimizer step")
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("perft-demo-output"), help="where the adapter, heatmaps and report go"
+    )
     parser.add_argument(
         "--model", default=str(BUNDLED_MODEL_DIR), help="Hub model id or local path (default: the bundled OLMoE)"
     )
@@ -83,11 +96,25 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help="'bundled', a datasets name, or a local JSON/JSONL file with prompt/completion or LLM-Adapters "
         "instruction/input/output(/answer) records",
     )
-    parser.add_argument("--eval-task", default=None, help="score with this LLM-Adapters task's answer rule (gsm8k...)")
+    parser.add_argument(
+        "--eval-task",
+        default=None,
+        help="score with this LLM-Adapters task's answer rule, e.g. gsm8k (default: exact match of the completion)",
+    )
     parser.add_argument("--max-eval-samples", type=int, default=200, help="held-out examples to score")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="generation length when scoring")
-    parser.add_argument("--max-length", type=int, default=512, help="truncate training sequences to this many tokens")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation length when scoring (default: bundled task 10, --eval-task 256, other data 64)",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=512,
+        help="truncate training sequences to this many tokens (at most the context)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the adapter's init and training")
     parser.add_argument(
         "--threads",
         type=int,
@@ -107,7 +134,11 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole pipeline; returns the report that is also written to ``<output-dir>/report.json``."""
+    """The whole pipeline; returns the report that is also written to ``<output-dir>/report.json``.
+
+    Every flag and the model and data names are checked first, before anything is loaded.
+    """
+    validate_demo_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with torch_threads(demo_threads(args, device)):
         return _run_pipeline(args, device)
@@ -142,6 +173,14 @@ def _run_pipeline(args: argparse.Namespace, device: torch.device) -> dict[str, A
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args.model)
     task = load_demo_task(args)
+    if args.dataset != BUNDLED_DATASET:  # the bundled task is written in the bundled tokenizer's alphabet
+        texts = {
+            "train": [row["prompt"] + row["completion"] for row in task.train],
+            "test": list(task.test["prompt"]),
+        }
+        model_config = AutoConfig.from_pretrained(args.model)
+        max_length = check_data_fits(texts, tokenizer, model_config, args, task.max_new_tokens)
+        args = argparse.Namespace(**{**vars(args), "max_length": max_length})
     model = load_base_model(args.model, device, args.quantize)
     print(f"[demo] {task.description}: {len(task.train)} training and {len(task.test)} held-out examples", flush=True)
     accuracy_before = measure_accuracy(model, tokenizer, task)
@@ -439,60 +478,49 @@ def write_heatmaps(
 ) -> list[Path]:
     """The routing monitor's layer x expert heatmaps over the held-out split, plus one per sub-task."""
     routing_dir = output_dir / "routing"
-    overall = routing_report(model, test, tokenizer=tokenizer, batch_size=32, output_dir=routing_dir)
+    description = f"held-out split ({len(test)} examples)"
+    overall = routing_report(
+        model, test, tokenizer=tokenizer, batch_size=32, output_dir=routing_dir, description=description
+    )
     paths = sorted(routing_dir.glob("*.png"))
     task_names = sorted(set(test["task"]))
     if len(task_names) < 2 or overall.empty:
         return paths
     family = "perft" if any(stats.router == "perft" for stats in overall.routers) else "base"
-    loads = {}
+    reports = {}
     for name in task_names:
         rows = test.select([index for index, row_task in enumerate(test["task"]) if row_task == name])
-        loads[name] = task_loads(routing_report(model, rows, tokenizer=tokenizer, batch_size=32), family)
-    return [*paths, draw_task_heatmap(loads, family, output_dir / TASK_HEATMAP_NAME)]
+        reports[name] = routing_report(model, rows, tokenizer=tokenizer, batch_size=32)
+    return [*paths, draw_task_heatmap(reports, family, description, output_dir / TASK_HEATMAP_NAME)]
 
 
-def task_loads(report: Any, family: str) -> list[list[float]]:
-    """Per adapted layer, the fraction of tokens each expert of the chosen router family received."""
-    routers = sorted((stats for stats in report.routers if stats.router == family), key=lambda stats: stats.layer)
-    return [stats.load for stats in routers]
+def family_routers(report: Any, family: str) -> list[Any]:
+    """The chosen router family's statistics, one per adapted layer, in layer order."""
+    return sorted((stats for stats in report.routers if stats.router == family), key=lambda stats: stats.layer)
 
 
-def draw_task_heatmap(loads: dict[str, list[list[float]]], family: str, path: Path) -> Path:
-    """One panel per layer: sub-tasks x experts, coloured by the fraction of the sub-task's tokens each expert got."""
-    import matplotlib
+def draw_task_heatmap(reports: dict[str, Any], family: str, description: str, path: Path) -> Path:
+    """Rows are (layer, sub-task), columns experts, on the routing monitor's shared relative-load scale."""
+    from peft_perft.monitor.pictures import draw_load_heatmap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    task_names = list(loads)
-    num_layers = len(next(iter(loads.values())))
-    num_experts = len(loads[task_names[0]][0])
-    columns = min(num_layers, 4)
-    rows = math.ceil(num_layers / columns)
-    figure, axes = plt.subplots(
-        rows,
-        columns,
-        figsize=(1.5 + columns * (0.45 * num_experts + 1), 0.8 + rows * (0.45 * len(task_names) + 1)),
-        squeeze=False,
-        layout="constrained",
-    )
-    for layer, axis in enumerate(axes.flat):
-        if layer >= num_layers:
-            axis.axis("off")
-            continue
-        matrix = [loads[name][layer] for name in task_names]
-        image = axis.imshow(matrix, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-        axis.set_title(f"layer {layer}", fontsize=9)
-        axis.set_xticks(range(num_experts))
-        axis.set_xlabel("expert", fontsize=8)
-        axis.set_yticks(range(len(task_names)), task_names if layer % columns == 0 else [""] * len(task_names))
-    figure.colorbar(image, ax=axes, label="fraction of tokens (rows sum to top-k)", shrink=0.9)
+    per_task = {name: family_routers(report, family) for name, report in reports.items()}
+    first = next(iter(per_task.values()))
+    labels, loads = [], []
+    for layer_index, stats in enumerate(first):
+        for name, routers in per_task.items():
+            labels.append(f"layer {stats.layer}  {name}")
+            loads.append(routers[layer_index].load)
     router_name = "PERFT-R adapter router" if family == "perft" else "base model router"
-    figure.suptitle(f"{router_name}: where each held-out sub-task's tokens go", fontsize=10)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    tokens = ", ".join(f"{name} {routers[0].tokens:,.0f}" for name, routers in per_task.items())
+    return draw_load_heatmap(
+        f"{router_name}: where each sub-task's tokens go (top-{first[0].top_k or 1} of {first[0].num_experts})",
+        labels,
+        loads,
+        (first[0].top_k or 1) / first[0].num_experts,
+        path,
+        f"{description}, tokens per sub-task: {tokens}",
+        row_groups=len(first),
+    )
 
 
 def peak_memory_mb(device: torch.device) -> float:

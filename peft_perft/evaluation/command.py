@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 
+import torch
+
+from peft_perft.cli_inputs import InputError, require_adapter, require_dataset, require_model
 from peft_perft.evaluation.answers import TASK_GROUPS, TASKS
+from peft_perft.evaluation.data import resolve_tasks
 from peft_perft.evaluation.runner import DTYPES, GenerationSettings, evaluate, load_model
 
 
@@ -19,12 +22,15 @@ def _positive_int(text: str) -> int:
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `peft-perft eval`."""
     parser.add_argument("--model", required=True, help="base model: local folder or Hugging Face Hub id")
-    parser.add_argument("--adapter", help="PERFT or other PEFT adapter to load on top: local folder or Hub id")
+    parser.add_argument(
+        "--adapter",
+        help="PERFT or other PEFT adapter to load on top: local folder or Hub id (default: none, the base model alone)",
+    )
     parser.add_argument(
         "--data-dir",
         required=True,
-        help="a test file, a folder laid out as <root>/<task>/test.json (LLM-Adapters), or a Hub dataset id with "
-        "that layout",
+        help="a test file, one task's folder holding test.json, a folder laid out as <root>/<task>/test.json "
+        "(LLM-Adapters), or a Hub dataset id with that layout",
     )
     parser.add_argument(
         "--tasks",
@@ -33,7 +39,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"tasks or groups ({', '.join(TASK_GROUPS)}); default: every task the data holds. Tasks: "
         f"{', '.join(TASKS)}",
     )
-    parser.add_argument("--max-samples", type=_positive_int, help="evaluate only the first N records of each task")
+    parser.add_argument(
+        "--max-samples", type=_positive_int, help="evaluate only the first N records of each task (default: all)"
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
     parser.add_argument(
         "--num-beams", type=_positive_int, default=1, help="1 = greedy (default); 4 reproduces the paper"
@@ -52,8 +60,26 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: GPU when available)")
 
 
+def validate_eval_args(args: argparse.Namespace) -> None:
+    """Model, adapter, data and tasks exist and fit together, checked before the model is loaded."""
+    require_model(args.model)
+    if args.adapter is not None:
+        require_adapter(args.adapter)
+    require_dataset(args.data_dir, flag="--data-dir")
+    try:
+        resolve_tasks(args.tasks, args.data_dir)
+    except (ValueError, FileNotFoundError) as error:
+        raise InputError(f"--data-dir / --tasks: {error}") from None
+    if args.device != "auto":
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            raise InputError(f"--device {args.device} is not a device: use auto, cpu, cuda or cuda:N.") from None
+
+
 def run_cli(args: argparse.Namespace) -> int:
-    """Load, evaluate, write the reports and print the Markdown table."""
+    """Check the inputs, load, evaluate, write the reports and print the Markdown table."""
+    validate_eval_args(args)
     model, tokenizer = load_model(args.model, args.adapter, dtype=args.dtype, device=args.device)
     settings = GenerationSettings(args.batch_size, args.num_beams, args.max_new_tokens)
     report = evaluate(model, tokenizer, args.data_dir, args.tasks, settings, args.max_samples)
@@ -61,5 +87,4 @@ def run_cli(args: argparse.Namespace) -> int:
     paths = report.write(args.output_dir)
     print(report.to_markdown())
     print(f"Wrote {', '.join(str(path) for path in paths.values())}")
-    print(json.dumps({"average": report.average}))
     return 0

@@ -38,20 +38,23 @@ def resolve_tasks(requested: list[str] | None, data_source: str | Path) -> list[
     if requested:
         names = [name for item in requested for name in TASK_GROUPS.get(item.lower(), (item,))]
         tasks = list(dict.fromkeys(get_task(name).name for name in names))
-        if source.is_file() and len(tasks) != 1:
-            raise ValueError(f"{source} is a single test file, so name exactly one task with --tasks, not {tasks}.")
+        if (source.is_file() or (source / TEST_FILE_NAME).is_file()) and len(tasks) != 1:
+            raise ValueError(f"{source} holds a single test file, so name exactly one task with --tasks, not {tasks}.")
         return tasks
-    if source.is_file():
+    if source.is_file() or (source / TEST_FILE_NAME).is_file():
         try:
-            return [get_task(source.parent.name).name]
+            return [get_task((source.parent if source.is_file() else source).name).name]
         except ValueError:
-            raise ValueError(f"Cannot tell the task of {source} from its folder name; pass --tasks.") from None
+            raise ValueError(
+                f"Cannot tell the task of {source} from its folder name; name the folder after an LLM-Adapters task "
+                f"(boolq, gsm8k, ...), or with peft-perft eval pass --tasks."
+            ) from None
     if source.is_dir():
         present = [name for name in TASK_GROUPS["all"] if (source / name / TEST_FILE_NAME).is_file()]
         if not present:
             raise FileNotFoundError(
                 f"No <task>/{TEST_FILE_NAME} files under {source}; expected the LLM-Adapters layout, "
-                f"e.g. {source / 'boolq' / TEST_FILE_NAME}, or pass --tasks."
+                f"e.g. {source / 'boolq' / TEST_FILE_NAME}, or one task's folder holding {TEST_FILE_NAME}."
             )
         return present
     return list(TASK_GROUPS["all"])
@@ -93,6 +96,8 @@ def load_task_records(task: str, data_source: str | Path, max_samples: int | Non
     source = Path(data_source)
     if source.is_file():
         records = load_json_records(source)
+    elif (source / TEST_FILE_NAME).is_file():  # one task's folder
+        records = load_json_records(source / TEST_FILE_NAME)
     elif source.is_dir():
         path = source / task / TEST_FILE_NAME
         if not path.is_file():

@@ -61,13 +61,15 @@ class CardDetails:
     """What only the user knows about an adapter; each part shows up in the card when it is set.
 
     ``evaluation`` accepts Markdown text, an object with a ``to_markdown()`` method (such as
-    `peft_perft.evaluation.EvaluationReport`) or a mapping rendered as a two-column table; ``routing_summary``
+    `peft_perft.evaluation.EvaluationReport`, whose protocol the card then states) or a mapping rendered as a
+    two-column table; ``evaluation_protocol`` says how other results were measured. ``routing_summary``
     accepts the same or a `peft_perft.monitor.RoutingReport` (e.g. ``RoutingMonitorCallback.report()``).
     """
 
     training_data: str | None = None
     datasets: Sequence[str] = ()
     evaluation: Any = None
+    evaluation_protocol: str | None = None
     routing_summary: Any = None
     extra_tags: Sequence[str] = field(default_factory=tuple)
 
@@ -134,14 +136,13 @@ def render_model_card(
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path()),
-        title=f"PERFT-{model.peft_config[names[0]].variant} adapter for {base_model_id or 'an MoE model'}",
+        title=f"PERFT-{model.peft_config[names[0]].variant} adapter for {_display_name(base_model_id)}",
         base_model_link=_link(base_model_id),
-        base_model_id=base_model_id or "<base model id or path>",
-        adapter_id=adapter_id or "<this adapter's folder or Hub repo id>",
+        base_model_id=_published_id(base_model_id, "path/to/") if base_model_id else "path/to/base-model",
+        adapter_id=_published_id(adapter_id, "path/to/") if adapter_id else "path/to/this/adapter",
         adapters=[_describe_adapter(model, name, base_parameters) for name in names],
-        base_parameters=f"{base_parameters:,}",
         training_data=details.training_data or MISSING_INFORMATION,
-        evaluation=_as_markdown(details.evaluation, ("metric", "value")),
+        evaluation=_evaluation_markdown(details),
         routing_summary=_routing_markdown(details.routing_summary),
         perft_version=_perft_version(),
     )
@@ -158,7 +159,7 @@ def write_model_card(model: PeftModel, save_directory: str | Path, adapter_id: s
     if previous is not None and CARD_MARKER not in previous.text:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    card = render_model_card(model, adapter_id=adapter_id or str(save_directory), previous=previous)
+    card = render_model_card(model, adapter_id=adapter_id, previous=previous)
     card.save(path)
     return path
 
@@ -175,7 +176,7 @@ def drop_local_base_model(path: Path) -> None:
 
     peft records whatever the base was loaded from; the Hub only accepts repo ids there and rejects the whole
     README otherwise, which would make `push_to_hub` fail for a base loaded from a local folder. The card's text
-    still names the path in its loading snippet.
+    names only the folder's name, as ``path/to/<name>`` in its loading snippet.
     """
     card = ModelCard.load(path)
     base_model = card.data.base_model
@@ -307,7 +308,9 @@ def _describe_adapter(model: PeftModel, name: str, base_parameters: int) -> dict
         "description": _variant_description(config, num_experts, active, len(blocks)),
         "settings": settings,
         "trainable_parameters": f"{saved:,}",
-        "share_of_base": f"{100 * saved / base_parameters:.3g}%" if base_parameters > 0 else None,
+        # As peft's print_trainable_parameters and the peft-perft CLIs count: trainable / (base + this adapter).
+        "all_parameters": f"{base_parameters + saved:,}",
+        "trainable_share": f"{100 * saved / (base_parameters + saved):.2f}%",
     }
 
 
@@ -385,12 +388,52 @@ def _is_hub_id(name: str) -> bool:
     return not Path(name).exists()
 
 
+def _display_name(model_id: str | None) -> str:
+    """The Hub id, or only the folder's name for a local base: a card must not publish paths of this machine."""
+    if not model_id:
+        return "an MoE model"
+    return model_id if _is_hub_id(model_id) else Path(model_id).name
+
+
+def _published_id(name: str, placeholder_prefix: str) -> str:
+    """A Hub id as it is; a local path as ``path/to/<its folder name>``, for the reader to fill in."""
+    return name if _is_hub_id(name) else f"{placeholder_prefix}{Path(name).name or 'model'}"
+
+
 def _link(model_id: str | None) -> str:
     if not model_id:
         return "it was trained on"
     if not _is_hub_id(model_id):
-        return f"`{model_id}`"
+        return f"`{_display_name(model_id)}` (a local model when this adapter was saved)"
     return f"[`{model_id}`](https://huggingface.co/{model_id})"
+
+
+def _evaluation_markdown(details: CardDetails) -> str:
+    """The attached results, preceded by how they were measured."""
+    if details.evaluation is None:
+        return MISSING_INFORMATION
+    results = _as_markdown(details.evaluation, ("metric", "value"))
+    protocol = details.evaluation_protocol or _report_protocol(details.evaluation)
+    return f"**Protocol:** {protocol or MISSING_INFORMATION + ' (how these results were measured)'}\n\n{results}"
+
+
+def _report_protocol(report: Any) -> str | None:
+    """The protocol of a `peft_perft.evaluation.EvaluationReport`, from the settings it records."""
+    metadata = getattr(report, "metadata", None)
+    if not isinstance(metadata, Mapping) or "generation" not in metadata:
+        return None
+    generation = metadata["generation"]
+    beams = generation.get("num_beams", 1)
+    decoding = "greedy decoding" if beams == 1 else f"beam search with {beams} beams"
+    new_tokens = generation.get("max_new_tokens") or "each task's default (32 commonsense, 256 arithmetic)"
+    samples = metadata.get("max_samples")
+    source = metadata.get("data_source")
+    return (
+        f"`peft-perft eval` (the PERFT paper's LLM-Adapters prompts and answer rules), {decoding}, max new tokens "
+        f"{new_tokens}, {'every record' if samples is None else f'the first {samples} records'} of each task"
+        + (f", test data `{_display_name(str(source))}`" if source else "")
+        + "; accuracy is the share of exactly matched answers, the average the mean over tasks."
+    )
 
 
 def _routing_markdown(summary: Any) -> str:

@@ -6,7 +6,6 @@ backend gets them), warns when a PERFT-R router collapses, and writes layer x ex
 
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from .stats import (
 )
 
 # The public module's name, so that logging configured for `peft_perft.monitor` still gets collapse warnings.
-logger = logging.getLogger("peft_perft.monitor")
 
 
 class RoutingMonitorCallback(TrainerCallback):
@@ -128,13 +126,13 @@ class RoutingMonitorCallback(TrainerCallback):
             f"step {state.global_step}: {reason} over the last {self.criteria.patience} logging window(s). "
             f"Consider a larger router_aux_loss_coef, a lower learning rate, or fewer experts (num_experts)."
         )
-        logger.warning(message)
         warnings.warn(message, RouterCollapseWarning, stacklevel=2)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if self.monitor is None:
             return
         self._final_report = self.monitor.report()
+        self._final_report.source = f"training, steps 1-{state.global_step}"
         self.monitor.detach()
         if self.save_at_end and state.is_world_process_zero:
             directory = self.output_dir or Path(args.output_dir) / "routing"
@@ -147,7 +145,9 @@ class RoutingMonitorCallback(TrainerCallback):
             return self._final_report
         if self.monitor is None:
             raise RuntimeError("RoutingMonitorCallback.report() is only available once training has begun.")
-        return self.monitor.report()
+        report = self.monitor.report()
+        report.source = "training so far"
+        return report
 
     def save_heatmaps(self, directory: str | Path) -> list[Path]:
         """Draw the heatmaps of the run so far on demand."""

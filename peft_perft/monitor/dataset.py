@@ -25,6 +25,7 @@ def routing_report(
     tokenizer: Any = None,
     batch_size: int = 8,
     output_dir: str | Path | None = None,
+    description: str | None = None,
 ) -> RoutingReport:
     """Routing statistics of ``model`` over a dataset, as data (`RoutingReport.to_dict`) and pictures.
 
@@ -32,7 +33,8 @@ def routing_report(
     (e.g. a DataLoader), or an iterable of examples: strings, or mappings with ``input_ids`` (a list) or with
     ``text`` / ``prompt`` (+ ``completion``) / ``messages`` (those need ``tokenizer``), e.g. a `datasets.Dataset`.
     The model runs in eval mode, its mode is restored afterwards. With ``output_dir`` the heatmaps and
-    ``routing_report.json`` are written there.
+    ``routing_report.json`` are written there. ``description`` names the data in the report and the heatmaps'
+    titles (default: the number of examples).
     """
     if batch_size < 1:
         raise ValueError(f"routing_report: batch_size={batch_size} must be at least 1.")
@@ -41,10 +43,13 @@ def routing_report(
     monitor = RoutingMonitor(model, measure_drift=False)
     try:
         model.eval()
+        examples = 0
         with monitor:
             for batch in _batches(dataset_or_batches, tokenizer, batch_size, _pad_token_id(model, tokenizer)):
                 model(**{key: value.to(device) for key, value in batch.items()}, use_cache=False)
+                examples += len(batch["input_ids"])
         report = monitor.report()
+        report.source = description or f"{examples:,} examples"
     finally:
         model.train(was_training)
     if output_dir is not None:

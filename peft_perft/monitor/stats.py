@@ -103,6 +103,7 @@ class RoutingReport:
     forward_passes: int = 0
     perft_aux_loss: float | None = None
     base_aux_loss: float | None = None
+    source: str | None = None  # which data and window the figures cover, e.g. "training, steps 1-800"
 
     @property
     def empty(self) -> bool:
@@ -111,6 +112,7 @@ class RoutingReport:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable data: ``{"forward_passes", "perft_aux_loss", "base_aux_loss", "routers": [...]}``."""
         return {
+            "source": self.source,
             "forward_passes": self.forward_passes,
             "perft_aux_loss": self.perft_aux_loss,
             "base_aux_loss": self.base_aux_loss,
@@ -154,11 +156,13 @@ class RoutingReport:
         return found
 
     def save_heatmaps(self, directory: str | Path) -> list[Path]:
-        """One PNG per router family: layers x experts, coloured by the fraction of tokens each expert received."""
+        """One PNG per router family: layers x experts, coloured by each expert's load relative to a balanced router
+        on one scale shared by every picture (see `peft_perft.monitor.pictures`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         return [
-            _draw_heatmap(label, group, directory / f"routing_{label}.png") for label, group in self._groups().items()
+            _draw_heatmap(self, label, group, directory / f"routing_{label}.png")
+            for label, group in self._groups().items()
         ]
 
     def _groups(self) -> dict[str, list[RouterStats]]:
@@ -188,30 +192,16 @@ def _mean(values: Iterable[float]) -> float:
     return sum(values) / len(values)
 
 
-def _draw_heatmap(label: str, group: list[RouterStats], path: Path) -> Path:
-    import matplotlib
+def _draw_heatmap(report: RoutingReport, label: str, group: list[RouterStats], path: Path) -> Path:
+    from .pictures import draw_load_heatmap, report_caption
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    loads = [stats.load for stats in group]
-    num_experts = group[0].num_experts
-    balanced = (group[0].top_k or 1) / num_experts
-    figure, axis = plt.subplots(figsize=(min(max(6.5, 2.5 + 0.35 * num_experts), 24), 1.8 + 0.4 * len(group)))
-    highest = max(max(map(max, loads)), balanced)
-    image = axis.imshow(loads, aspect="auto", cmap="viridis", vmin=0.0, vmax=highest)
-    figure.colorbar(image, ax=axis, label="fraction of tokens")
-    if num_experts * len(group) <= 256:
-        for row, stats in enumerate(group):
-            for column, value in enumerate(stats.load):
-                color = "black" if value > 0.6 * highest else "white"
-                axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
-    axis.set_title(f"{label} router: tokens per expert (balanced = {balanced:.2f})")
-    axis.set_xlabel("expert")
-    axis.set_ylabel("layer")
-    axis.set_xticks(range(num_experts))
-    axis.set_yticks(range(len(group)), [str(stats.layer) for stats in group])
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    router = "base model router" if label == BASE_ROUTER else f"PERFT-R router ({label})"
+    top_k = group[0].top_k or 1
+    return draw_load_heatmap(
+        f"{router}: tokens per expert and layer (top-{top_k} of {group[0].num_experts})",
+        [f"layer {stats.layer}" for stats in group],
+        [stats.load for stats in group],
+        top_k / group[0].num_experts,
+        path,
+        report_caption(report, group),
+    )

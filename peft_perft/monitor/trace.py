@@ -24,6 +24,7 @@ from ..model import PerftModel
 
 ROUTED_BY_OWN_ROUTER = "R"
 ROUTED_BY_BASE = "E"
+TOKENS_PER_STRIP = 64
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ TRACE_COLUMNS = (
     "position",
     "token_id",
     "token",
+    "text",
     "layer",
     "module",
     "adapter",
@@ -175,6 +177,7 @@ def _parquet_schema(pa: Any) -> Any:
         "position": pa.int64(),
         "token_id": pa.int64(),
         "token": pa.string(),
+        "text": pa.string(),
         "layer": pa.int64(),
         "module": pa.string(),
         "adapter": pa.string(),
@@ -248,6 +251,7 @@ def _trace_rows(
     positions = [(example, position) for example in range(input_ids.shape[0]) for position in range(input_ids.shape[1])]
     token_ids = input_ids.reshape(-1).tolist()
     tokens = _token_strings(token_ids, tokenizer)
+    texts = _token_texts(token_ids, tokenizer)
     rows = []
     for layer in layers:
         base = _routing_lists(tap.latest.get(layer.name), drop_skipped=True)
@@ -264,6 +268,7 @@ def _trace_rows(
                         "position": position,
                         "token_id": token_ids[flat_index],
                         "token": tokens[flat_index],
+                        "text": texts[flat_index],
                         "layer": layer.layer,
                         "module": layer.name,
                         "adapter": adapter,
@@ -311,6 +316,13 @@ def _token_strings(token_ids: list[int], tokenizer: Any) -> list[str | None]:
     return list(tokenizer.convert_ids_to_tokens(token_ids))
 
 
+def _token_texts(token_ids: list[int], tokenizer: Any) -> list[str | None]:
+    """Each token decoded on its own: byte-level pieces such as 'Ġe' read as ' e'."""
+    if tokenizer is None:
+        return [None] * len(token_ids)
+    return [tokenizer.decode([token_id]) for token_id in token_ids]
+
+
 def _prepared(path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -320,55 +332,80 @@ def _prepared(path: str | Path) -> Path:
 def _plot_panels(rows: list[dict[str, Any]]) -> Iterator[tuple[str, str]]:
     """(title, row key) of each picture panel: the base router, then every adapter that routes tokens."""
     if any(row["base_experts"] is not None for row in rows):
-        yield "base model experts", "base"
+        yield "base model router", "base"
     for adapter in sorted({row["adapter"] for row in rows if row["variant"] == ROUTED_BY_OWN_ROUTER}):
-        yield f"PERFT-R experts ({adapter})", adapter
+        yield f"PERFT-R router ({adapter})", adapter
+
+
+def _display_text(row: dict[str, Any]) -> str:
+    """The token as the reader sees it: decoded text with visible spaces and newlines, else its id."""
+    text = row.get("text") if row.get("text") is not None else row["token"]
+    if text is None:
+        return str(row["token_id"])
+    return text.replace(" ", "\u2423").replace("\n", "\u23ce").replace("\t", "\u21e5") or "\u2205"
 
 
 def _plot_example(rows: list[dict[str, Any]], path: Path, example: int) -> Path:
+    """Token x layer grids, one per router: each cell names the token's top expert in that layer and is coloured by
+    the share of the token's routing weight that expert got (one 0..1 scale for every panel). Long inputs wrap into
+    several strips of at most `TOKENS_PER_STRIP` tokens, so cells stay readable at 60 layers and 256 experts."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from matplotlib.colors import ListedColormap
 
     positions = sorted({row["position"] for row in rows})
     layer_ids = sorted({row["layer"] for row in rows})
-    labels = {row["position"]: row["token"] if row["token"] is not None else str(row["token_id"]) for row in rows}
+    labels = {row["position"]: _display_text(row) for row in rows}
     panels = list(_plot_panels(rows))
     if not panels:
         raise ValueError("Nothing to draw: this trace has neither base routing nor a PERFT-R adapter.")
+    strips = [positions[start : start + TOKENS_PER_STRIP] for start in range(0, len(positions), TOKENS_PER_STRIP)]
+    cell_height = 0.28 if len(layer_ids) <= 24 else 0.16
+    strip_height = 1.2 + cell_height * len(layer_ids)
+    columns = max(len(strip) for strip in strips)
     figure, axes = plt.subplots(
-        len(panels),
+        len(panels) * len(strips),
         1,
-        figsize=(max(8.0, 0.5 * len(positions) + 2), 1.0 + 0.45 * len(layer_ids) * len(panels)),
+        figsize=(min(max(8.0, 2.5 + 0.42 * columns), 30.0), 0.8 + strip_height * len(panels) * len(strips)),
         squeeze=False,
+        layout="constrained",
     )
-    for axis, (title, key) in zip(axes[:, 0], panels, strict=True):
-        top_expert = np.full((len(layer_ids), len(positions)), np.nan)
+    image = None
+    for index, ((title, key), strip) in enumerate((panel, strip) for panel in panels for strip in strips):
+        axis = axes[index, 0]
+        share = np.full((len(layer_ids), len(strip)), np.nan)
         for row in rows:
             experts, weights = _panel_routing(row, key)
-            if experts is None:
+            if experts is None or row["position"] not in strip or not experts:
                 continue
-            cell = (layer_ids.index(row["layer"]), positions.index(row["position"]))
-            top_expert[cell] = experts[int(np.argmax(weights))]
-            if len(positions) <= 48:
-                axis.text(cell[1], cell[0], ",".join(map(str, experts)), ha="center", va="center", fontsize=6)
-        num_colors = int(np.nanmax(top_expert)) + 1
-        colors = ListedColormap(plt.get_cmap("tab20")(np.arange(num_colors) % 20))
-        image = axis.imshow(top_expert, aspect="auto", cmap=colors, vmin=-0.5, vmax=num_colors - 0.5)
-        colorbar = figure.colorbar(image, ax=axis, label="top expert")
-        colorbar.set_ticks(range(0, num_colors, max(1, num_colors // 16)))
-        axis.set_title(f"{title}, example {example}")
-        axis.set_yticks(range(len(layer_ids)), [str(layer) for layer in layer_ids])
+            cell = (layer_ids.index(row["layer"]), strip.index(row["position"]))
+            best = int(np.argmax(weights))
+            total = float(sum(weights))
+            share[cell] = weights[best] / total if total > 0 else np.nan
+            font = 6 if len(layer_ids) <= 24 else 5
+            axis.text(cell[1], cell[0], str(experts[best]), ha="center", va="center", fontsize=font)
+        image = axis.imshow(share, aspect="auto", cmap="YlGnBu", vmin=0.0, vmax=1.0, interpolation="nearest")
+        axis.set_yticks(_every(len(layer_ids), 30), [str(layer_ids[i]) for i in _every(len(layer_ids), 30)], fontsize=7)
         axis.set_ylabel("layer")
-        axis.set_xticks(range(len(positions)), [labels[position] for position in positions], rotation=90, fontsize=7)
-    axes[-1, 0].set_xlabel("token (cells: selected experts, best first)")
-    figure.tight_layout()
+        axis.set_xticks(range(len(strip)), [labels[position] for position in strip], rotation=90, fontsize=7)
+        part = f", tokens {strip[0]}-{strip[-1]}" if len(strips) > 1 else ""
+        axis.set_title(
+            f"{title}: top expert of each token in each layer, example {example}, "
+            f"{len(positions)} tokens, layers {layer_ids[0]}-{layer_ids[-1]}{part}",
+            fontsize=9,
+        )
+    figure.colorbar(image, ax=axes[:, 0].tolist(), shrink=0.6, label="share of the token's routing weight")
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+def _every(count: int, most: int) -> list[int]:
+    """Every index up to ``most`` of them, else evenly spaced ones."""
+    step = max(1, -(-count // most))
+    return list(range(0, count, step))
 
 
 def _panel_routing(row: dict[str, Any], key: str) -> tuple[list | None, list | None]:

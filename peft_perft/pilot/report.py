@@ -228,25 +228,33 @@ def _quality_verdict(results: list[CandidateResult]) -> str:
     differences = [b - a for a, b in zip(best.eval_example_losses, second.eval_example_losses, strict=True)]
     margin = statistics.fmean(differences)
     error = standard_error(differences)
-    ratio = margin / error if error else math.inf
-    verdict = "clear" if ratio >= SIGNIFICANT else "within noise: not distinguishable at this budget, run more steps"
+    verdict = margin_verdict(margin, error, "within noise: not distinguishable at this budget, run more steps")
     return (
         f"{best.name} ({best.eval_loss:.4f}) vs {second.name} ({second.eval_loss:.4f}): paired difference "
-        f"{margin:.4f} ± {error:.4f} per example ({ratio:.1f} SE, {verdict})"
+        f"{margin:.4f} ± {error:.4f} per example ({verdict})"
     )
+
+
+def margin_verdict(gap: float, noise: float, noisy_words: str) -> str:
+    """How a measured gap compares with its standard error; no gap at all is a tie, never a win."""
+    if gap <= 0:
+        return "a tie: no difference measured"
+    if noise <= 0:
+        return "clear: no noise measured"
+    ratio = gap / noise
+    return f"{ratio:.1f} SE, {'clear' if ratio >= SIGNIFICANT else noisy_words}"
 
 
 def _speed_verdict(results: list[CandidateResult], busy: str | None) -> str:
     best, second = sorted(results, key=lambda result: result.step_time)[:2]
     gap = second.step_time - best.step_time
     noise = math.hypot(best.step_time_se, second.step_time_se)
-    ratio = gap / noise if noise else math.inf
-    verdict = "clear" if ratio >= SIGNIFICANT else "within timing noise"
+    verdict = margin_verdict(gap, noise, "within timing noise")
     if busy:
         verdict = f"not trustworthy: {busy}"
     return (
         f"{best.name} ({1000 * best.step_time:.0f} ms) vs {second.name} ({1000 * second.step_time:.0f} ms): "
-        f"{100 * gap / second.step_time:.0f}% faster ({ratio:.1f} SE, {verdict})"
+        f"{100 * gap / second.step_time:.0f}% faster ({verdict})"
     )
 
 
@@ -273,11 +281,11 @@ def _accuracy_verdict(results: list[CandidateResult]) -> str:
     if len(scored) == 1:
         return f"{best.name} {100 * best.accuracy:.1f}% ± {100 * error:.1f}"
     second = scored[1]
-    ratio = (best.accuracy - second.accuracy) / (math.sqrt(2) * error) if error else math.inf
-    verdict = "clear" if ratio >= SIGNIFICANT else "within sampling noise"
+    second_error = math.sqrt(second.accuracy * (1 - second.accuracy) / max(1, second.accuracy_examples))
+    verdict = margin_verdict(best.accuracy - second.accuracy, math.hypot(error, second_error), "within sampling noise")
     return (
         f"{best.name} {100 * best.accuracy:.1f}% vs {second.name} {100 * second.accuracy:.1f}% on "
-        f"{best.accuracy_examples} examples (± {100 * error:.1f} points each; {verdict})"
+        f"{best.accuracy_examples} examples (± {100 * error:.1f} / {100 * second_error:.1f} points; {verdict})"
     )
 
 
@@ -313,6 +321,7 @@ def draw_plot(report: PilotReport, path: Path) -> Path:
                 axis.errorbar(x, y, xerr=x_error(result), yerr=y_error(result), capsize=4, **styles[name])
             axis.set_xlabel(x_label)
             axis.set_ylabel(y_label)
+            _keep_readable_range(axis, [y for _, _, y in points], percent=y_label.startswith("accuracy"))
             axis.grid(alpha=0.3)
             axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
             _label_points(axis, points)
@@ -327,6 +336,23 @@ def draw_plot(report: PilotReport, path: Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def _keep_readable_range(axis: Any, values: list[float], percent: bool) -> None:
+    """Values that (nearly) coincide get a range around them, not matplotlib's +-4% of zero; percentages stay in
+    0..100."""
+    low, high = min(values), max(values)
+    if high - low > 1e-9 * max(1.0, abs(high)):
+        if percent:
+            bottom, top = axis.get_ylim()
+            axis.set_ylim(max(bottom, -2.0), min(top, 102.0))
+        return
+    if percent:
+        bottom = min(max(high - 5.0, -2.0), 92.0)  # a 10-point window inside -2..102 around the common value
+        axis.set_ylim(bottom, bottom + 10.0)
+    else:
+        half_width = max(0.05 * abs(high), 0.05)
+        axis.set_ylim(high - half_width, high + half_width)
 
 
 def _marker_styles() -> Iterator[dict[str, Any]]:

@@ -34,6 +34,7 @@ from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from peft_perft import PerftConfig
+from peft_perft.cli_inputs import InputError, require_dataset, require_model
 from peft_perft.demo import (
     BUNDLED_DATASET,
     BUNDLED_MODEL_DIR,
@@ -43,7 +44,7 @@ from peft_perft.demo import (
     load_tokenizer,
     load_user_splits,
 )
-from peft_perft.evaluation import EvaluationReport, GenerationSettings, evaluate
+from peft_perft.evaluation import EvaluationReport, GenerationSettings, evaluate, resolve_tasks
 from peft_perft.quantization import add_quantize_argument
 
 from .measure import (
@@ -134,8 +135,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="recompute activations (auto: on a GPU only, as peft-perft demo)",
     )
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--output-dir", default=defaults.output_dir)
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed of the data order and every adapter's init"
+    )
+    parser.add_argument("--output-dir", default=defaults.output_dir, help="where pilot.json and pilot.png go")
     add_quantize_argument(parser)
 
 
@@ -214,6 +217,15 @@ def validate_settings(settings: PilotSettings) -> None:
             f"The bundled demo model is missing at {BUNDLED_MODEL_DIR}; pass --model, or recreate it with "
             f"python scripts/train_demo_model.py."
         )
+    require_model(settings.model)
+    require_dataset(settings.dataset, builtin=(BUNDLED_DATASET,))
+    for source in settings.test_files:
+        if not Path(source).exists():
+            require_dataset(source, flag="--test-files")
+        try:
+            resolve_tasks(None, source)
+        except (ValueError, FileNotFoundError) as error:
+            raise InputError(f"--test-files {source}: {error}") from None
 
 
 def parse_config_keys(text: str) -> list[str]:

@@ -1,0 +1,116 @@
+"""Checks of command-line inputs shared by the ``peft-perft`` subcommands, run before anything heavy loads.
+
+Each check raises `InputError` with one message that says what is wrong, where (the flag), and what to do; the
+``peft-perft`` entry point prints it as one line and exits with status 2. Models and data sets named by Hub id
+are looked up with one short request (or in the local cache), so an offline machine is told so in a second instead
+of after a minute of retries.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+HUB_TIMEOUT_SECONDS = 10.0
+CONFIG_FILE = "config.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+class InputError(ValueError):
+    """A command-line input that cannot work; the message is meant for the user as it is."""
+
+
+def require_positive(value: float | None, flag: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+    """``flag`` must be a positive number (or zero / unset where that means something)."""
+    if value is None and allow_none:
+        return
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        expected = "zero or a positive number" if allow_zero else "a positive number"
+        raise InputError(f"{flag} {value} is invalid: expected {expected}.")
+
+
+def looks_like_path(name: str) -> bool:
+    """A name the user meant as a local path: Hub ids are ``name`` or ``owner/name``, never more."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def require_model(name: str, flag: str = "--model") -> None:
+    """A local model folder with config.json, or a Hub model id that is cached or reachable."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / CONFIG_FILE).is_file():
+            raise InputError(f"{flag} {name} has no {CONFIG_FILE}: point it at a saved Transformers model folder.")
+        return
+    if looks_like_path(name):
+        raise InputError(f"{flag} {name}: no such folder. Give an existing model folder or a Hub model id.")
+    _require_on_hub(name, flag, "model", CONFIG_FILE)
+
+
+def require_dataset(name: str, flag: str = "--dataset", builtin: tuple[str, ...] = ()) -> None:
+    """A built-in name, a local file or folder, or a Hub data set id that is reachable (or HF_HUB_OFFLINE is set)."""
+    if name in builtin or Path(name).expanduser().exists():
+        return
+    if looks_like_path(name) or Path(name).suffix.lower() in {".json", ".jsonl", ".parquet", ".csv"}:
+        raise InputError(f"{flag} {name}: no such file or folder. Check the path, or give a Hub data set id.")
+    _require_on_hub(name, flag, "dataset", None)
+
+
+def require_adapter(name: str, flag: str = "--adapter") -> None:
+    """A local adapter folder whose adapter_config.json parses, or a Hub adapter id that is cached or reachable."""
+    path = Path(name).expanduser()
+    if path.exists():
+        config = path / ADAPTER_CONFIG_FILE
+        if not config.is_file():
+            raise InputError(f"{flag} {name} has no {ADAPTER_CONFIG_FILE}: point it at a folder save_pretrained wrote.")
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as error:
+            raise InputError(
+                f"{flag}: {config} is not valid JSON ({error}); the adapter folder is damaged. Save the adapter "
+                f"again or download it again."
+            ) from None
+        return
+    if looks_like_path(name):
+        raise InputError(f"{flag} {name}: no such folder. Give an existing adapter folder or a Hub adapter id.")
+    _require_on_hub(name, flag, "model", ADAPTER_CONFIG_FILE)
+
+
+def _require_on_hub(name: str, flag: str, repo_type: str, probe_file: str | None) -> None:
+    """The id is valid and in the local cache, or the Hub answers for it; otherwise say why and what to do."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise InputError(f"{flag} {name} is neither an existing local path nor a valid Hub {repo_type} id.") from None
+    if probe_file is not None and isinstance(try_to_load_from_cache(name, probe_file, repo_type=repo_type), str):
+        return
+    local_hint = f"or download it once and pass the local folder ({flag} path/to/{name.rsplit('/', 1)[-1]})"
+    if constants.HF_HUB_OFFLINE:
+        if repo_type == "dataset":
+            return  # datasets reads its own cache offline; it says so itself if the data set is not there
+        raise InputError(
+            f"{flag} {name} is not in the local Hub cache and HF_HUB_OFFLINE is set: unset it {local_hint}."
+        )
+    api = HfApi()
+    lookup = api.dataset_info if repo_type == "dataset" else api.model_info
+    try:
+        lookup(name, timeout=HUB_TIMEOUT_SECONDS)
+    except GatedRepoError:
+        raise InputError(
+            f"{flag} {name} is gated on the Hub: accept its terms on huggingface.co and log in (`hf auth login`), "
+            f"{local_hint}."
+        ) from None
+    except RepositoryNotFoundError:
+        raise InputError(
+            f"{flag} {name}: no such {repo_type} on the Hugging Face Hub (or it is private: log in with "
+            f"`hf auth login`). Check the id, or pass a local path."
+        ) from None
+    except Exception as error:  # noqa: BLE001 - any transport failure means the same thing to the user
+        raise InputError(
+            f"{flag} {name}: could not reach the Hugging Face Hub ({type(error).__name__}: {error}) and it is not in "
+            f"the local cache. Connect to the internet, {local_hint}."
+        ) from None

@@ -1,0 +1,127 @@
+"""What ``peft-perft demo`` checks before it loads the model: its flags, the model and data it names, and that the
+data fits the model's tokenizer and context.
+
+The flags and names are checked first (`validate_demo_args`), so a mistake costs a second, not a data build and a
+base-model evaluation. The data check (`check_data_fits`) runs once the tokenizer and data are loaded: text the
+tokenizer would turn into unknown tokens is refused, and sequences longer than the model's context are cut to it
+with a message that says how many.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable
+
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+from peft_perft import PerftConfig
+from peft_perft.cli_inputs import InputError, require_dataset, require_model, require_positive
+from peft_perft.evaluation import get_task
+
+BUNDLED_DATASET = "bundled"
+SHOWN_CHARACTERS = 12
+
+
+def validate_demo_args(args: argparse.Namespace) -> PerftConfig:
+    """Check every flag and the model and data names; return the adapter configuration the flags describe."""
+    for flag in ("steps", "batch_size", "r", "max_eval_samples", "max_length"):
+        require_positive(getattr(args, flag), f"--{flag.replace('_', '-')}")
+    require_positive(args.lora_alpha, "--lora-alpha")
+    require_positive(args.learning_rate, "--learning-rate")
+    for flag in ("num_experts", "top_k", "max_new_tokens", "threads"):
+        require_positive(getattr(args, flag), f"--{flag.replace('_', '-')}", allow_none=True)
+    if args.variant == "E" and args.num_experts is not None:
+        raise InputError(
+            f"--num-experts {args.num_experts} does not apply to --variant E: PERFT-E gives every base expert its own "
+            f"adapter expert, so it always has the model's expert count. Drop --num-experts (or use --variant R)."
+        )
+    if args.variant != "R" and args.top_k is not None:
+        raise InputError(
+            f"--top-k {args.top_k} applies only to --variant R (its own router picks top-k adapter experts); "
+            f"PERFT-{args.variant} does not route. Drop --top-k."
+        )
+    if args.eval_task is not None:
+        try:
+            get_task(args.eval_task)
+        except ValueError as error:
+            raise InputError(f"--eval-task: {error}") from None
+    require_model(args.model)
+    require_dataset(args.dataset, builtin=(BUNDLED_DATASET,))
+    try:
+        return PerftConfig(
+            variant=args.variant, r=args.r, lora_alpha=args.lora_alpha, num_experts=args.num_experts, top_k=args.top_k
+        )
+    except ValueError as error:
+        raise InputError(f"The adapter flags do not fit together: {error}") from None
+
+
+def check_data_fits(
+    texts_by_split: dict[str, list[str]],
+    tokenizer: PreTrainedTokenizerBase,
+    model_config: PretrainedConfig,
+    args: argparse.Namespace,
+    max_new_tokens: int,
+    log: Callable[[str], object] = print,
+) -> int:
+    """Refuse text the tokenizer cannot represent; return the training length, cut to the model's context.
+
+    ``texts_by_split`` holds prompt + completion per record (``train``) and the prompts alone (``test``).
+    """
+    _refuse_unknown_characters(texts_by_split, tokenizer, args)
+    context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    max_length = args.max_length if context is None else min(args.max_length, context)
+    train_lengths = _lengths(texts_by_split["train"], tokenizer)
+    cut = sum(length > max_length for length in train_lengths)
+    if cut:
+        limit = "the model's context" if max_length == context else "--max-length"
+        log(
+            f"[demo] {cut} of {len(train_lengths)} training examples are longer than {max_length} tokens ({limit}); "
+            f"they are cut to {max_length} tokens for training."
+        )
+    if context is not None:
+        prompt_lengths = _lengths(texts_by_split["test"], tokenizer)
+        too_long = [length for length in prompt_lengths if length + max_new_tokens > context]
+        if too_long:
+            raise InputError(
+                f"--dataset {args.dataset}: {len(too_long)} held-out prompts plus {max_new_tokens} generated tokens "
+                f"(--max-new-tokens) exceed the context of {args.model} ({context} positions; longest prompt "
+                f"{max(too_long)} tokens). Use shorter records, a smaller --max-new-tokens, or a model with a longer "
+                f"context."
+            )
+    return max_length
+
+
+def _refuse_unknown_characters(
+    texts_by_split: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace
+) -> None:
+    """Text whose characters the tokenizer maps to its unknown token would train and score on garbage."""
+    if tokenizer.unk_token_id is None:
+        return  # byte-level tokenizers represent any text
+    characters = {character for texts in texts_by_split.values() for text in texts for character in text}
+    unknown = {
+        character
+        for character in characters
+        if tokenizer.unk_token_id in tokenizer(character, add_special_tokens=False)["input_ids"]
+    }
+    if not unknown:
+        return
+    affected = {
+        split: [index for index, text in enumerate(texts) if unknown.intersection(text)]
+        for split, texts in texts_by_split.items()
+    }
+    split, indices = next((split, indices) for split, indices in affected.items() if indices)
+    shown = "".join(sorted(unknown)[:SHOWN_CHARACTERS]) + ("..." if len(unknown) > SHOWN_CHARACTERS else "")
+    total = sum(len(texts) for texts in texts_by_split.values())
+    raise InputError(
+        f"--dataset {args.dataset}: {sum(map(len, affected.values()))} of {total} records contain characters the "
+        f"tokenizer of {args.model} cannot represent ({shown!r}; first in record {indices[0]} of the {split} split); "
+        f"the demo would train and score on unknown tokens. Use a --model whose tokenizer covers this data, or "
+        f"remove those characters."
+    )
+
+
+def _lengths(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    texts = list(texts)
+    if not texts:
+        return []
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
