@@ -42,18 +42,18 @@ def documented_imports() -> list[tuple[str, str]]:
 def documented_commands() -> list[tuple[str, tuple[str, ...], bool]]:
     """(file, argv, whether it is a whole command) for every ``peft-perft`` command in the README and the docs.
 
-    Commands in code blocks (continuation lines joined) are whole; in inline code a bare ``peft-perft eval`` may
-    just name the command, so only inline commands with flags count as whole.
+    Commands in shell blocks and ``$``-prompted lines of transcripts (continuation lines joined) are whole; in inline
+    code a bare ``peft-perft eval`` may just name the command, so only inline commands with flags count as whole.
     """
     found = []
     for path in [README, *PAGES]:
-        block_lines = [
-            line for body in blocks(path, "bash", "text", "sh", "") for line in body.replace("\\\n", " ").split("\n")
-        ]
-        for line, in_block in [(line, True) for line in block_lines] + [
-            (span, False) for span in INLINE_COMMAND.findall(path.read_text())
-        ]:
-            command = line.removeprefix("$ ").split("#")[0].strip()
+        shell = [line for body in blocks(path, "bash", "sh") for line in body.replace("\\\n", " ").split("\n")]
+        transcripts = [line for body in blocks(path, "text", "") for line in body.replace("\\\n", " ").split("\n")]
+        candidates = [(line, True) for line in shell]
+        candidates += [(line.removeprefix("$ "), True) for line in transcripts if line.startswith("$ ")]
+        candidates += [(span, False) for span in INLINE_COMMAND.findall(path.read_text())]
+        for line, in_block in candidates:
+            command = line.split("#")[0].strip()
             if command.startswith("peft-perft "):
                 argv = tuple(shlex.split(command)[1:])
                 found.append((path.name, argv, in_block or len(argv) > 1))
@@ -73,6 +73,11 @@ def test_documented_import_works(page: str, statement: str) -> None:
 
 @pytest.mark.parametrize(("page", "argv", "whole"), documented_commands(), ids=lambda value: str(value)[:60])
 def test_documented_command_parses(page: str, argv: tuple[str, ...], whole: bool) -> None:
+    if argv[0].startswith("-"):  # a flag of peft-perft itself, e.g. --version: answers and exits 0
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(list(argv))
+        assert exit_info.value.code == 0, f"{page}: `peft-perft {' '.join(argv)}` failed"
+        return
     assert argv[0] in SUBCOMMANDS, f"{page}: `peft-perft {argv[0]}` is not a command"
     if whole:
         build_parser(argv[0]).parse_args(list(argv))

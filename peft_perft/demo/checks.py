@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from peft_perft import PerftConfig
-from peft_perft.cli_inputs import InputError, require_dataset, require_model, require_positive
+from peft_perft.cli.inputs import InputError, require_dataset, require_model, require_positive
 from peft_perft.evaluation import get_task
 
 BUNDLED_DATASET = "bundled"

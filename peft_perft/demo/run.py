@@ -38,7 +38,7 @@ from trl import SFTConfig, SFTTrainer
 
 from peft_perft import PerftConfig, PerftMoeBlock
 from peft_perft.evaluation import build_prompt, generate_batch, is_correct
-from peft_perft.monitor import routing_report
+from peft_perft.monitor import draw_load_heatmap, routing_report
 from peft_perft.quantization import add_quantize_argument, load_quantized_base
 
 from .checks import BUNDLED_DATASET, check_data_fits, validate_demo_args
@@ -501,7 +501,6 @@ def family_routers(report: Any, family: str) -> list[Any]:
 
 def draw_task_heatmap(reports: dict[str, Any], family: str, description: str, path: Path) -> Path:
     """Rows are (layer, sub-task), columns experts, on the routing monitor's shared relative-load scale."""
-    from peft_perft.monitor.pictures import draw_load_heatmap
 
     per_task = {name: family_routers(report, family) for name, report in reports.items()}
     first = next(iter(per_task.values()))

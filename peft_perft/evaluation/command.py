@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from peft_perft.cli_inputs import InputError, require_adapter, require_dataset, require_model
+from peft_perft.cli.inputs import InputError, require_adapter, require_dataset, require_model
 from peft_perft.evaluation.answers import TASK_GROUPS, TASKS
 from peft_perft.evaluation.data import resolve_tasks
 from peft_perft.evaluation.runner import DTYPES, GenerationSettings, evaluate, load_model

@@ -18,6 +18,7 @@ from .callback import RoutingMonitorCallback, add_routing_monitor
 from .counting import RoutingMonitor
 from .dataset import routing_report
 from .health import NonFiniteError, NumericsCallback, NumericsGuard
+from .pictures import draw_load_heatmap
 from .stats import CollapseCriteria, RouterCollapseWarning, RouterStats, RoutingReport
 from .trace import RoutingTrace, routing_trace
 
@@ -33,6 +34,7 @@ __all__ = [
     "RoutingReport",
     "RoutingTrace",
     "add_routing_monitor",
+    "draw_load_heatmap",
     "routing_report",
     "routing_trace",
 ]

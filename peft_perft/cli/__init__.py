@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module, which exposes ``add_cli_arguments(parser)`` and
 ``run_cli(args) -> int``. Modules are imported only when their subcommand runs, so
-``peft-perft --help`` stays fast. A mistake in the inputs (`peft_perft.cli_inputs.InputError`, or any other
+``peft-perft --help`` stays fast. A mistake in the inputs (`peft_perft.cli.inputs.InputError`, or any other
 ``ValueError`` / ``OSError`` a subcommand raises) is printed as one line with exit status 2; set
 ``PEFT_PERFT_DEBUG=1`` to see the traceback instead.
 """
@@ -14,7 +14,7 @@ import importlib
 import os
 import sys
 
-from peft_perft.cli_inputs import InputError
+from .inputs import InputError
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("peft_perft.demo", "fine-tune the bundled pretrained MoE with PERFT end to end"),
