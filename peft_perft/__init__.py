@@ -12,6 +12,7 @@ from .hub import install_hub_hooks
 from .layer import PerftMoeBlock
 from .loading import install_loading_guard
 from .model import PerftModel
+from .sharding import install_sharding_hooks
 
 __all__ = ["PerftConfig", "PerftModel", "PerftMoeBlock", "__version__"]
 __version__ = "0.1.0"
@@ -25,3 +26,4 @@ else:
     register_peft_method(name="perft", config_cls=PerftConfig, model_cls=PerftModel, prefix=PerftModel.prefix)
 install_loading_guard()
 install_hub_hooks()
+install_sharding_hooks()

@@ -13,6 +13,7 @@ from .architectures import MoeBlockSpec, find_moe_blocks
 from .config import PerftConfig
 from .layer import MERGE_ERROR, PerftMoeBlock
 from .loading import check_adapter_fits
+from .sharding import refuse_unsupported_layout, replicate_adapter
 
 
 class PerftModel(BaseTuner):
@@ -28,6 +29,7 @@ class PerftModel(BaseTuner):
 
     def _prepare_model(self, peft_config: PerftConfig, model: nn.Module) -> None:
         """Find the MoE blocks once per adapter; a model without any gets an error that names its type."""
+        refuse_unsupported_layout(model)
         self._moe_blocks: dict[str, MoeBlockSpec] = find_moe_blocks(model)
         if not self._moe_blocks:
             model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
@@ -89,9 +91,11 @@ class PerftModel(BaseTuner):
         raise NotImplementedError(MERGE_ERROR)
 
     def _post_injection_hook(self, model: nn.Module, config: PerftConfig, adapter_name: str) -> None:
-        """Attach the aux-loss hook to the model itself, so every call path (PeftModel, TRL, direct) gets it."""
+        """Attach the aux-loss hook to the model itself, so every call path (PeftModel, TRL, direct) gets it; on a
+        model sharded at load time, make the new adapter replicated with averaged gradients (see `sharding`)."""
         if getattr(self, "_aux_loss_hook", None) is None:
             self._aux_loss_hook = model.register_forward_hook(self._add_router_aux_loss, with_kwargs=True)
+        replicate_adapter(model)
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         """Remove the aux-loss hook along with the adapters, so the returned model is the original one."""
