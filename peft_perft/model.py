@@ -13,7 +13,7 @@ from .architectures import MoeBlockSpec, find_moe_blocks
 from .config import PerftConfig
 from .layer import MERGE_ERROR, PerftMoeBlock
 from .loading import check_adapter_fits
-from .sharding import refuse_unsupported_layout, replicate_adapter
+from .sharding import distribute_adapter_state_dict, refuse_unsupported_layout, replicate_adapter
 
 
 class PerftModel(BaseTuner):
@@ -76,7 +76,7 @@ class PerftModel(BaseTuner):
         """Map checkpoint keys to the model (peft's way), then refuse an adapter that does not fit before loading."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         check_adapter_fits(model, adapter_name, remapped)
-        return remapped
+        return distribute_adapter_state_dict(model, remapped)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Put a module in place; used by unload() to restore the original block, without PERFT's experts hook."""

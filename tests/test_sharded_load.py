@@ -80,6 +80,14 @@ def run_ranks(*arguments: str, processes: int = 2) -> subprocess.CompletedProces
     return result
 
 
+def assert_holds_its_share(held: dict[str, int], whole: dict[str, int], sharded: bool) -> None:
+    """Per-rank adapter memory: with ep_implementation="perft" each of the 2 EP ranks stores half of every PERFT-E
+    tensor (the adapter experts of its local base experts); otherwise every rank stores all of the adapter."""
+    assert sorted(held) == sorted(whole)
+    for name, elements in whole.items():
+        assert held[name] == (elements // 2 if sharded else elements), name
+
+
 def assert_same_tensors(found: dict, expected: dict) -> None:
     assert sorted(found) == sorted(expected)
     for name, tensor in expected.items():
@@ -106,9 +114,10 @@ def sharded_runs(bases: dict, tmp_path_factory: pytest.TempPathFactory) -> Calla
     ("family", "variant", "layout"),
     [
         ("olmoe", "R", "fsdp_ep"),
-        ("olmoe", "E", "tp_ep"),
         ("qwen3_moe", "R", "tp_ep"),
         ("qwen3_moe", "E", "fsdp_ep"),
+        ("olmoe", "E", "tp_ep_sharded"),
+        ("qwen3_moe", "E", "fsdp_ep_sharded"),
     ],
 )
 def test_sharded_run_matches_one_process(
@@ -122,8 +131,10 @@ def test_sharded_run_matches_one_process(
         assert_same_tensors(run["initial"], reference["initial"])  # broadcast from rank 0, though seeds differ
         assert_same_tensors(run["gradients"], reference["gradients"])
         assert_same_tensors(run["trained"], reference["trained"])
-        # PERFT's tensors are replicated; no base weight may be gathered to save the adapter.
-        assert run["gathers_during_save"] == [0]
+        assert_holds_its_share(run["held"], reference["held"], sharded=layout.endswith("_sharded"))
+        # Saving gathers the sharded adapter tensors and nothing else (no base weight).
+        sharded_tensors = sum(run["held"][name] < reference["held"][name] for name in run["held"])
+        assert run["gathers_during_save"] == [sharded_tensors]
     assert not torch.equal(next(iter(reference["trained"].values())), next(iter(reference["initial"].values())))
     saved = load_file(f"{output}.adapter/adapter_model.safetensors")
     assert_same_tensors(saved, load_file(f"{references[family, variant]}.adapter/adapter_model.safetensors"))
@@ -132,10 +143,11 @@ def test_sharded_run_matches_one_process(
 def test_adapter_saved_sharded_loads_onto_another_sharding_and_one_process(
     bases: dict, sharded_runs: Callable, references: dict, tmp_path: Path
 ) -> None:
-    """An adapter trained under TP+EP loads under FSDP+EP and in one process to the same logits."""
-    adapter = f"{sharded_runs('olmoe', 'E', 'tp_ep')}.adapter"
+    """A PERFT-E adapter trained with its experts sharded under TP+EP loads, sharded under FSDP+EP and in one
+    process, to the same logits."""
+    adapter = f"{sharded_runs('olmoe', 'E', 'tp_ep_sharded')}.adapter"
     loaded = tmp_path / "loaded.pt"
-    result = run_ranks(str(bases["olmoe"]), "fsdp_ep", "E", str(loaded), adapter)
+    result = run_ranks(str(bases["olmoe"]), "fsdp_ep_sharded", "E", str(loaded), adapter)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     one_process = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bases["olmoe"]), adapter)
     with torch.no_grad():

@@ -36,7 +36,8 @@ LAYOUTS = {
     "tp_ep": {"tp_size": 2, "ep_size": 2},
     "fsdp": {"fsdp_size": 2},
     "fsdp_ep": {"fsdp_size": 2, "ep_size": 2},
-    "pp": {"pp_size": 2},
+    "tp_ep_sharded": {"tp_size": 2, "ep_size": 2, "ep_implementation": "perft"},
+    "fsdp_ep_sharded": {"fsdp_size": 2, "ep_size": 2, "ep_implementation": "perft"},
 }
 CONFIGS = {
     "R": {"variant": "R", "r": 4, "num_experts": 4, "top_k": 2, "init_weights": False},
@@ -68,7 +69,22 @@ def data_parallel_slice(tokens: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def adapter_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    """Whole gradients (gathered for sharded tensors: every rank calls this)."""
+    gradients = {}
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            gradient = parameter.grad.detach()
+            gradients[name] = gradient.full_tensor() if isinstance(gradient, DTensor) else gradient.clone()
+    return gradients
+
+
+def adapter_elements_held(model: torch.nn.Module) -> dict[str, int]:
+    """Elements of each adapter tensor stored on this rank (its shard for a DTensor)."""
+    held = {}
+    for name, parameter in model.named_parameters():
+        if ".perft_" in name:
+            held[name] = (parameter.to_local() if isinstance(parameter, DTensor) else parameter).numel()
+    return held
 
 
 def train(model: torch.nn.Module, layout: str, tokens: torch.Tensor) -> dict:
@@ -115,7 +131,7 @@ def main(base: str, layout: str, variant: str, output: str, adapter: str | None 
             record = {"logits": model(input_ids=tokens[0]).logits}
     else:
         model = get_peft_model(base_model, PerftConfig(**CONFIGS[variant]))
-        record = {"initial": gathered_adapter_state_dict(model)}
+        record = {"initial": gathered_adapter_state_dict(model), "held": adapter_elements_held(model)}
         with torch.no_grad():
             record["logits"] = model(input_ids=tokens[0]).logits
         record.update(train(model, layout, tokens))
