@@ -165,3 +165,20 @@ def test_pipeline_parallel_is_refused_at_get_peft_model() -> None:
     model.config.distributed_config = DistributedConfig(pp_size=2)
     with pytest.raises(NotImplementedError, match="pipeline parallelism"):
         get_peft_model(model, PerftConfig(variant="R", r=4, num_experts=4, top_k=2))
+
+
+def test_trainer_checkpoints_on_a_model_sharded_at_load(bases: dict, tmp_path: Path) -> None:
+    """The Trainer (fsdp_size=2, ep_size=2) saves a checkpoint every step from both ranks without hanging; the
+    ranks train the same adapter and the last checkpoint holds it."""
+    worker = WORKER.parent / "trainer_worker.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    result = subprocess.run(
+        [*command, str(bases["olmoe"]), str(tmp_path)], capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    final = torch.load(tmp_path / "final.rank0.pt")
+    assert_same_tensors(torch.load(tmp_path / "final.rank1.pt"), final)
+    saved = load_file(tmp_path / "checkpoint-2" / "adapter_model.safetensors")
+    assert_same_tensors(saved, {name.removesuffix(".default"): tensor for name, tensor in final.items()})
+    first = load_file(tmp_path / "checkpoint-1" / "adapter_model.safetensors")
+    assert any(not torch.equal(first[name], saved[name]) for name in saved), "step 2 must change the adapter"
