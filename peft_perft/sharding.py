@@ -12,6 +12,10 @@ Two things go wrong there without this module:
 - **Training.** PERFT's tensors are created after Transformers applied FSDP (``fsdp_size``), so no engine manages
   them: their gradients would never be averaged and each rank would train its own adapter. `replicate_adapter`
   broadcasts them from rank 0 and averages their gradients over all ranks after every backward.
+
+Under expert parallelism PERFT-E can also be sharded like the experts: `PerftExpertParallel`, registered with
+Transformers as ``ep_implementation="perft"``, computes each adapter expert's term on the rank owning the base
+expert, inside the experts' own token dispatch.
 """
 
 from __future__ import annotations
