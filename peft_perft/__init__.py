@@ -16,6 +16,7 @@ from .hub import install_hub_hooks  # noqa: E402
 from .layer import PerftMoeBlock  # noqa: E402
 from .loading import install_loading_guard  # noqa: E402
 from .model import PerftModel  # noqa: E402
+from .sharding import install_sharding_hooks  # noqa: E402
 
 __all__ = ["PerftConfig", "PerftModel", "PerftMoeBlock", "__version__"]
 __version__ = "0.1.0"
@@ -29,3 +30,4 @@ else:
     register_peft_method(name="perft", config_cls=PerftConfig, model_cls=PerftModel, prefix=PerftModel.prefix)
 install_loading_guard()
 install_hub_hooks()
+install_sharding_hooks()

@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from .architectures import MoeBlockSpec
 from .config import PerftConfig
 from .dispatch import always_on_experts, routed_experts
+from .sharding import shard_routed_adapter
 
 
 @dataclass
@@ -87,6 +89,8 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         if config.variant == "E" and self._experts_hook_handle is None:
             self._experts_hook_handle = self._register_base_routing_hook()
         self.reset_parameters(adapter_name)
+        if config.variant == "E":
+            shard_routed_adapter(self, adapter_name)
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()
@@ -211,6 +215,8 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         for name in self._experts_call_adapters:
             config, lora_A, lora_B = self.perft_configs[name], self.perft_A[name], self.perft_B[name]
             self.routing_records[name] = RoutingRecord(expert_index.detach(), expert_weight.detach())
+            if isinstance(lora_A, DTensor):  # sharded like the experts: added inside their expert-parallel dispatch
+                continue
             adapter_input = self._dropout(name, hidden.to(lora_A.dtype))
             weight = expert_weight.to(lora_A.dtype)
             delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight)

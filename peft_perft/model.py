@@ -13,6 +13,7 @@ from .architectures import MoeBlockSpec, find_moe_blocks
 from .config import PerftConfig
 from .layer import MERGE_ERROR, PerftMoeBlock
 from .loading import check_adapter_fits
+from .sharding import distribute_adapter_state_dict, refuse_unsupported_layout, replicate_adapter
 
 
 class PerftModel(BaseTuner):
@@ -28,6 +29,7 @@ class PerftModel(BaseTuner):
 
     def _prepare_model(self, peft_config: PerftConfig, model: nn.Module) -> None:
         """Find the MoE blocks once per adapter; a model without any gets an error that names its type."""
+        refuse_unsupported_layout(model)
         self._moe_blocks: dict[str, MoeBlockSpec] = find_moe_blocks(model)
         if not self._moe_blocks:
             model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
@@ -75,7 +77,7 @@ class PerftModel(BaseTuner):
         """Map checkpoint keys to the model (peft's way), then refuse an adapter that does not fit before loading."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         check_adapter_fits(model, adapter_name, remapped)
-        return remapped
+        return distribute_adapter_state_dict(model, remapped)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Put a module in place; used by unload() to restore the original block, without PERFT's experts hook."""
@@ -90,9 +92,11 @@ class PerftModel(BaseTuner):
         raise NotImplementedError(MERGE_ERROR)
 
     def _post_injection_hook(self, model: nn.Module, config: PerftConfig, adapter_name: str) -> None:
-        """Attach the aux-loss hook to the model itself, so every call path (PeftModel, TRL, direct) gets it."""
+        """Attach the aux-loss hook to the model itself, so every call path (PeftModel, TRL, direct) gets it; on a
+        model sharded at load time, make the new adapter replicated with averaged gradients (see `sharding`)."""
         if getattr(self, "_aux_loss_hook", None) is None:
             self._aux_loss_hook = model.register_forward_hook(self._add_router_aux_loss, with_kwargs=True)
+        replicate_adapter(model)
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         """Remove the aux-loss hook along with the adapters, so the returned model is the original one."""

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from peft import PeftModel
-from peft.utils import get_peft_model_state_dict
 
 from ..config import PerftConfig
 from ..layer import PerftMoeBlock
@@ -286,7 +286,9 @@ def _describe_adapter(model: PeftModel, name: str, base_parameters: int) -> dict
     spec = blocks[0].spec
     num_experts = blocks[0].perft_A[name].shape[0]
     active = {"R": config.resolved_top_k(), "E": spec.top_k, "D": num_experts, "S": 1}[config.variant]
-    saved = sum(tensor.numel() for tensor in get_peft_model_state_dict(model, adapter_name=name).values())
+    # Counted from the adapter's own tensors (global sizes for sharded ones): asking peft for the adapter state dict
+    # here would gather sharded weights on the main process alone and leave the other ranks of a save waiting.
+    saved = sum(block_tensor.numel() for block in blocks for block_tensor in _adapter_tensors(block, name))
     settings = [
         ("variant", f"{config.variant} ({VARIANT_NAMES[config.variant]})"),
         ("adapter experts per MoE block", num_experts),
@@ -351,6 +353,10 @@ def _adapter_parameter_count(model: PeftModel) -> int:
         for parameters in (module.perft_A, module.perft_B, module.perft_router)
         for parameter in parameters.values()
     )
+
+
+def _adapter_tensors(block: PerftMoeBlock, name: str) -> list[torch.Tensor]:
+    return [tensors[name] for tensors in (block.perft_A, block.perft_B, block.perft_router) if name in tensors]
 
 
 def _base_model_id(model: PeftModel, adapter_name: str) -> str | None:

@@ -72,6 +72,8 @@ def main(mode: str, output: str) -> None:
         optimiser.step()
         optimiser.zero_grad()
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # As the Trainer saves: every rank calls save_pretrained, only the main process writes.
+    accelerator.unwrap_model(model).save_pretrained(f"{output}.adapter", is_main_process=accelerator.is_main_process)
     if accelerator.is_main_process:
         trained = {name: tensor.detach().cpu() for name, tensor in state.items() if ".perft_" in name}
         torch.save({"initial": initial, "trained": trained}, output)

@@ -1,0 +1,246 @@
+"""PERFT on models that Transformers sharded at load time (``from_pretrained(distributed_config=...)``) or that the
+user sharded with FSDP2 after `get_peft_model`.
+
+Two things go wrong there without this module:
+
+- **Saving.** peft's `get_peft_model_state_dict` gathers the *whole* model state dict (every base weight, as a
+  collective ``DTensor.full_tensor()`` per tensor) before keeping the adapter keys. That does not fit at DeepSeek-V3
+  scale, and since the Trainer calls ``save_pretrained`` with ``is_main_process`` false on the other ranks, any
+  extra gather done only on the main process (the model card used to do one) leaves one rank waiting in a
+  collective the others never join. `install_sharding_hooks` makes `PeftModel.save_pretrained` gather only the
+  adapter's tensors, on every rank, in one fixed order, and hand peft that small state dict.
+- **Training.** PERFT's tensors are created after Transformers applied FSDP (``fsdp_size``), so no engine manages
+  them: their gradients would never be averaged and each rank would train its own adapter. `replicate_adapter`
+  broadcasts them from rank 0 and averages their gradients over all ranks after every backward.
+
+Under expert parallelism PERFT-E can also be sharded like the experts: `PerftExpertParallel`, registered with
+Transformers as ``ep_implementation="perft"``, computes each adapter expert's term on the rank owning the base
+expert, inside the experts' own token dispatch.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from peft import PeftModel
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from transformers.distributed.expert_parallel import AutoEP, EPImplementation, EPImplementationInterface
+
+from .loading import ADAPTER_KEY_MARKERS
+
+_HOOKED = "__perft_sharding_hook__"
+# Transformers' Trainer registers its own gradient average for replicated parameters unless this flag is set.
+TRAINER_HOOK_FLAG = "_replicated_grad_hook_registered"
+MODULES_TO_SAVE_MARKER = ".modules_to_save."
+
+
+def is_distributed() -> bool:
+    """More than one process in the default process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def distributed_config_of(model: nn.Module) -> Any:
+    """The `DistributedConfig` Transformers sharded ``model`` with at load time, or None."""
+    return getattr(getattr(model, "config", None), "distributed_config", None)
+
+
+def gathered_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (PERFT's and any ``modules_to_save``), whole and on CPU, keyed as in ``state_dict()``.
+
+    Sharded tensors are gathered with one collective each, in ``state_dict()`` order, so every rank must call this;
+    base weights are neither gathered nor copied.
+    """
+    gathered = {}
+    for key, tensor in model.state_dict().items():
+        if not _is_adapter_key(key):
+            continue
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        # A copy, not a view of the live parameter: the optimiser must not change a state dict being saved.
+        gathered[key] = tensor.detach().to("cpu", copy=True).contiguous()
+    return gathered
+
+
+def replicate_adapter(model: nn.Module) -> None:
+    """Make the trainable tensors no engine manages behave as under DDP: identical on every rank at the start
+    (broadcast from rank 0) and with gradients averaged over all ranks after each backward.
+
+    Only for a model sharded by Transformers at load time (DDP and FSDP2 applied afterwards manage the adapter
+    themselves), called after PERFT injects an adapter. Averaging after every
+    backward is also right under gradient accumulation (the average of already-averaged gradients plus new local
+    ones is the average of both), so no sync window has to be known. Ranks of a tensor-parallel group see the same
+    batch and compute the same gradients, so averaging over them changes nothing.
+    """
+    if not is_distributed() or distributed_config_of(model) is None:
+        return
+    refuse_unsupported_layout(model)
+    for parameter in _unmanaged_trainable_parameters(model):
+        with torch.no_grad():
+            dist.broadcast(parameter.data, src=0)
+        if not getattr(parameter, TRAINER_HOOK_FLAG, False):
+            parameter.register_post_accumulate_grad_hook(_average_gradient)
+            setattr(parameter, TRAINER_HOOK_FLAG, True)
+
+
+def refuse_unsupported_layout(model: nn.Module) -> None:
+    """Raise for a sharding PERFT cannot train correctly, instead of letting the ranks diverge."""
+    config = distributed_config_of(model)
+    if config is not None and getattr(config, "pp_size", 1) > 1:
+        raise NotImplementedError(
+            f"PERFT does not support pipeline parallelism (distributed_config.pp_size={config.pp_size}): each stage "
+            f"holds only its own layers' adapter tensors, so they cannot be replicated and averaged over all ranks. "
+            f"Load the model with tp_size / ep_size / fsdp_size only."
+        )
+
+
+def install_sharding_hooks() -> None:
+    """Make `PeftModel.save_pretrained` gather only the adapter on sharded PERFT models, and register
+    `PerftExpertParallel` with Transformers (idempotent)."""
+    install_expert_parallel()
+    if not getattr(PeftModel.save_pretrained, _HOOKED, False):
+        PeftModel.save_pretrained = _saving_gathered_adapter(PeftModel.save_pretrained)
+
+
+def _saving_gathered_adapter(save_pretrained: Callable) -> Callable:
+    """Wrap peft's save: in a multi-process run, a PERFT model passes peft its gathered adapter as ``state_dict``
+    (unless the caller gives one, as the Trainer does under Accelerate's FSDP and DeepSpeed)."""
+
+    @functools.wraps(save_pretrained)
+    def save_perft_adapter(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("state_dict") is None and is_distributed() and _holds_perft_adapter(self):
+            kwargs["state_dict"] = gathered_adapter_state_dict(self)
+        return save_pretrained(self, save_directory, *args, **kwargs)
+
+    setattr(save_perft_adapter, _HOOKED, True)
+    return save_perft_adapter
+
+
+def _average_gradient(parameter: torch.Tensor) -> None:
+    dist.all_reduce(parameter.grad, op=dist.ReduceOp.AVG)
+
+
+def _unmanaged_trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters that are plain tensors, in a fixed order (the same on every rank)."""
+    return [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+
+
+def _holds_perft_adapter(model: PeftModel) -> bool:
+    from .config import PerftConfig
+
+    return any(isinstance(config, PerftConfig) for config in getattr(model, "peft_config", {}).values())
+
+
+def _is_adapter_key(key: str) -> bool:
+    return MODULES_TO_SAVE_MARKER in key or any(marker in f"{key}." for marker in ADAPTER_KEY_MARKERS)
+
+
+EXPERT_PARALLEL_NAME = "perft"
+_EXPERT_PARALLEL_ATTRIBUTE = "perft_expert_parallel"
+
+
+class PerftExpertParallel(EPImplementation):
+    """``DistributedConfig(ep_implementation="perft")``: Transformers' default expert dispatch ("auto"), with the
+    term of each PERFT-E adapter expert computed by the rank that owns the matching base expert, on the tokens the
+    dispatch brought it.
+
+    Each rank then holds only the adapter experts of its local base experts (``perft_A`` / ``perft_B`` are DTensors
+    sharded on the expert dimension over the EP mesh, as the base experts are), and the routing weights, the
+    token exchange and the combine are the base experts' own. Without this implementation PERFT-E still runs under
+    EP, replicated: every rank holds and computes every adapter expert on its own tokens.
+    """
+
+    def __init__(self, experts: nn.Module, ep_mesh: DeviceMesh, tp_mesh: DeviceMesh) -> None:
+        super().__init__(experts, ep_mesh, tp_mesh)
+        self.dispatch = AutoEP(experts, ep_mesh, tp_mesh)
+        for implementation in (self.dispatch.all_to_all, self.dispatch.all_reduce):
+            if implementation is not None:
+                implementation.experts_forward = self._experts_with_adapters
+        self.block: nn.Module | None = None  # the PerftMoeBlock whose E adapters run here, set by shard_routed_adapter
+        object.__setattr__(experts, _EXPERT_PARALLEL_ATTRIBUTE, self)
+
+    def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        return self.dispatch(hidden_states, top_k_index, top_k_weights)
+
+    def _experts_with_adapters(
+        self, tokens: torch.Tensor, local_index: torch.Tensor, weights: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        """The local base experts plus the local adapter experts of the block's active E adapters.
+
+        ``local_index`` holds local expert ids; ids past the local count are routes to other ranks (AllReduceEP
+        marks them so, with weight 0) and add nothing."""
+        output = self.experts_forward(tokens, local_index, weights, **kwargs)
+        block = self.block
+        if block is None or not block._experts_call_adapters:
+            return output
+        off_rank = local_index >= self.num_local_experts
+        index = local_index.masked_fill(off_rank, 0)
+        for name in block._experts_call_adapters:
+            lora_A, lora_B = block.perft_A[name], block.perft_B[name]
+            if not isinstance(lora_A, DTensor):
+                continue
+            lora_A, lora_B = lora_A.to_local(), lora_B.to_local()
+            config = block.perft_configs[name]
+            adapter_weights = weights.masked_fill(off_rank, 0.0).to(lora_A.dtype)
+            adapter_input = block._dropout(name, tokens.to(lora_A.dtype))
+            delta = block._routed(config, adapter_input, lora_A, lora_B, index, adapter_weights)
+            output = torch.add(output, delta.to(output.dtype), alpha=config.scaling)
+        return output
+
+
+def install_expert_parallel() -> None:
+    """Register `PerftExpertParallel` with Transformers under the name ``"perft"`` (idempotent)."""
+    EPImplementationInterface.register(EXPERT_PARALLEL_NAME, PerftExpertParallel)
+
+
+def shard_routed_adapter(block: nn.Module, adapter_name: str) -> bool:
+    """Shard a new PERFT-E adapter's tensors like the block's base experts when they are dispatched by
+    `PerftExpertParallel`; True when it did (the adapter's term is then computed inside the dispatch)."""
+    experts = block.spec.experts_module(block.base_layer)
+    implementation = getattr(experts, _EXPERT_PARALLEL_ATTRIBUTE, None)
+    if implementation is None:
+        return False
+    distributed = getattr(getattr(experts, "config", None), "distributed_config", None)
+    if distributed is None or distributed.efsdp_size > 1 or distributed.dp_replicate_size > 1:
+        raise NotImplementedError(
+            f"PERFT-E sharded over expert parallelism (ep_implementation={EXPERT_PARALLEL_NAME!r}) needs every "
+            f"expert on exactly one rank: ep_size == fsdp_size * tp_size and dp_replicate_size == 1 (got "
+            f"{distributed}). Use such a layout, or load without ep_implementation={EXPERT_PARALLEL_NAME!r} to run "
+            f"PERFT-E replicated."
+        )
+    for tensors in (block.perft_A, block.perft_B):
+        full = tensors[adapter_name]
+        # Every rank built the full tensor; rank 0's values are distributed, so all ranks agree whatever their seed.
+        sharded = nn.Parameter(distribute_tensor(full.data, implementation.ep_mesh, [Shard(0)]))
+        sharded.register_hook(functools.partial(_mean_over_batches, dp_size=distributed.dp_size))
+        tensors[adapter_name] = sharded
+    implementation.block = block
+    return True
+
+
+def distribute_like(reference: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (whole, as saved) laid out as ``reference``: this rank's shard when ``reference`` is a DTensor.
+
+    Every rank loads the same file, so each takes its own shard without communication."""
+    if not isinstance(reference, DTensor) or isinstance(tensor, DTensor):
+        return tensor
+    return distribute_tensor(tensor, reference.device_mesh, reference.placements, src_data_rank=None)
+
+
+def distribute_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A loaded adapter state dict with each tensor laid out as the model's (sharded PERFT-E tensors)."""
+    own = model.state_dict()
+    return {key: distribute_like(own[key], tensor) if key in own else tensor for key, tensor in state_dict.items()}
+
+
+def _mean_over_batches(gradient: torch.Tensor, dp_size: int) -> torch.Tensor:
+    """A sharded adapter expert's gradient, scaled as Transformers scales the base experts' (see its FSDP setup).
+
+    The all-to-all brings the expert the tokens of every batch of the EP group, so its gradient is the sum over
+    the ``dp_size`` batches; divided by ``dp_size`` it is the gradient of the mean loss, as in one process."""
+    return gradient / dp_size if dp_size > 1 else gradient

@@ -1,0 +1,90 @@
+"""Per-rank memory of each PERFT variant's adapter at DeepSeek-V3 and Qwen3-235B-A22B scale, replicated vs sharded
+under expert parallelism; prints the Markdown table of docs/big_models.md.
+
+    python scripts/adapter_memory.py [--rank 8] [--routed-experts 8] [--dense-experts 4] [--ep 8 64]
+
+Training memory per adapter parameter: fp32 weight, fp32 gradient and Adam's two fp32 moments (16 bytes). PERFT-E
+is sharded over EP with ``DistributedConfig(ep_implementation="perft")`` (each rank holds the adapter experts of
+its local base experts); R, D and S stay replicated. For scale, the last column is one rank's share of the frozen
+routed experts in bf16 under the same EP degree. The shapes are those of the models' published config.json files.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+BYTES_PER_TRAINED_PARAMETER = 4 + 4 + 8  # fp32 weight, gradient, Adam exp_avg and exp_avg_sq
+BASE_EXPERT_BYTES = 2  # bf16
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    name: str
+    hidden_size: int
+    moe_layers: int
+    routed_experts: int
+    expert_width: int  # moe_intermediate_size
+
+    def base_expert_parameters(self) -> int:
+        """gate, up and down projections of every routed expert of every MoE layer."""
+        return 3 * self.hidden_size * self.expert_width * self.routed_experts * self.moe_layers
+
+
+MODELS = (
+    # deepseek-ai/DeepSeek-V3: 61 layers, the first 3 dense (first_k_dense_replace), 256 routed experts of width 2048.
+    MoeShape("DeepSeek-V3", hidden_size=7168, moe_layers=61 - 3, routed_experts=256, expert_width=2048),
+    # Qwen/Qwen3-235B-A22B: 94 layers, all MoE, 128 experts of width 1536.
+    MoeShape("Qwen3-235B-A22B", hidden_size=4096, moe_layers=94, routed_experts=128, expert_width=1536),
+)
+
+
+def adapter_parameters(shape: MoeShape, variant: str, rank: int, routed: int, dense: int) -> int:
+    """PERFT parameters over all MoE layers: A (N, r, D) and B (N, D, r) per block, plus R's router (N, D)."""
+    experts = {"R": routed, "E": shape.routed_experts, "D": dense, "S": 1}[variant]
+    per_block = 2 * experts * rank * shape.hidden_size + (experts * shape.hidden_size if variant == "R" else 0)
+    return per_block * shape.moe_layers
+
+
+def rows(rank: int, routed: int, dense: int, ep_degrees: list[int]) -> list[list[str]]:
+    table = []
+    for shape in MODELS:
+        for variant in ("R", "E", "D", "S"):
+            parameters = adapter_parameters(shape, variant, rank, routed, dense)
+            replicated = parameters * BYTES_PER_TRAINED_PARAMETER / GIB
+            row = [shape.name, _variant_label(variant, routed, dense, shape), f"{parameters / 1e6:,.1f}M"]
+            row.append(f"{replicated:,.2f}")
+            for ep in ep_degrees:
+                sharded = replicated / ep if variant == "E" else replicated
+                base_share = shape.base_expert_parameters() * BASE_EXPERT_BYTES / ep / GIB
+                row.append(f"{sharded:,.2f} (base {base_share:,.1f})")
+            table.append(row)
+    return table
+
+
+def _variant_label(variant: str, routed: int, dense: int, shape: MoeShape) -> str:
+    experts = {"R": f"{routed} experts", "E": f"{shape.routed_experts} experts", "D": f"{dense} experts"}
+    return f"{variant} ({experts[variant]})" if variant in experts else "S (1 expert)"
+
+
+def markdown(rank: int, routed: int, dense: int, ep_degrees: list[int]) -> str:
+    header = ["model", "variant", "adapter parameters", "replicated GiB/rank"]
+    header += [f"EP={ep}: GiB/rank (frozen experts bf16)" for ep in ep_degrees]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(rank, routed, dense, ep_degrees)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rank", type=int, default=8, help="adapter rank r")
+    parser.add_argument("--routed-experts", type=int, default=8, help="PERFT-R adapter experts per block")
+    parser.add_argument("--dense-experts", type=int, default=4, help="PERFT-D adapter experts per block")
+    parser.add_argument("--ep", type=int, nargs="+", default=[8, 64], help="expert-parallel degrees")
+    args = parser.parse_args()
+    print(markdown(args.rank, args.routed_experts, args.dense_experts, args.ep))
+
+
+if __name__ == "__main__":
+    main()

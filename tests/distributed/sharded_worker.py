@@ -1,0 +1,156 @@
+"""One rank of a PERFT run on a model Transformers shards at load time; launched by tests/test_sharded_load.py.
+
+Usage: python -m torch.distributed.run --nproc_per_node N sharded_worker.py BASE LAYOUT VARIANT OUTPUT [ADAPTER]
+
+BASE is a saved tiny MoE model. LAYOUT names a `DistributedConfig` from LAYOUTS (``single`` loads it without one, in
+one process: the reference). Every rank seeds its RNG with its own rank before `get_peft_model`, so the adapter is
+identical across ranks only if PERFT broadcasts it. Data-parallel ranks (``fsdp_size``) train on their slice of
+the global batch; the others see all of it. The worker records the logits before training, the adapter gradients
+of the first step, the adapter after STEPS SGD steps, and saves the adapter with ``is_main_process`` on rank 0 only
+(as the Trainer does). With ADAPTER it instead loads that saved adapter onto the sharded base and records logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import gc
+import sys
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from peft import PeftModel, get_peft_model
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM
+from transformers.distributed import DistributedConfig
+
+from peft_perft import PerftConfig
+from peft_perft.sharding import gathered_adapter_state_dict
+
+GLOBAL_BATCH = 4
+STEPS = 3
+LAYOUTS = {
+    "single": None,
+    "tp": {"tp_size": 2},
+    "tp_ep": {"tp_size": 2, "ep_size": 2},
+    "fsdp": {"fsdp_size": 2},
+    "fsdp_ep": {"fsdp_size": 2, "ep_size": 2},
+    "tp_ep_sharded": {"tp_size": 2, "ep_size": 2, "ep_implementation": "perft"},
+    "fsdp_ep_sharded": {"fsdp_size": 2, "ep_size": 2, "ep_implementation": "perft"},
+}
+CONFIGS = {
+    "R": {"variant": "R", "r": 4, "num_experts": 4, "top_k": 2, "init_weights": False},
+    "E": {"variant": "E", "r": 4, "init_weights": False},
+}
+
+
+def batches() -> torch.Tensor:
+    """The global batch of every step (STEPS, GLOBAL_BATCH, 8), the same in every process."""
+    return torch.randint(3, 64, (STEPS, GLOBAL_BATCH, 8), generator=torch.Generator().manual_seed(5))
+
+
+def load_base(base: str, layout: str) -> torch.nn.Module:
+    settings = LAYOUTS[layout]
+    if settings is None:
+        return AutoModelForCausalLM.from_pretrained(base)
+    return AutoModelForCausalLM.from_pretrained(base, distributed_config=DistributedConfig(**settings))
+
+
+def data_parallel_slice(tokens: torch.Tensor, layout: str) -> torch.Tensor:
+    """This rank's share of the global batch: a slice under FSDP, all of it otherwise (TP ranks share inputs)."""
+    settings = LAYOUTS[layout] or {}
+    parts = settings.get("fsdp_size", 1)
+    if parts == 1:
+        return tokens
+    per_rank = tokens.shape[0] // parts
+    rank = dist.get_rank()
+    return tokens[rank * per_rank : (rank + 1) * per_rank]
+
+
+def adapter_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Whole gradients (gathered for sharded tensors: every rank calls this)."""
+    gradients = {}
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            gradient = parameter.grad.detach()
+            gradients[name] = gradient.full_tensor() if isinstance(gradient, DTensor) else gradient.clone()
+    return gradients
+
+
+def adapter_elements_held(model: torch.nn.Module) -> dict[str, int]:
+    """Elements of each adapter tensor stored on this rank (its shard for a DTensor)."""
+    held = {}
+    for name, parameter in model.named_parameters():
+        if ".perft_" in name:
+            held[name] = (parameter.to_local() if isinstance(parameter, DTensor) else parameter).numel()
+    return held
+
+
+def train(model: torch.nn.Module, layout: str, tokens: torch.Tensor) -> dict:
+    model.train()
+    optimiser = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    record = {}
+    for step in range(STEPS):
+        batch = data_parallel_slice(tokens[step], layout)
+        model(input_ids=batch, labels=batch).loss.backward()
+        if step == 0:
+            record["gradients"] = adapter_gradients(model)
+        optimiser.step()
+        optimiser.zero_grad()
+    return record
+
+
+@contextlib.contextmanager
+def counting_gathers() -> Iterator[list[int]]:
+    """Count ``DTensor.full_tensor`` calls (one collective gather each) inside the block."""
+    calls = [0]
+    original = DTensor.full_tensor
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    DTensor.full_tensor = counted
+    try:
+        yield calls
+    finally:
+        DTensor.full_tensor = original
+
+
+def main(base: str, layout: str, variant: str, output: str, adapter: str | None = None) -> None:
+    if LAYOUTS[layout] is not None:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    base_model = load_base(base, layout)
+    tokens = batches()
+    torch.manual_seed(rank)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(base_model, adapter)
+        with torch.no_grad():
+            record = {"logits": model(input_ids=tokens[0]).logits}
+    else:
+        model = get_peft_model(base_model, PerftConfig(**CONFIGS[variant]))
+        record = {"initial": gathered_adapter_state_dict(model), "held": adapter_elements_held(model)}
+        with torch.no_grad():
+            record["logits"] = model(input_ids=tokens[0]).logits
+        record.update(train(model, layout, tokens))
+        record["trained"] = gathered_adapter_state_dict(model)
+        with counting_gathers() as gathers:
+            model.save_pretrained(f"{output}.adapter", is_main_process=rank == 0)
+        record["gathers_during_save"] = gathers
+    if rank == 0:
+        torch.save(record, output)
+    elif adapter is None:
+        torch.save(record, f"{output}.rank{rank}")
+    # Free the sharded tensors while the process group still exists (torch 2.13 + gloo can abort at exit otherwise).
+    del model, base_model
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    faulthandler.dump_traceback_later(150, exit=True)  # a hang prints every rank's stack instead of stalling
+    main(*sys.argv[1:])
