@@ -8,6 +8,7 @@ never runs the base router a second time.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from torch.utils.hooks import RemovableHandle
 from .architectures import MoeBlockSpec
 from .config import PerftConfig
 from .dispatch import always_on_experts, routed_experts
+from .experts_dispatch import AdapterTerm
+from .experts_dispatch import install as install_in_dispatch
+from .experts_dispatch import uninstall as uninstall_in_dispatch
 
 
 @dataclass
@@ -81,8 +85,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self.perft_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         self.perft_configs[adapter_name] = config
         if config.variant == "E" and self._experts_hook_handle is None:
-            experts = self.spec.experts_module(self.base_layer)
-            self._experts_hook_handle = experts.register_forward_hook(self._add_routed_experts, with_kwargs=True)
+            self._attach_to_experts()
         self.reset_parameters(adapter_name)
         self.set_adapter(self.active_adapters)
 
@@ -133,11 +136,40 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         finally:
             self._experts_call_adapters.clear()
 
+    def _attach_to_experts(self) -> None:
+        """Compute PERFT-E inside the experts' own grouped dispatch where they have one, with the forward hook as
+        the fallback that adds whatever that dispatch did not (other implementations, experts without one)."""
+        experts = self.spec.experts_module(self.base_layer)
+        if not self.spec.has_skip_slots:
+            install_in_dispatch(experts, self._pending_in_dispatch, self._done_in_dispatch)
+        self._experts_hook_handle = experts.register_forward_hook(self._add_routed_experts, with_kwargs=True)
+
     def remove_experts_hook(self) -> None:
-        """Detach the PERFT-E hook from the base experts (on unload, so the original block comes back clean)."""
+        """Detach PERFT-E from the base experts (on unload, so the original block comes back clean)."""
         if self._experts_hook_handle is not None:
             self._experts_hook_handle.remove()
             self._experts_hook_handle = None
+            uninstall_in_dispatch(self.spec.experts_module(self.base_layer))
+
+    def _pending_in_dispatch(self) -> list[AdapterTerm]:
+        """The E adapters the current experts call should add (none outside this block's forward)."""
+        return [
+            AdapterTerm(
+                name=name,
+                lora_A=self.perft_A[name],
+                lora_B=self.perft_B[name],
+                scaling=self.perft_configs[name].scaling,
+                activation=_activation(self.perft_configs[name]),
+                prepare_input=functools.partial(self._adapter_input, name),
+            )
+            for name in self._experts_call_adapters
+        ]
+
+    def _done_in_dispatch(self, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> None:
+        """The experts' dispatch added the pending adapters: record their routing, leave nothing for the hook."""
+        for name in self._experts_call_adapters:
+            self.routing_records[name] = RoutingRecord(expert_index.detach(), expert_weight.detach())
+        self._experts_call_adapters.clear()
 
     def _block_delta(self, adapter_name: str, flat: torch.Tensor) -> torch.Tensor:
         """Output of an R, D or S adapter for flattened block inputs (T, D), before its scaling (which the
@@ -164,11 +196,15 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         for name in self._experts_call_adapters:
             config, lora_A, lora_B = self.perft_configs[name], self.perft_A[name], self.perft_B[name]
             self.routing_records[name] = RoutingRecord(expert_index.detach(), expert_weight.detach())
-            adapter_input = self._dropout(name, hidden.to(lora_A.dtype))
+            adapter_input = self._adapter_input(name, hidden)
             weight = expert_weight.to(lora_A.dtype)
             delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight)
             total = torch.add(total, delta.to(output.dtype).view(output.shape), alpha=config.scaling)
         return total
+
+    def _adapter_input(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
+        """An E adapter's input: the experts' hidden states in the adapter's dtype, with its dropout."""
+        return self._dropout(adapter_name, hidden.to(self.perft_A[adapter_name].dtype))
 
     def _dropout(self, adapter_name: str, adapter_input: torch.Tensor) -> torch.Tensor:
         """The adapter's dropout, skipped outside training where it is the identity anyway."""
