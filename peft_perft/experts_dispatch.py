@@ -13,9 +13,10 @@ That is PERFT-E at its FLOP floor: no second sort, gather, un-permute or weighte
 ``install`` replaces the forward of one experts module by a wrapper that, per call, asks its PERFT block which
 E adapters are pending. Where the user's chosen implementation (read from the config at every call, so
 ``set_experts_implementation`` keeps working) is ``grouped_mm`` and nothing else stands in the way (expert
-parallelism, skip slots, ``torch.compile``), it computes base and adapters together and marks the adapters done;
-otherwise it calls the chosen implementation unchanged and the block's forward hook adds the pending adapters
-through a dispatch backend (the fallback, also for experts that never dispatch through Transformers' interface).
+parallelism, ``torch.compile``), it computes base and adapters together and marks the adapters done; otherwise it
+calls the chosen implementation (or the module's own forward) unchanged and lets the block add the pending
+adapters through a dispatch backend. The block's forward hook stays as the fallback for a module whose forward
+cannot be replaced (one already wrapped at instance level) and adds only what is still pending.
 """
 
 from __future__ import annotations
@@ -53,39 +54,46 @@ PendingTerms = Callable[[], Sequence[AdapterTerm]]
 """The block's callback: the E adapters still to add in this call (empty outside the block's forward)."""
 MarkDone = Callable[[torch.Tensor, torch.Tensor], None]
 """The block's callback once they were added here: record the routing (indices, weights) and clear the queue."""
+AddPending = Callable[[nn.Module, tuple, dict, torch.Tensor], torch.Tensor | None]
+"""The block's callback after any other experts call: add the pending adapters to the output (None: nothing to add)."""
 
 
-def install(experts: nn.Module, pending: PendingTerms, mark_done: MarkDone) -> bool:
-    """Wrap ``experts.forward`` if the module dispatches through Transformers' experts interface; else False."""
-    if not _uses_experts_interface(experts) or "forward" in vars(experts):
+def install(experts: nn.Module, pending: PendingTerms, mark_done: MarkDone, add_pending: AddPending) -> bool:
+    """Replace ``experts.forward`` by ``ForwardWithAdapters``; False if the module already has an instance-level
+    forward (accelerate's hooks, another wrapper), which is then left alone and the block's hook does the work."""
+    if "forward" in vars(experts):
         return False
-    experts.forward = ForwardWithAdapters(experts, pending, mark_done)
+    experts.forward = ForwardWithAdapters(experts, pending, mark_done, add_pending)
     return True
 
 
 class ForwardWithAdapters:
-    """An experts module's forward that adds its block's pending E adapters inside the grouped_mm dispatch.
+    """An experts module's forward that adds its block's pending E adapters: inside the grouped_mm dispatch where
+    it can, else right after the user's chosen implementation (in the module's forward rather than in a forward
+    hook, which ``torch.compile``'s inductor backend was seen to get wrong with torch 2.13).
 
     A callable object rather than a closure, so that ``copy.deepcopy`` of a model rebinds it to the copies."""
 
-    def __init__(self, experts: nn.Module, pending: PendingTerms, mark_done: MarkDone) -> None:
-        self.experts, self.pending, self.mark_done = experts, pending, mark_done
+    def __init__(self, experts: nn.Module, pending: PendingTerms, mark_done: MarkDone, add_pending: AddPending):
+        self.experts, self.pending, self.mark_done, self.add_pending = experts, pending, mark_done, add_pending
 
-    def __call__(
-        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *args, **kwargs
-    ):
+    def __call__(self, *args, **kwargs):
         experts = self.experts
-        terms = () if args or kwargs else self.pending()
-        if not terms or not _can_fuse(experts, hidden_states, top_k_index, terms):
-            return type(experts).forward(experts, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
-        output = grouped_experts_with_adapters(experts, hidden_states, top_k_index, top_k_weights, terms)
-        self.mark_done(top_k_index, top_k_weights)
-        return output
+        if len(args) == 3 and not kwargs and _uses_experts_interface(experts):
+            terms = self.pending()
+            if terms and _can_fuse(experts, args[0], args[1], terms):
+                output = grouped_experts_with_adapters(experts, *args, terms)
+                self.mark_done(args[1], args[2])
+                return output
+        output = type(experts).forward(experts, *args, **kwargs)
+        added = self.add_pending(experts, args, kwargs, output)
+        return output if added is None else added
 
 
 def uninstall(experts: nn.Module) -> None:
     """Give the experts module its class's forward back."""
-    vars(experts).pop("forward", None)
+    if isinstance(vars(experts).get("forward"), ForwardWithAdapters):
+        del experts.forward
 
 
 def _uses_experts_interface(experts: nn.Module) -> bool:

@@ -140,8 +140,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         """Compute PERFT-E inside the experts' own grouped dispatch where they have one, with the forward hook as
         the fallback that adds whatever that dispatch did not (other implementations, experts without one)."""
         experts = self.spec.experts_module(self.base_layer)
-        if not self.spec.has_skip_slots:
-            install_in_dispatch(experts, self._pending_in_dispatch, self._done_in_dispatch)
+        install_in_dispatch(experts, self._pending_in_dispatch, self._done_in_dispatch, self._add_routed_experts)
         self._experts_hook_handle = experts.register_forward_hook(self._add_routed_experts, with_kwargs=True)
 
     def remove_experts_hook(self) -> None:
@@ -152,7 +151,10 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             uninstall_in_dispatch(self.spec.experts_module(self.base_layer))
 
     def _pending_in_dispatch(self) -> list[AdapterTerm]:
-        """The E adapters the current experts call should add (none outside this block's forward)."""
+        """The E adapters the current experts call should add (none outside this block's forward, and none for
+        the grouped dispatch where routing slots may point past the weighted experts)."""
+        if self.spec.has_skip_slots:
+            return []
         return [
             AdapterTerm(
                 name=name,
@@ -187,8 +189,9 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         return delta.to(flat.dtype)
 
     def _add_routed_experts(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
-        """Forward hook on the base experts, installed once: inside this block's forward it adds
-        ``sum_i g_i dE_i(h)`` of the active E adapters with the routing the experts received; otherwise nothing."""
+        """Inside this block's forward, add ``sum_i g_i dE_i(h)`` of the pending E adapters with the routing the
+        experts received, and mark them done; otherwise nothing. Called by the experts' wrapped forward, and as a
+        forward hook (installed once) for experts whose forward could not be wrapped."""
         if not self._experts_call_adapters:
             return None
         hidden, expert_index, expert_weight = self.spec.read_experts_call(args, kwargs)
@@ -200,6 +203,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             weight = expert_weight.to(lora_A.dtype)
             delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight)
             total = torch.add(total, delta.to(output.dtype).view(output.shape), alpha=config.scaling)
+        self._experts_call_adapters.clear()
         return total
 
     def _adapter_input(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,13 @@ from test_architectures import COVERED, PERFT_E_UNAVAILABLE, _input_ids, tiny_mo
 
 from peft_perft import PerftConfig, PerftMoeBlock, experts_dispatch
 
-HOOK_ONLY = {
+NOT_FUSED = {
     "dbrx": "its experts are a plain module, not one of Transformers' experts-interface classes",
     "inkling_text": "its router has zero-compute slots past the weighted experts",
     "longcat_flash": "its router has zero-compute (identity) expert slots",
     "zaya": "its router has a skip slot past the weighted experts",
 }
-"""Architectures where PERFT-E stays on the hook path, with the reason."""
+"""Architectures where PERFT-E is added after the experts call rather than inside grouped_mm, with the reason."""
 
 E_ARCHITECTURES = [t for t in COVERED if t not in PERFT_E_UNAVAILABLE]
 
@@ -66,7 +66,8 @@ def _train_step(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.
 @pytest.mark.parametrize("model_type", E_ARCHITECTURES)
 def test_in_dispatch_matches_hook_path(model_type: str, fused_calls: list[int]):
     """Same logits and adapter gradients as the hook path, on every architecture that has PERFT-E; the
-    in-dispatch path runs everywhere except the architectures listed in HOOK_ONLY."""
+    in-dispatch path runs everywhere except the architectures listed in NOT_FUSED, where the wrapped forward adds
+    the adapters after the experts call."""
     torch.manual_seed(0)
     model = get_peft_model(tiny_model(model_type), PerftConfig(variant="E", r=4, lora_alpha=8, init_weights=False))
     reference = _hook_only_copy(model)
@@ -75,7 +76,7 @@ def test_in_dispatch_matches_hook_path(model_type: str, fused_calls: list[int]):
     ran_in_dispatch = len(fused_calls)
     reference_logits, reference_gradients = _train_step(reference, input_ids)
     assert len(fused_calls) == ran_in_dispatch, "the reference must not use the in-dispatch path"
-    assert (ran_in_dispatch > 0) == (model_type not in HOOK_ONLY)
+    assert (ran_in_dispatch > 0) == (model_type not in NOT_FUSED)
     torch.testing.assert_close(logits, reference_logits, rtol=1e-5, atol=1e-5)
     assert gradients.keys() == reference_gradients.keys() and gradients
     for name, gradient in gradients.items():
@@ -102,7 +103,7 @@ def test_in_dispatch_bf16_and_dropout_match_hook_path(fused_calls: list[int]):
 
 def test_other_implementation_chosen_later_falls_back_to_hook(fused_calls: list[int]):
     """The wrapper reads the user's implementation at every call: after switching to eager the adapter is still
-    added (by the hook), to the same logits."""
+    added (after the eager experts call), to the same logits."""
     torch.manual_seed(0)
     model = get_peft_model(tiny_model("qwen3_moe"), PerftConfig(variant="E", r=4, init_weights=False)).eval()
     input_ids = _input_ids()
