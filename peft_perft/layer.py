@@ -151,9 +151,11 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             uninstall_in_dispatch(self.spec.experts_module(self.base_layer))
 
     def _pending_in_dispatch(self) -> list[AdapterTerm]:
-        """The E adapters the current experts call should add (none outside this block's forward, and none for
-        the grouped dispatch where routing slots may point past the weighted experts)."""
-        if self.spec.has_skip_slots:
+        """The E adapters the current experts call should add inside its grouped dispatch: none outside this
+        block's forward, none where routing slots may point past the weighted experts, and all or none, since an
+        adapter that names a dispatch backend (instead of ``auto``) goes through that backend."""
+        names = self._experts_call_adapters
+        if self.spec.has_skip_slots or any(self.perft_configs[n].dispatch_backend != "auto" for n in names):
             return []
         return [
             AdapterTerm(

@@ -139,3 +139,17 @@ def test_unload_restores_experts_forward_and_deepcopy_rebinds():
     assert all("forward" in vars(module) for module in experts)
     model.unload()
     assert all("forward" not in vars(module) and not module._forward_hooks for module in experts)
+
+
+def test_named_dispatch_backend_keeps_the_adapter_out_of_the_grouped_dispatch(fused_calls: list[int]):
+    """dispatch_backend='dense' is honoured (the adapter goes through that backend), to the same logits as auto."""
+    input_ids = _input_ids()
+    logits = {}
+    for backend in ("dense", "auto"):
+        torch.manual_seed(0)
+        config = PerftConfig(variant="E", r=4, init_weights=False, dispatch_backend=backend)
+        model = get_peft_model(tiny_model("olmoe"), config).eval()
+        with torch.no_grad():
+            logits[backend] = model(input_ids=input_ids).logits
+        assert bool(fused_calls) == (backend == "auto")
+    torch.testing.assert_close(logits["dense"], logits["auto"], rtol=1e-5, atol=1e-5)
