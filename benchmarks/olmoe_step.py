@@ -187,14 +187,25 @@ class Trainer:
         return seconds
 
 
+class _BiasAfter(torch.nn.Module):
+    """A block followed by a trainable zero bias (a module rather than a forward hook, so that compiled graphs
+    contain it the same way)."""
+
+    def __init__(self, block: torch.nn.Module, bias: torch.nn.Parameter) -> None:
+        super().__init__()
+        self.block, self.bias = block, bias
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.block(hidden_states) + self.bias
+
+
 def _depth_bias(model: OlmoeForCausalLM) -> torch.nn.Parameter:
     """A trainable zero bias on the first MoE block's output: the frozen reference's backward then reaches as deep
     as PERFT's (whose lowest adapter sits beside that block), and it has something to give the optimizer."""
-    first_block = model.model.layers[0].mlp
+    layer = model.model.layers[0]
     weight = model.model.embed_tokens.weight
     bias = torch.nn.Parameter(torch.zeros(weight.shape[1], device=weight.device, dtype=weight.dtype))
-    first_block.register_parameter("depth_bias", bias)
-    first_block.register_forward_hook(lambda module, inputs, output: output + module.depth_bias)
+    layer.mlp = _BiasAfter(layer.mlp, bias)
     return bias
 
 

@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model
-from test_architectures import COVERED, PERFT_E_UNAVAILABLE, _input_ids, tiny_model
+from test_architectures import COVERED, PERFT_E_UNAVAILABLE, _input_ids, _single_thread, tiny_model  # noqa: F401
 
 from peft_perft import PerftConfig, PerftMoeBlock, experts_dispatch
 
@@ -24,14 +24,6 @@ NOT_FUSED = {
 """Architectures where PERFT-E is added after the experts call rather than inside grouped_mm, with the reason."""
 
 E_ARCHITECTURES = [t for t in COVERED if t not in PERFT_E_UNAVAILABLE]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import megablocks_standin as standin
 import pytest
 import torch
 import torch.nn.functional as F
-from test_dispatch import ROUTINGS, assert_close, gradients, make_routing, reference_routed
+from test_dispatch import ROUTINGS, assert_close, gradients, make_problem, reference_routed
 
 from peft_perft.dispatch import megablocks_backend
 
@@ -110,14 +110,7 @@ def test_backend_matches_the_per_token_loop_through_the_standin(log: standin.Cal
     """Output and every gradient (hidden, A, B, routing weights) in bf16; rank 12 padded to 16 for gmm."""
     experts, top_k, rank, hidden_dim = 16, 4, 12, 64
     generator = torch.Generator().manual_seed(tokens)
-    index, weight = make_routing(routing, tokens, experts, top_k, generator)
-    values = [
-        torch.randn(tokens, hidden_dim, generator=generator),
-        torch.randn(experts, rank, hidden_dim, generator=generator) / hidden_dim**0.5,
-        torch.randn(experts, hidden_dim, rank, generator=generator) / rank**0.5,
-        weight,
-    ]
-    seed_grad = torch.randn(tokens, hidden_dim, generator=generator)
+    index, values, seed_grad = make_problem(tokens, hidden_dim, experts, top_k, rank, routing, generator)
     exact = [v.bfloat16().double().requires_grad_() for v in values]
     expected = reference_routed(exact[0], exact[1], exact[2], index, exact[3], F.silu)
     inputs = [v.bfloat16().requires_grad_() for v in values]
