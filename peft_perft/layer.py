@@ -2,14 +2,16 @@
 
 Per adapter the layer stores stacked tensors ``perft_A`` (N, r, D), ``perft_B`` (N, D, r) and, for PERFT-R,
 ``perft_router`` (N, D). R, D and S add their output to the block's output; E adds ``g_i dE_i(h)`` inside the
-experts call through a forward hook, so it uses exactly the indices and weights the base experts receive and
-never runs the base router a second time. Where the experts' call does not carry the routing (Llama 4, JetMoE), a
+experts call (inside their grouped_mm dispatch where it can, see ``experts_dispatch``; else right after the experts'
+forward or through a forward hook), so it uses exactly the indices and weights the base experts receive and never
+runs the base router a second time. Where the experts' call does not carry the routing (Llama 4, JetMoE), a
 hook on the base router reads it from the router's output and E is added to the block's output. Either way, an
 active E adapter whose hook did not run during the block's forward is an error, never a silent no-op.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +26,9 @@ from torch.utils.hooks import RemovableHandle
 from .architectures import MoeBlockSpec
 from .config import PerftConfig
 from .dispatch import always_on_experts, routed_experts
+from .experts_dispatch import AdapterTerm
+from .experts_dispatch import install as install_in_dispatch
+from .experts_dispatch import uninstall as uninstall_in_dispatch
 from .sharding import shard_routed_adapter
 
 
@@ -154,8 +159,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         if self.spec.routes_from_router:
             router = self.base_layer.get_submodule(self.spec.router_name)
             return router.register_forward_hook(self._record_router_routing)
-        experts = self.spec.experts_module(self.base_layer)
-        return experts.register_forward_hook(self._add_routed_experts, with_kwargs=True)
+        return self._attach_to_experts()
 
     def _hook_did_not_run(self, adapter_names: list[str]) -> str:
         hooked = self.spec.router_name if self.spec.routes_from_router else self.spec.experts_name or "(the block)"
@@ -184,11 +188,45 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             output = _add_to_primary(output, delta.to(flat.dtype), config.scaling)
         return output
 
+    def _attach_to_experts(self) -> RemovableHandle:
+        """Compute PERFT-E inside the experts' own grouped dispatch where they have one, with the forward hook as
+        the fallback that adds whatever that dispatch did not (other implementations, experts without one)."""
+        experts = self.spec.experts_module(self.base_layer)
+        install_in_dispatch(experts, self._pending_in_dispatch, self._done_in_dispatch, self._add_routed_experts)
+        return experts.register_forward_hook(self._add_routed_experts, with_kwargs=True)
+
     def remove_experts_hook(self) -> None:
-        """Detach the PERFT-E hook from the base experts (on unload, so the original block comes back clean)."""
+        """Detach PERFT-E from the base experts (on unload, so the original block comes back clean)."""
         if self._experts_hook_handle is not None:
             self._experts_hook_handle.remove()
             self._experts_hook_handle = None
+            uninstall_in_dispatch(self.spec.experts_module(self.base_layer))
+
+    def _pending_in_dispatch(self) -> list[AdapterTerm]:
+        """The E adapters the current experts call should add inside its grouped dispatch: none outside this
+        block's forward, none where routing slots may point past the weighted experts, and all or none, since an
+        adapter that names a dispatch backend (instead of ``auto``) goes through that backend."""
+        names = self._experts_call_adapters
+        if self.spec.has_skip_slots or any(self.perft_configs[n].dispatch_backend != "auto" for n in names):
+            return []
+        return [
+            AdapterTerm(
+                name=name,
+                lora_A=self.perft_A[name],
+                lora_B=self.perft_B[name],
+                scaling=self.perft_configs[name].scaling,
+                activation=_activation(self.perft_configs[name]),
+                prepare_input=functools.partial(self._adapter_input, name),
+            )
+            for name in self._experts_call_adapters
+        ]
+
+    def _done_in_dispatch(self, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> None:
+        """The experts' dispatch added the pending adapters: record their routing, leave nothing for the hook."""
+        for name in self._experts_call_adapters:
+            self.routing_records[name] = RoutingRecord(expert_index.detach(), expert_weight.detach())
+        self._experts_call_adapters.clear()
+        self._base_routing_seen.append(None)
 
     def _block_delta(self, adapter_name: str, flat: torch.Tensor) -> torch.Tensor:
         """Output of an R, D or S adapter for flattened block inputs (T, D), before its scaling (which the
@@ -206,8 +244,9 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         return delta.to(flat.dtype)
 
     def _add_routed_experts(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
-        """Forward hook on the base experts, installed once: inside this block's forward it adds
-        ``sum_i g_i dE_i(h)`` of the active E adapters with the routing the experts received; otherwise nothing."""
+        """Inside this block's forward, add ``sum_i g_i dE_i(h)`` of the pending E adapters with the routing the
+        experts received, and mark them done; otherwise nothing. Called by the experts' wrapped forward, and as a
+        forward hook (installed once) for experts whose forward could not be wrapped."""
         if not self._experts_call_adapters:
             return None
         hidden, expert_index, expert_weight = self.spec.read_experts_call(args, kwargs)
@@ -217,12 +256,17 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             self.routing_records[name] = RoutingRecord(expert_index.detach(), expert_weight.detach())
             if isinstance(lora_A, DTensor):  # sharded like the experts: added inside their expert-parallel dispatch
                 continue
-            adapter_input = self._dropout(name, hidden.to(lora_A.dtype))
+            adapter_input = self._adapter_input(name, hidden)
             weight = expert_weight.to(lora_A.dtype)
             delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight)
             total = torch.add(total, delta.to(output.dtype).view(output.shape), alpha=config.scaling)
+        self._experts_call_adapters.clear()
         self._base_routing_seen.append(None)
         return total
+
+    def _adapter_input(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
+        """An E adapter's input: the experts' hidden states in the adapter's dtype, with its dropout."""
+        return self._dropout(adapter_name, hidden.to(self.perft_A[adapter_name].dtype))
 
     def _dropout(self, adapter_name: str, adapter_input: torch.Tensor) -> torch.Tensor:
         """The adapter's dropout, skipped outside training where it is the identity anyway."""

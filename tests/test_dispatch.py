@@ -80,9 +80,8 @@ def supporting_backends(hidden, lora_A, expert_index) -> list[str]:
     return names
 
 
-def check_backends_against_reference(tokens, hidden_dim, experts, top_k, rank, dtype, silu, routing, device="cpu"):
-    generator = torch.Generator().manual_seed(tokens * 1000 + experts * 10 + rank)
-    activation = F.silu if silu else None
+def make_problem(tokens, hidden_dim, experts, top_k, rank, routing, generator):
+    """A routed call's expert indices, its inputs [hidden, A, B, routing weights] and a seed gradient."""
     index, weight = make_routing(routing, tokens, experts, top_k, generator)
     values = [
         torch.randn(tokens, hidden_dim, generator=generator),
@@ -90,7 +89,13 @@ def check_backends_against_reference(tokens, hidden_dim, experts, top_k, rank, d
         torch.randn(experts, hidden_dim, rank, generator=generator) / rank**0.5,
         weight,
     ]
-    seed_grad = torch.randn(tokens, hidden_dim, generator=generator)
+    return index, values, torch.randn(tokens, hidden_dim, generator=generator)
+
+
+def check_backends_against_reference(tokens, hidden_dim, experts, top_k, rank, dtype, silu, routing, device="cpu"):
+    generator = torch.Generator().manual_seed(tokens * 1000 + experts * 10 + rank)
+    activation = F.silu if silu else None
+    index, values, seed_grad = make_problem(tokens, hidden_dim, experts, top_k, rank, routing, generator)
     # The reference sees exactly the values the backend sees (rounded to its dtype), computed in float64.
     exact = [v.to(dtype).double().requires_grad_() for v in values]
     expected = reference_routed(exact[0], exact[1], exact[2], index, exact[3], activation)

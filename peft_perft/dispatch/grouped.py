@@ -26,7 +26,7 @@ def _grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, offsets: torch.Tensor)
     return grouped(mat_a, mat_b, offs=offsets)
 
 
-def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor itself when contiguous and 16-byte aligned (what grouped_mm requires), else an aligned copy."""
     if tensor.is_contiguous() and tensor.data_ptr() % _ALIGN_BYTES == 0:
         return tensor
@@ -45,7 +45,7 @@ class GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         rows, weight, offsets, empty = ctx.saved_tensors
-        grad_output = _aligned(grad_output)
+        grad_output = aligned(grad_output)
         grad_rows = grad_weight = None
         if ctx.needs_input_grad[0]:
             grad_rows = _grouped_mm(grad_output, weight, offsets)
@@ -74,16 +74,16 @@ def grouped_mm_routed(
     lora_A, lora_B = pad_rank(lora_A, lora_B, _ALIGN_BYTES // lora_A.element_size())
     pairs = sort_pairs_by_expert(expert_index, lora_A.shape[0])
     rows = hidden.index_select(0, pairs.token)
-    down = GroupedLinear.apply(rows, _aligned(lora_A), pairs.offsets, pairs.empty)
+    down = GroupedLinear.apply(rows, aligned(lora_A), pairs.offsets, pairs.empty)
     if activation is not None:
         down = activation(down)
     pair_weight = expert_weight.reshape(-1).index_select(0, pairs.order).to(down.dtype)
-    up = GroupedLinear.apply(down * pair_weight.unsqueeze(-1), _aligned(lora_B), pairs.offsets, pairs.empty)
+    up = GroupedLinear.apply(down * pair_weight.unsqueeze(-1), aligned(lora_B), pairs.offsets, pairs.empty)
     return sum_pairs_per_token(up, pairs, num_tokens)
 
 
 @functools.cache
-def _kernel_runs(device_type: str, dtype: torch.dtype) -> bool:
+def kernel_runs(device_type: str, dtype: torch.dtype) -> bool:
     """Whether this torch has a grouped_mm kernel for the device and dtype (probed once on a tiny problem)."""
     if not (hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")):
         return False
@@ -106,7 +106,7 @@ def _supports(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Te
         return False
     if lora_A.shape[2] * lora_A.element_size() % _ALIGN_BYTES:
         return False
-    return _kernel_runs(hidden.device.type, hidden.dtype)
+    return kernel_runs(hidden.device.type, hidden.dtype)
 
 
 def _preferred(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:

@@ -1,0 +1,174 @@
+"""PERFT-E inside the base experts' own dispatch: one sort, one gather and one weighted sum for both.
+
+Transformers' ``grouped_mm`` experts implementation sorts the (token, expert) pairs by expert, gathers the token
+rows, runs each expert's projections as grouped GEMMs, weights every pair by its routing weight and sums the K
+pairs of each token. A PERFT-E adapter expert ``dE_e(h) = B_e act(A_e h)`` sees exactly the same pairs, so its
+term is two more rank-r grouped GEMMs on the rows already gathered, added to the expert output before the
+routing weight:
+
+    out[t] = sum_k w[t, k] * (E_e(h_t) + scaling * dE_e(h_t)),  e = index[t, k]
+
+That is PERFT-E at its FLOP floor: no second sort, gather, un-permute or weighted sum.
+
+``install`` replaces the forward of one experts module by a wrapper that, per call, asks its PERFT block which
+E adapters are pending. Where the user's chosen implementation (read from the config at every call, so
+``set_experts_implementation`` keeps working) is ``grouped_mm`` and nothing else stands in the way (expert
+parallelism, ``torch.compile``), it computes base and adapters together and marks the adapters done; otherwise it
+calls the chosen implementation (or the module's own forward) unchanged and lets the block add the pending
+adapters through a dispatch backend. The block's forward hook stays as the fallback for a module whose forward
+cannot be replaced (one already wrapped at instance level) and adds only what is still pending.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.integrations import moe as transformers_moe
+
+from .dispatch.grouped import GroupedLinear, aligned, kernel_runs
+from .dispatch.sorting import pad_rank
+
+FUSED_IMPLEMENTATION = "grouped_mm"
+"""The Transformers experts implementation whose permutation PERFT-E shares."""
+
+_ALIGN_BYTES = 16
+
+
+@dataclass(frozen=True)
+class AdapterTerm:
+    """One pending PERFT-E adapter for an experts call: its stacked experts, scaling and input transform."""
+
+    name: str
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    activation: Callable[[torch.Tensor], torch.Tensor] | None
+    prepare_input: Callable[[torch.Tensor], torch.Tensor]
+    """Dropout and dtype cast of the adapter input (the token rows, T x D), as the hook applies them."""
+
+
+PendingTerms = Callable[[], Sequence[AdapterTerm]]
+"""The block's callback: the E adapters still to add in this call (empty outside the block's forward)."""
+MarkDone = Callable[[torch.Tensor, torch.Tensor], None]
+"""The block's callback once they were added here: record the routing (indices, weights) and clear the queue."""
+AddPending = Callable[[nn.Module, tuple, dict, torch.Tensor], torch.Tensor | None]
+"""The block's callback after any other experts call: add the pending adapters to the output (None: nothing to add)."""
+
+
+def install(experts: nn.Module, pending: PendingTerms, mark_done: MarkDone, add_pending: AddPending) -> bool:
+    """Replace ``experts.forward`` by ``ForwardWithAdapters``; False if the module already has an instance-level
+    forward (accelerate's hooks, another wrapper), which is then left alone and the block's hook does the work."""
+    if "forward" in vars(experts):
+        return False
+    experts.forward = ForwardWithAdapters(experts, pending, mark_done, add_pending)
+    return True
+
+
+class ForwardWithAdapters:
+    """An experts module's forward that adds its block's pending E adapters: inside the grouped_mm dispatch where
+    it can, else right after the user's chosen implementation (in the module's forward rather than in a forward
+    hook, which ``torch.compile``'s inductor backend was seen to get wrong with torch 2.13).
+
+    A callable object rather than a closure, so that ``copy.deepcopy`` of a model rebinds it to the copies."""
+
+    def __init__(self, experts: nn.Module, pending: PendingTerms, mark_done: MarkDone, add_pending: AddPending):
+        self.experts, self.pending, self.mark_done, self.add_pending = experts, pending, mark_done, add_pending
+
+    def __call__(self, *args, **kwargs):
+        experts = self.experts
+        if len(args) == 3 and not kwargs and _uses_experts_interface(experts):
+            terms = self.pending()
+            if terms and _can_fuse(experts, args[0], args[1], terms):
+                output = grouped_experts_with_adapters(experts, *args, terms)
+                self.mark_done(args[1], args[2])
+                return output
+        output = type(experts).forward(experts, *args, **kwargs)
+        added = self.add_pending(experts, args, kwargs, output)
+        return output if added is None else added
+
+
+def uninstall(experts: nn.Module) -> None:
+    """Give the experts module its class's forward back."""
+    if isinstance(vars(experts).get("forward"), ForwardWithAdapters):
+        del experts.forward
+
+
+def _uses_experts_interface(experts: nn.Module) -> bool:
+    """Whether the module is an experts class decorated by Transformers' ``use_experts_implementation``."""
+    return hasattr(experts, "has_gate") and hasattr(getattr(experts, "config", None), "_experts_implementation")
+
+
+def _can_fuse(
+    experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, terms: Sequence[AdapterTerm]
+) -> bool:
+    """The chosen implementation is grouped_mm, in eager mode, on one device's full expert set, in the layout
+    grouped_mm_experts_forward reads (2-D hidden states and routing, all slots on weighted experts)."""
+    if experts.config._experts_implementation != FUSED_IMPLEMENTATION or experts._is_expert_parallel:
+        return False
+    if torch.compiler.is_compiling() or hidden.dim() != 2 or top_k_index.dim() != 2:
+        return False
+    if hidden.shape[1] * terms[0].lora_A.element_size() % _ALIGN_BYTES:
+        return False
+    if not kernel_runs(hidden.device.type, terms[0].lora_A.dtype):
+        return False
+    return all(term.lora_A.shape[0] == experts.num_experts for term in terms)
+
+
+def grouped_experts_with_adapters(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    terms: Sequence[AdapterTerm],
+) -> torch.Tensor:
+    """The grouped_mm experts forward with each adapter's term added per pair, before the routing weight."""
+    num_tokens, top_k = top_k_index.shape
+    with torch.no_grad():
+        expert_ids, order = torch.sort(top_k_index.reshape(-1))
+        tokens_per_expert = torch.bincount(expert_ids, minlength=experts.num_experts)
+        offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+        empty = (tokens_per_expert == 0).view(-1, 1, 1)
+    token_of_pair = order // top_k
+    rows = hidden_states.index_select(0, token_of_pair)
+    pair_output = _base_pairs(experts, rows, expert_ids, offsets)
+    for term in terms:
+        adapter_rows = term.prepare_input(hidden_states).index_select(0, token_of_pair)
+        delta = _adapter_pairs(term, adapter_rows, offsets, empty)
+        pair_output = torch.add(pair_output, delta.to(pair_output.dtype), alpha=term.scaling)
+    pair_weight = top_k_weights.reshape(-1).index_select(0, order)
+    weighted = pair_output * pair_weight.unsqueeze(-1)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    per_token = weighted.index_select(0, inverse).view(num_tokens, top_k, -1).sum(dim=1)
+    return per_token.to(hidden_states.dtype)
+
+
+def _base_pairs(
+    experts: nn.Module, rows: torch.Tensor, expert_ids: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """The frozen experts' output per sorted pair, with Transformers' grouped linear, gate and post-norm."""
+    up_weight = experts.gate_up_proj if experts.has_gate else experts.up_proj
+    up_bias = None
+    if experts.has_bias:
+        up_bias = (experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias)[expert_ids]
+    hidden = transformers_moe._grouped_linear(
+        rows, up_weight, offsets, bias=up_bias, is_transposed=experts.is_transposed
+    )
+    hidden = experts._apply_gate(hidden) if experts.has_gate else experts.act_fn(hidden)
+    down_bias = experts.down_proj_bias[expert_ids] if experts.has_bias else None
+    output = transformers_moe._grouped_linear(
+        hidden, experts.down_proj, offsets, bias=down_bias, is_transposed=experts.is_transposed
+    )
+    return experts.post_expert_norm(output) if experts.has_post_expert_norm else output
+
+
+def _adapter_pairs(term: AdapterTerm, rows: torch.Tensor, offsets: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """``B_e act(A_e h)`` per sorted pair (unscaled) as two grouped GEMMs, the rank padded for the kernel."""
+    lora_A, lora_B = pad_rank(term.lora_A, term.lora_B, _ALIGN_BYTES // term.lora_A.element_size())
+    down = GroupedLinear.apply(rows, aligned(lora_A), offsets, empty)
+    if term.activation is not None:
+        down = term.activation(down)
+    return GroupedLinear.apply(down, aligned(lora_B), offsets, empty)
