@@ -7,7 +7,8 @@ MODE ``zero3`` prepares the model with a ZeRO-3 DeepSpeedPlugin and ``zero3_init
 loaded whole on each rank, then partitioned by ``prepare``); MODE ``zero3-init`` with ``zero3_init_flag=True``
 (loaded under DeepSpeed's ``zero.Init``: every base weight is a partitioned placeholder when PERFT adapts the
 model); MODE ``single`` is the one-process reference on the whole batch. The adapter is saved through Accelerate's
-``get_state_dict`` (ZeRO-3's 16-bit gather), as the Trainer does.
+``get_state_dict`` (ZeRO-3's 16-bit gather), as the Trainer does; ZeRO-3 modes also save it with a plain
+``save_pretrained`` on every rank into OUTPUT_DIR/plain.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main(mode: str, variant: str, base_dir: str, output_dir: str) -> None:
     accelerator.unwrap_model(model).save_pretrained(
         output_dir, is_main_process=accelerator.is_main_process, state_dict=state
     )
+    if mode != "single":  # also peft's plain save on every rank, which must gather the partitioned adapter itself
+        accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "plain"))
     del model, optimiser, state
     gc.collect()
     accelerator.wait_for_everyone()
