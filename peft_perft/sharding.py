@@ -20,6 +20,7 @@ expert, inside the experts' own token dispatch.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,14 @@ def distributed_config_of(model: nn.Module) -> Any:
     return getattr(getattr(model, "config", None), "distributed_config", None)
 
 
+def global_shape(tensor: torch.Tensor) -> torch.Size:
+    """The shape of the whole tensor, also on one rank's share of it: a DeepSpeed ZeRO-3 parameter is an empty
+    placeholder outside the forward of its module and keeps the real shape in ``ds_shape``; a DTensor reports its
+    global shape as ``shape`` already."""
+    ds_shape = getattr(tensor, "ds_shape", None)
+    return torch.Size(ds_shape) if ds_shape is not None else tensor.shape
+
+
 def gathered_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors (PERFT's and any ``modules_to_save``), whole and on CPU, keyed as in ``state_dict()``.
 
@@ -57,14 +66,32 @@ def gathered_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     base weights are neither gathered nor copied.
     """
     gathered = {}
-    for key, tensor in model.state_dict().items():
-        if not _is_adapter_key(key):
-            continue
-        if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()
-        # A copy, not a view of the live parameter: the optimiser must not change a state dict being saved.
-        gathered[key] = tensor.detach().to("cpu", copy=True).contiguous()
+    with _zero3_gathered(model):
+        for key, tensor in model.state_dict().items():
+            if not _is_adapter_key(key):
+                continue
+            if isinstance(tensor, DTensor):
+                tensor = tensor.full_tensor()
+            # A copy, not a view of the live parameter: the optimiser must not change a state dict being saved, and
+            # a ZeRO-3 parameter's gathered data is freed when the context ends.
+            gathered[key] = tensor.detach().to("cpu", copy=True).contiguous()
     return gathered
+
+
+def _zero3_gathered(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Whole data, on every rank, in the adapter's DeepSpeed ZeRO-3 parameters for the time of the context (one
+    collective); nothing to do on other models."""
+    partitioned = [p for name, p in model.named_parameters() if _is_adapter_key(name) and is_zero3_partitioned(p)]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def is_zero3_partitioned(tensor: torch.Tensor) -> bool:
+    """A parameter DeepSpeed ZeRO-3 manages (each rank holds a slice; the tensor itself is an empty placeholder)."""
+    return hasattr(tensor, "ds_id")
 
 
 def replicate_adapter(model: nn.Module) -> None:
@@ -113,12 +140,21 @@ def _saving_gathered_adapter(save_pretrained: Callable) -> Callable:
 
     @functools.wraps(save_pretrained)
     def save_perft_adapter(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("state_dict") is None and is_distributed() and _holds_perft_adapter(self):
+        if kwargs.get("state_dict") is None and _holds_perft_adapter(self) and _gathers(self, kwargs):
             kwargs["state_dict"] = gathered_adapter_state_dict(self)
         return save_pretrained(self, save_directory, *args, **kwargs)
 
     setattr(save_perft_adapter, _HOOKED, True)
     return save_perft_adapter
+
+
+def _gathers(model: PeftModel, save_kwargs: dict[str, Any]) -> bool:
+    """Whether this rank's save gathers the adapter. Under ZeRO-3 only a rank that writes does: the Trainer calls
+    ``save_pretrained`` on the main process alone, and Accelerate's documented save passes the main process the
+    state dict of ``accelerator.get_state_dict`` and the other ranks ``None`` with ``is_main_process=False``."""
+    if any(is_zero3_partitioned(parameter) for parameter in model.parameters()):
+        return save_kwargs.get("is_main_process", True)
+    return is_distributed()
 
 
 def _average_gradient(parameter: torch.Tensor) -> None:

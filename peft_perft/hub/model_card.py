@@ -33,6 +33,7 @@ from peft import PeftModel
 
 from ..config import PerftConfig
 from ..layer import PerftMoeBlock
+from ..sharding import global_shape
 
 TEMPLATE_NAME = "perft_adapter.md"
 CARD_FILE = "README.md"
@@ -131,7 +132,7 @@ def render_model_card(
     details = details or card_details(model)
     base_model_id = _base_model_id(model, names[0])
     adapter_parameters = _adapter_parameter_count(model)
-    base_parameters = sum(parameter.numel() for parameter in model.parameters()) - adapter_parameters
+    base_parameters = sum(global_shape(parameter).numel() for parameter in model.parameters()) - adapter_parameters
     card_data = _card_data(previous, base_model_id, details, [model.peft_config[name].variant for name in names])
     return ModelCard.from_template(
         card_data,
@@ -284,11 +285,11 @@ def _describe_adapter(model: PeftModel, name: str, base_parameters: int) -> dict
     if not blocks:
         raise ValueError(f"Adapter {name!r} has no adapted MoE block in this model, so there is nothing to describe.")
     spec = blocks[0].spec
-    num_experts = blocks[0].perft_A[name].shape[0]
+    num_experts = global_shape(blocks[0].perft_A[name])[0]
     active = {"R": config.resolved_top_k(), "E": spec.top_k, "D": num_experts, "S": 1}[config.variant]
     # Counted from the adapter's own tensors (global sizes for sharded ones): asking peft for the adapter state dict
     # here would gather sharded weights on the main process alone and leave the other ranks of a save waiting.
-    saved = sum(block_tensor.numel() for block in blocks for block_tensor in _adapter_tensors(block, name))
+    saved = sum(global_shape(tensor).numel() for block in blocks for tensor in _adapter_tensors(block, name))
     settings = [
         ("variant", f"{config.variant} ({VARIANT_NAMES[config.variant]})"),
         ("adapter experts per MoE block", num_experts),
@@ -347,7 +348,7 @@ def _activation_words(config: PerftConfig) -> str:
 def _adapter_parameter_count(model: PeftModel) -> int:
     """Parameters held by every PERFT adapter of the model (to separate them from the base model's)."""
     return sum(
-        parameter.numel()
+        global_shape(parameter).numel()
         for module in model.modules()
         if isinstance(module, PerftMoeBlock)
         for parameters in (module.perft_A, module.perft_B, module.perft_router)
