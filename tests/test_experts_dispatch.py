@@ -21,8 +21,8 @@ NOT_FUSED = {
     "longcat_flash": "its router has zero-compute (identity) expert slots",
     "zaya": "its router has a skip slot past the weighted experts",
     "jetmoe": "its experts are called with token groups; PERFT-E reads the routing from the router's output",
-    "llama4": "its experts' input is pre-scaled by the routing; PERFT-E reads the routing from the router's output",
-    "llama4_text": "its experts' input is pre-scaled by the routing; PERFT-E reads the routing from the router's output",
+    "llama4": "its experts' input is pre-scaled by the routing; PERFT-E reads it from the router's output",
+    "llama4_text": "its experts' input is pre-scaled by the routing; PERFT-E reads it from the router's output",
 }
 """Architectures where PERFT-E is added after the experts call rather than inside grouped_mm, with the reason."""
 
