@@ -6,6 +6,7 @@ import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    GptOssConfig,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
@@ -50,6 +51,24 @@ def tiny_mixtral_config(**overrides) -> MixtralConfig:
     }
     settings.update(overrides)
     return MixtralConfig(**settings)
+
+
+def tiny_gpt_oss_config(**overrides) -> GptOssConfig:
+    """GPT-OSS shape in miniature, one layer: 4 experts, top-2, router bias, softmax over the top-k logits."""
+    settings = {
+        "vocab_size": 64,
+        "hidden_size": 32,
+        "intermediate_size": 16,
+        "head_dim": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": 1,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        **TOKEN_IDS,
+    }
+    settings.update(overrides)
+    return GptOssConfig(**settings)
 
 
 def build_tiny(family: str = "olmoe", seed: int = 0, **overrides) -> torch.nn.Module:

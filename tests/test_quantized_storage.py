@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_tiny
+from conftest import build_tiny, tiny_gpt_oss_config
 from peft import get_peft_model
 from test_architectures import _perft_config, _single_thread, tiny_model  # noqa: F401 (_single_thread: autouse)
 from torch import nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GptOssConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_perft.architectures import find_moe_blocks
 
@@ -142,17 +142,7 @@ def mxfp4_gpt_oss(monkeypatch: pytest.MonkeyPatch) -> nn.Module:
     from transformers.integrations import mxfp4
 
     torch.manual_seed(0)
-    config = GptOssConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=16,
-        head_dim=8,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_hidden_layers=1,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
+    config = tiny_gpt_oss_config()
     model = AutoModelForCausalLM.from_config(config)
     layer = model.model.layers[0]
     layer.mlp = mxfp4.Mxfp4GptOssMLP(layer.mlp.router, mxfp4.Mxfp4GptOssExperts(config))

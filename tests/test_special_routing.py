@@ -14,11 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_gpt_oss_config
 from peft import get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3Config,
-    GptOssConfig,
     JambaConfig,
     JetMoeConfig,
     LagunaConfig,
@@ -229,16 +229,7 @@ def test_qwen2_moe_with_gated_shared_expert(variant: str):
 
 def test_gpt_oss_routing_with_router_bias_and_tuple_output():
     torch.manual_seed(0)
-    config = GptOssConfig(
-        **TOKENS,
-        **ATTENTION,
-        hidden_size=HIDDEN,
-        intermediate_size=16,
-        head_dim=8,
-        num_hidden_layers=1,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
+    config = tiny_gpt_oss_config(max_position_embeddings=64)
     model = AutoModelForCausalLM.from_config(config)
     router = model.model.layers[0].mlp.router
     randomise_router(router, seed=3)

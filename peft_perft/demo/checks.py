@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterable
 
+from datasets import Dataset
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from peft_perft import PerftConfig
@@ -53,6 +54,11 @@ def validate_demo_args(args: argparse.Namespace) -> PerftConfig:
         )
     except ValueError as error:
         raise InputError(f"The adapter flags do not fit together: {error}") from None
+
+
+def texts_to_check(train: Dataset, test: Dataset) -> dict[str, list[str]]:
+    """What the tokenizer must represent: prompt + completion of each training record, and the held-out prompts."""
+    return {"train": [row["prompt"] + row["completion"] for row in train], "test": list(test["prompt"])}
 
 
 def check_data_fits(

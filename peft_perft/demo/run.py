@@ -41,7 +41,7 @@ from peft_perft.evaluation import build_prompt, generate_batch, is_correct
 from peft_perft.monitor import draw_load_heatmap, routing_report
 from peft_perft.quantization import add_quantize_argument, load_quantized_base
 
-from .checks import BUNDLED_DATASET, check_data_fits, validate_demo_args
+from .checks import BUNDLED_DATASET, check_data_fits, texts_to_check, validate_demo_args
 from .data import DEMO_TASKS, MAX_INPUT_LENGTH, demo_task_splits
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-olmoe"
@@ -174,11 +174,8 @@ def _run_pipeline(args: argparse.Namespace, device: torch.device) -> dict[str, A
     tokenizer = load_tokenizer(args.model)
     task = load_demo_task(args)
     if args.dataset != BUNDLED_DATASET:  # the bundled task is written in the bundled tokenizer's alphabet
-        texts = {
-            "train": [row["prompt"] + row["completion"] for row in task.train],
-            "test": list(task.test["prompt"]),
-        }
         model_config = AutoConfig.from_pretrained(args.model)
+        texts = texts_to_check(task.train, task.test)
         max_length = check_data_fits(texts, tokenizer, model_config, args, task.max_new_tokens)
         args = argparse.Namespace(**{**vars(args), "max_length": max_length})
     model = load_base_model(args.model, device, args.quantize)
