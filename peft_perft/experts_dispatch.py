@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from transformers.integrations import moe as transformers_moe
 
+from .dispatch import add_scaled
 from .dispatch.grouped import GroupedLinear, aligned, kernel_runs
 from .dispatch.sorting import pad_rank
 
@@ -137,7 +138,7 @@ def grouped_experts_with_adapters(
     for term in terms:
         adapter_rows = term.prepare_input(hidden_states).index_select(0, token_of_pair)
         delta = _adapter_pairs(term, adapter_rows, offsets, empty)
-        pair_output = torch.add(pair_output, delta.to(pair_output.dtype), alpha=term.scaling)
+        pair_output = add_scaled(pair_output, delta.to(pair_output.dtype), term.scaling)
     pair_weight = top_k_weights.reshape(-1).index_select(0, order)
     weighted = pair_output * pair_weight.unsqueeze(-1)
     inverse = torch.empty_like(order)

@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .architectures import MoeBlockSpec
 from .config import PerftConfig
-from .dispatch import always_on_experts, routed_experts
+from .dispatch import add_scaled, always_on_experts, routed_experts
 from .experts_dispatch import AdapterTerm
 from .experts_dispatch import install as install_in_dispatch
 from .experts_dispatch import uninstall as uninstall_in_dispatch
@@ -259,7 +259,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             adapter_input = self._adapter_input(name, hidden)
             weight = expert_weight.to(lora_A.dtype)
             delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight)
-            total = torch.add(total, delta.to(output.dtype).view(output.shape), alpha=config.scaling)
+            total = add_scaled(total, delta.to(output.dtype).view(output.shape), config.scaling)
         self._experts_call_adapters.clear()
         self._base_routing_seen.append(None)
         return total
@@ -316,8 +316,8 @@ def _add_to_primary(output, delta: torch.Tensor, scaling: float):
     """Add the scaled adapter output (T, D) to the block's hidden states, in the shape the block returns them
     ((B, S, D), or (T, D) as Llama 4 does), also when the block returns a tuple."""
     if isinstance(output, tuple):
-        return (torch.add(output[0], delta.view(output[0].shape), alpha=scaling), *output[1:])
-    return torch.add(output, delta.view(output.shape), alpha=scaling)
+        return (add_scaled(output[0], delta.view(output[0].shape), scaling), *output[1:])
+    return add_scaled(output, delta.view(output.shape), scaling)
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -33,6 +33,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from transformers.distributed.expert_parallel import AutoEP, EPImplementation, EPImplementationInterface
 
+from .dispatch import add_scaled
 from .loading import ADAPTER_KEY_MARKERS
 
 _HOOKED = "__perft_sharding_hook__"
@@ -225,7 +226,7 @@ class PerftExpertParallel(EPImplementation):
             adapter_weights = weights.masked_fill(off_rank, 0.0).to(lora_A.dtype)
             adapter_input = block._dropout(name, tokens.to(lora_A.dtype))
             delta = block._routed(config, adapter_input, lora_A, lora_B, index, adapter_weights)
-            output = torch.add(output, delta.to(output.dtype), alpha=config.scaling)
+            output = add_scaled(output, delta.to(output.dtype), config.scaling)
         return output
 
 

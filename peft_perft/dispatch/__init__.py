@@ -147,5 +147,14 @@ def always_on_experts(
     return down @ up_weight.t()
 
 
+def add_scaled(output: torch.Tensor, delta: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``output + scaling * delta``: one kernel in eager mode (``torch.add``'s ``alpha``), written out under
+    ``torch.compile``, where Inductor (seen with torch 2.13 on CPU) rewrites ``add(x, mm(a, b), alpha=s)`` into
+    ``addmm(x, a, b)`` and silently drops ``s``; the written-out form compiles into one fused kernel as well."""
+    if torch.compiler.is_compiling():
+        return output + delta * scaling
+    return torch.add(output, delta, alpha=scaling)
+
+
 # The built-in backends register themselves on import (MegaBlocks itself is imported only when first used).
 from . import dense, gather, grouped, megablocks_backend  # noqa: E402, F401
