@@ -1,21 +1,33 @@
 """Pretrain the small OLMoE bundled with peft-perft for ``peft-perft demo``.
 
-Rerun with ``python scripts/train_demo_model.py`` (about four minutes on one CPU thread). It builds a
+Rerun with ``python scripts/train_demo_model.py`` (about four minutes on one idle CPU thread). It builds a
 character-level tokenizer, pretrains a tiny ``OlmoeForCausalLM`` from scratch on the generic-skills
 mixture of ``peft_perft.demo.data`` (copy, reverse, upper-case), and writes config, safetensors weights,
 tokenizer files and a metadata file into ``peft_perft/demo/assets/demo-olmoe``. The demo's fine-tuning task is
 never shown to this model; the script prints the base model's accuracy on it to prove that.
 
-Bit-for-bit reproduction needs the same seed and thread count, the same torch, transformers and tokenizers versions
-(``training_metadata.json`` records them, with the CPU) and the same kind of CPU: float kernels differ between CPU
-models. ``--compare-with DIR`` rebuilds and reports whether the weights equal those in DIR, bit for bit or how far
-apart, e.g. ``python scripts/train_demo_model.py --output-dir /tmp/rebuilt --compare-with
-peft_perft/demo/assets/demo-olmoe``.
+Bit-for-bit reproduction needs the same seed and thread count and the same torch and transformers versions
+(``training_metadata.json`` records them). Float kernels also differ between CPUs: torch and MKL pick AVX-512 code
+on one CPU and AVX2 code on another, and sum in different orders. The script therefore pins both to their AVX2 code
+paths (``ATEN_CPU_CAPABILITY``, ``MKL_CBWR``, ``ONEDNN_MAX_CPU_ISA``) before torch loads, so that any x86-64 CPU
+with AVX2 runs the same kernels.
+
+``--check-reproduction`` reruns the first steps of the recorded command and compares a SHA-256 of the weights with
+the one recorded (seconds); ``--compare-with DIR`` rebuilds in full and reports whether the weights equal those in
+DIR, bit for bit or how far apart, e.g. ``python scripts/train_demo_model.py --output-dir /tmp/rebuilt
+--compare-with peft_perft/demo/assets/demo-olmoe``.
 """
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads: the same (AVX2) float kernels on every x86-64 CPU, and MKL's reproducible mode.
+PINNED_CPU_CODE_PATHS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+os.environ.update(PINNED_CPU_CODE_PATHS)
+
 import argparse
+import hashlib
 import json
 import math
 import platform
@@ -35,6 +47,7 @@ from peft_perft.demo.data import CHARACTERS, DEMO_TASKS, PRETRAINING_TASKS, demo
 DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent.parent / "peft_perft" / "demo" / "assets" / "demo-olmoe"
 SPECIAL_TOKENS = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}
 IGNORED_LABEL = -100
+FINGERPRINT_STEPS = 20
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -110,16 +123,32 @@ def learning_rate_at(step: int, total_steps: int, peak: float, warmup_steps: int
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def pretrain(model: OlmoeForCausalLM, tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace) -> list[float]:
-    """Plain teacher-forced training on the generic mixture; returns the loss every 100 steps."""
+def weights_fingerprint(named_tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of every tensor's bytes, in name order: equal only if the weights are equal bit for bit."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named_tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pretrain(
+    model: OlmoeForCausalLM, tokenizer: PreTrainedTokenizerFast, args: argparse.Namespace, stop_after: int | None = None
+) -> tuple[list[float], str]:
+    """Plain teacher-forced training on the generic mixture.
+
+    Returns the loss every 100 steps and the weights' fingerprint after ``FINGERPRINT_STEPS`` steps; with
+    ``stop_after`` it stops there (same data and schedule as the full run, so the fingerprint is comparable).
+    """
     examples = pretraining_dataset(args.steps * args.batch_size, seed=args.seed)
     encoded = encode_all(list(examples["prompt"]), list(examples["completion"]), tokenizer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01)
     order = list(range(len(encoded)))
     random.Random(args.seed).shuffle(order)
     losses: list[float] = []
+    fingerprint = ""
     model.train()
-    for step in range(args.steps):
+    for step in range(args.steps if stop_after is None else stop_after):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, args.steps, args.learning_rate, warmup_steps=args.steps // 20)
         batch_rows = order[step * args.batch_size : (step + 1) * args.batch_size]
@@ -128,11 +157,13 @@ def pretrain(model: OlmoeForCausalLM, tokenizer: PreTrainedTokenizerFast, args: 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if step + 1 == FINGERPRINT_STEPS:
+            fingerprint = weights_fingerprint(model.state_dict())
         if step % 100 == 0 or step == args.steps - 1:
             losses.append(round(loss.item(), 4))
             print(f"step {step:5d}  loss {loss.item():.4f}", flush=True)
     model.eval()
-    return losses
+    return losses, fingerprint
 
 
 @torch.no_grad()
@@ -160,21 +191,23 @@ def fresh_pretraining_rows(count: int, seed: int) -> list[dict[str, str]]:
 
 
 def write_assets(model: OlmoeForCausalLM, tokenizer: PreTrainedTokenizerFast, output_dir: Path, metadata: dict) -> None:
-    """Save weights as safetensors, the tokenizer, and a metadata file saying how they were made."""
+    """Save weights as safetensors, the tokenizer, and a metadata file saying how they were made, with the SHA-256
+    of the tensors as saved (Transformers may store them in another layout than the model holds them)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     model.config.output_router_logits = False
     model.save_pretrained(output_dir, safe_serialization=True)
     tokenizer.save_pretrained(output_dir)
+    metadata["weights_sha256_after_steps"]["final"] = weights_fingerprint(load_file(output_dir / "model.safetensors"))
     (output_dir / "training_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
 
 
 def command_line_flags(args: argparse.Namespace) -> str:
     """The flags that reproduce this run (the output folder aside)."""
-    skipped = {"output_dir", "compare_with"}
+    skipped = {"output_dir", "compare_with", "check_reproduction"}
     return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in vars(args).items() if key not in skipped)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--steps", type=int, default=1500)
@@ -189,7 +222,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; results can differ across counts")
     parser.add_argument("--compare-with", type=Path, default=None, help="a model folder to compare the weights with")
-    return parser.parse_args()
+    parser.add_argument(
+        "--check-reproduction",
+        action="store_true",
+        help=f"rerun the first {FINGERPRINT_STEPS} steps of the command recorded in --compare-with (default: the "
+        "bundled model) and compare the weights' SHA-256 with the recorded one; exit 1 if they differ",
+    )
+    return parser.parse_args(argv)
 
 
 def cpu_name() -> str:
@@ -215,15 +254,56 @@ def compare_weights(built: Path, reference: Path) -> str:
     return f"NOT identical: {differing} of {len(new)} tensors differ, the most {worst} by {differences[worst]:.3g}"
 
 
-def main() -> None:
-    args = parse_args()
+def software_versions() -> dict[str, str]:
+    """What the exact weights depend on besides the command: library versions, CPU and pinned code paths."""
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_name(),
+        "cpu_code_paths": ", ".join(f"{key}={value}" for key, value in PINNED_CPU_CODE_PATHS.items()),
+    }
+
+
+def fresh_model(args: argparse.Namespace) -> tuple[PreTrainedTokenizerFast, OlmoeForCausalLM]:
+    """Seed, thread count, tokenizer and the randomly initialised model: everything the first step depends on."""
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
     tokenizer = build_tokenizer()
-    model = OlmoeForCausalLM(build_model_config(tokenizer, args))
+    return tokenizer, OlmoeForCausalLM(build_model_config(tokenizer, args))
+
+
+def check_reproduction(reference_dir: Path) -> int:
+    """Rerun the first steps of the recorded command; 0 if the weights equal the recorded ones bit for bit."""
+    metadata = json.loads((reference_dir / "training_metadata.json").read_text())
+    recorded_flags = metadata["made_by"].split()[2:]
+    args = parse_args(recorded_flags)
+    tokenizer, model = fresh_model(args)
+    _, fingerprint = pretrain(model, tokenizer, args, stop_after=FINGERPRINT_STEPS)
+    expected = metadata["weights_sha256_after_steps"][str(FINGERPRINT_STEPS)]
+    here, there = software_versions(), metadata["versions"]
+    print("versions here:    ", json.dumps(here))
+    print("versions recorded:", json.dumps(there))
+    if fingerprint == expected:
+        print(f"reproduced: after {FINGERPRINT_STEPS} steps the weights equal the recorded ones bit for bit")
+        return 0
+    differing = sorted(key for key in here.keys() & there.keys() if here[key] != there[key] and key != "cpu")
+    print(
+        f"NOT reproduced: after {FINGERPRINT_STEPS} steps the weights' SHA-256 is {fingerprint}, recorded {expected}"
+        + (f"; these differ from the recorded run: {', '.join(differing)}" if differing else "")
+    )
+    return 1
+
+
+def main() -> int:
+    args = parse_args()
+    if args.check_reproduction:
+        return check_reproduction(args.compare_with or DEFAULT_OUTPUT_DIR)
+    started = time.perf_counter()
+    tokenizer, model = fresh_model(args)
     print(f"parameters: {model.num_parameters():,}", flush=True)
-    losses = pretrain(model, tokenizer, args)
+    losses, early_fingerprint = pretrain(model, tokenizer, args)
     train_seconds = time.perf_counter() - started
     generic = greedy_accuracy(model, tokenizer, fresh_pretraining_rows(70 * len(PRETRAINING_TASKS), args.seed))
     demo = greedy_accuracy(model, tokenizer, list(demo_task_splits(num_train=0, num_test=200, seed=0)["test"]))
@@ -235,22 +315,18 @@ def main() -> None:
         "demo_tasks_never_seen": [task.name for task in DEMO_TASKS],
         "pretraining_examples": args.steps * args.batch_size,
         "loss_every_100_steps": losses,
+        "weights_sha256_after_steps": {str(FINGERPRINT_STEPS): early_fingerprint},
         "pretraining_skills_accuracy_on_fresh_examples": generic,
         "demo_task_accuracy_before_fine_tuning": demo,
         "seconds_to_generate_data_and_train": round(train_seconds, 1),
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "tokenizers": tokenizers.__version__,
-            "python": platform.python_version(),
-            "cpu": cpu_name(),
-        },
+        "versions": software_versions(),
     }
     write_assets(model, tokenizer, args.output_dir, metadata)
     print(f"wrote {args.output_dir} in {time.perf_counter() - started:.0f} s")
     if args.compare_with is not None:
         print(compare_weights(args.output_dir, args.compare_with))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
