@@ -7,6 +7,7 @@ model. The names below are what the CLI and the other tools (the pilot) use.
 from .run import (
     BUNDLED_DATASET,
     BUNDLED_MODEL_DIR,
+    CHECKPOINTING_FIELD,
     DemoTask,
     add_cli_arguments,
     bundled_task,
@@ -21,6 +22,7 @@ from .run import (
 __all__ = [
     "BUNDLED_DATASET",
     "BUNDLED_MODEL_DIR",
+    "CHECKPOINTING_FIELD",
     "DemoTask",
     "add_cli_arguments",
     "bundled_task",

@@ -38,6 +38,7 @@ from peft_perft.cli.inputs import InputError, require_dataset, require_model
 from peft_perft.demo import (
     BUNDLED_DATASET,
     BUNDLED_MODEL_DIR,
+    CHECKPOINTING_FIELD,
     bundled_task,
     inference_mode,
     load_base_model,
@@ -381,11 +382,11 @@ def sft_config(settings: PilotSettings, device: torch.device) -> SFTConfig:
         seed=settings.seed,
         max_length=settings.max_length,
         bf16=device.type == "cuda",
-        gradient_checkpointing=checkpointing,
         use_cpu=device.type == "cpu",
         disable_tqdm=True,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        **{CHECKPOINTING_FIELD: checkpointing},
     )
 
 
