@@ -165,6 +165,14 @@ ROUTER_OUTPUT_ROUTING: dict[str, RouterRouting] = {
 """Routers (by class) whose output gives PERFT-E the routing that their block's experts call does not carry."""
 
 
+def global_shape(tensor: torch.Tensor) -> torch.Size:
+    """The shape of the whole tensor, also on one rank's share of it: a DeepSpeed ZeRO-3 parameter is an empty
+    placeholder outside the forward of its module and keeps the real shape in ``ds_shape``; a DTensor reports its
+    global shape as ``shape`` already."""
+    ds_shape = getattr(tensor, "ds_shape", None)
+    return torch.Size(ds_shape) if ds_shape is not None else tensor.shape
+
+
 def logical_shape(module: nn.Module, name: str, parameter: torch.Tensor) -> torch.Size:
     """The shape of ``module``'s parameter ``name`` in the model's math, whatever its storage.
 
@@ -172,9 +180,8 @@ def logical_shape(module: nn.Module, name: str, parameter: torch.Tensor) -> torc
     ``quant_state``; other Linear layers (8-bit, packed) declare ``in_features`` / ``out_features``. DTensors and
     torchao / quanto tensor subclasses report their logical (global, unquantized) shape as ``shape`` already.
     """
-    ds_shape = getattr(parameter, "ds_shape", None)
-    if ds_shape is not None:
-        return torch.Size(ds_shape)
+    if getattr(parameter, "ds_shape", None) is not None:
+        return global_shape(parameter)
     quantized_shape = getattr(getattr(parameter, "quant_state", None), "shape", None)
     if quantized_shape is not None:
         return torch.Size(quantized_shape)

@@ -52,14 +52,6 @@ def distributed_config_of(model: nn.Module) -> Any:
     return getattr(getattr(model, "config", None), "distributed_config", None)
 
 
-def global_shape(tensor: torch.Tensor) -> torch.Size:
-    """The shape of the whole tensor, also on one rank's share of it: a DeepSpeed ZeRO-3 parameter is an empty
-    placeholder outside the forward of its module and keeps the real shape in ``ds_shape``; a DTensor reports its
-    global shape as ``shape`` already."""
-    ds_shape = getattr(tensor, "ds_shape", None)
-    return torch.Size(ds_shape) if ds_shape is not None else tensor.shape
-
-
 def gathered_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors (PERFT's and any ``modules_to_save``), whole and on CPU, keyed as in ``state_dict()``.
 

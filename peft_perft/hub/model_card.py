@@ -31,9 +31,9 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from peft import PeftModel
 
+from ..architectures import global_shape
 from ..config import PerftConfig
 from ..layer import PerftMoeBlock
-from ..sharding import global_shape
 
 TEMPLATE_NAME = "perft_adapter.md"
 CARD_FILE = "README.md"
