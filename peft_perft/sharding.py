@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from transformers.distributed.expert_parallel import AutoEP, EPImplementation, EPImplementationInterface
 
 from .loading import ADAPTER_KEY_MARKERS
+from .tensor_parallel import split_over_tensor_parallel
 
 _HOOKED = "__perft_sharding_hook__"
 # Transformers' Trainer registers its own gradient average for replicated parameters unless this flag is set.
@@ -232,6 +233,16 @@ class PerftExpertParallel(EPImplementation):
 def install_expert_parallel() -> None:
     """Register `PerftExpertParallel` with Transformers under the name ``"perft"`` (idempotent)."""
     EPImplementationInterface.register(EXPERT_PARALLEL_NAME, PerftExpertParallel)
+
+
+def shard_adapter(block: nn.Module, adapter_name: str) -> None:
+    """Lay a new adapter's tensors out as the engines shard its block: PERFT-E like the experts under expert
+    parallelism (`PerftExpertParallel`), R, D and S on their bottleneck under tensor parallelism
+    (`tensor_parallel`); replicated where neither applies."""
+    if block.perft_configs[adapter_name].variant == "E":
+        shard_routed_adapter(block, adapter_name)
+    else:
+        split_over_tensor_parallel(block, adapter_name)
 
 
 def shard_routed_adapter(block: nn.Module, adapter_name: str) -> bool:

@@ -80,12 +80,31 @@ def run_ranks(*arguments: str, processes: int = 2) -> subprocess.CompletedProces
     return result
 
 
-def assert_holds_its_share(held: dict[str, int], whole: dict[str, int], sharded: bool) -> None:
-    """Per-rank adapter memory: with ep_implementation="perft" each of the 2 EP ranks stores half of every PERFT-E
-    tensor (the adapter experts of its local base experts); otherwise every rank stores all of the adapter."""
+def ranks_sharing(name: str, layout: str) -> int:
+    """Over how many ranks a layout splits an adapter tensor: with ep_implementation="perft" each of the 2 EP ranks
+    holds the PERFT-E adapter experts of its local base experts; under tp_size=2 alone each TP rank holds half of
+    the bottleneck of every R/D/S adapter expert (the router stays whole); otherwise each rank holds all of it."""
+    if layout.endswith("_sharded"):
+        return 2
+    return 2 if layout == "tp" and ".perft_router." not in name else 1
+
+
+def assert_holds_its_share(held: dict[str, int], whole: dict[str, int], layout: str) -> None:
+    """Per-rank adapter memory: the elements each rank stores, tensor by tensor."""
     assert sorted(held) == sorted(whole)
     for name, elements in whole.items():
-        assert held[name] == (elements // 2 if sharded else elements), name
+        assert held[name] == elements // ranks_sharing(name, layout), name
+
+
+def assert_does_its_share(flops: int, whole: int, variant: str) -> None:
+    """Per-rank adapter compute under tp_size=2, from FLOPs counted in one forward of the first batch (adapter on
+    minus off). Each rank computes half of the adapter experts' work and the whole (replicated) router, so twice a
+    rank's count minus one process's is the router's alone: 2 * tokens * hidden * N per layer (0 for D and S)."""
+    config = sharded_worker.CONFIGS[variant]
+    tokens, hidden, layers = sharded_worker.GLOBAL_BATCH * 8, 32, 2
+    router = 2 * tokens * hidden * config.get("num_experts", 0) * layers if config["variant"] == "R" else 0
+    assert whole > 0
+    assert 2 * flops - whole == router
 
 
 def assert_same_tensors(found: dict, expected: dict) -> None:
@@ -118,6 +137,7 @@ def sharded_runs(bases: dict, tmp_path_factory: pytest.TempPathFactory) -> Calla
         ("qwen3_moe", "E", "fsdp_ep"),
         ("olmoe", "E", "tp_ep_sharded"),
         ("qwen3_moe", "E", "fsdp_ep_sharded"),
+        ("olmoe", "R_aux", "tp"),
     ],
 )
 def test_sharded_run_matches_one_process(
@@ -131,7 +151,9 @@ def test_sharded_run_matches_one_process(
         assert_same_tensors(run["initial"], reference["initial"])  # broadcast from rank 0, though seeds differ
         assert_same_tensors(run["gradients"], reference["gradients"])
         assert_same_tensors(run["trained"], reference["trained"])
-        assert_holds_its_share(run["held"], reference["held"], sharded=layout.endswith("_sharded"))
+        assert_holds_its_share(run["held"], reference["held"], layout)
+        if layout == "tp":
+            assert_does_its_share(run["adapter_flops"], reference["adapter_flops"], variant)
         # Saving gathers the sharded adapter tensors and nothing else (no base weight).
         sharded_tensors = sum(run["held"][name] < reference["held"][name] for name in run["held"])
         assert run["gathers_during_save"] == [sharded_tensors]
@@ -140,20 +162,30 @@ def test_sharded_run_matches_one_process(
     assert_same_tensors(saved, load_file(f"{references[family, variant]}.adapter/adapter_model.safetensors"))
 
 
+@pytest.mark.parametrize(
+    ("variant", "saved_under", "loaded_under"), [("E", "tp_ep_sharded", "fsdp_ep_sharded"), ("R", "fsdp_ep", "tp")]
+)
 def test_adapter_saved_sharded_loads_onto_another_sharding_and_one_process(
-    bases: dict, sharded_runs: Callable, references: dict, tmp_path: Path
+    variant: str,
+    saved_under: str,
+    loaded_under: str,
+    bases: dict,
+    sharded_runs: Callable,
+    references: dict,
+    tmp_path: Path,
 ) -> None:
-    """A PERFT-E adapter trained with its experts sharded under TP+EP loads, sharded under FSDP+EP and in one
-    process, to the same logits."""
-    adapter = f"{sharded_runs('olmoe', 'E', 'tp_ep_sharded')}.adapter"
+    """An adapter trained on a sharded model loads onto another sharding and in one process to the same logits:
+    PERFT-E with its experts sharded under TP+EP onto PERFT-E sharded under FSDP+EP; PERFT-R trained under
+    FSDP+EP onto PERFT-R with its bottleneck split over TP (each rank takes its share of the saved tensors)."""
+    adapter = f"{sharded_runs('olmoe', variant, saved_under)}.adapter"
     loaded = tmp_path / "loaded.pt"
-    result = run_ranks(str(bases["olmoe"]), "fsdp_ep_sharded", "E", str(loaded), adapter)
+    result = run_ranks(str(bases["olmoe"]), loaded_under, variant, str(loaded), adapter)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     one_process = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bases["olmoe"]), adapter)
     with torch.no_grad():
         expected = one_process(input_ids=sharded_worker.batches()[0]).logits
     torch.testing.assert_close(torch.load(loaded)["logits"], expected, **TOLERANCE)
-    untrained = torch.load(references["olmoe", "E"])["logits"]
+    untrained = torch.load(references["olmoe", variant])["logits"]
     assert not torch.allclose(expected, untrained, **TOLERANCE), "the trained adapter must change the logits"
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from peft import PeftModel, get_peft_model
 from torch.distributed.tensor import DTensor
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
@@ -41,6 +42,7 @@ LAYOUTS = {
 }
 CONFIGS = {
     "R": {"variant": "R", "r": 4, "num_experts": 4, "top_k": 2, "init_weights": False},
+    "R_aux": {"variant": "R", "r": 4, "num_experts": 4, "top_k": 2, "init_weights": False},
     "E": {"variant": "E", "r": 4, "init_weights": False},
 }
 
@@ -50,11 +52,13 @@ def batches() -> torch.Tensor:
     return torch.randint(3, 64, (STEPS, GLOBAL_BATCH, 8), generator=torch.Generator().manual_seed(5))
 
 
-def load_base(base: str, layout: str) -> torch.nn.Module:
+def load_base(base: str, layout: str, variant: str) -> torch.nn.Module:
+    """The saved base, sharded as LAYOUT says. For the ``R_aux`` run with its router aux loss on, so that PERFT-R's
+    is added to the loss and trained too (only where ranks share a batch: the load-balancing loss of a batch is not
+    the mean of its slices' losses, under data parallelism neither for the base nor for PERFT)."""
     settings = LAYOUTS[layout]
-    if settings is None:
-        return AutoModelForCausalLM.from_pretrained(base)
-    return AutoModelForCausalLM.from_pretrained(base, distributed_config=DistributedConfig(**settings))
+    distributed = {} if settings is None else {"distributed_config": DistributedConfig(**settings)}
+    return AutoModelForCausalLM.from_pretrained(base, output_router_logits=variant == "R_aux", **distributed)
 
 
 def data_parallel_slice(tokens: torch.Tensor, layout: str) -> torch.Tensor:
@@ -85,6 +89,20 @@ def adapter_elements_held(model: torch.nn.Module) -> dict[str, int]:
         if ".perft_" in name:
             held[name] = (parameter.to_local() if isinstance(parameter, DTensor) else parameter).numel()
     return held
+
+
+def adapter_flops(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """FLOPs this rank spends on the adapter in one forward: with it minus without it."""
+    counts = []
+    for adapter_off in (False, True):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            if adapter_off:
+                with model.disable_adapter():
+                    model(input_ids=tokens)
+            else:
+                model(input_ids=tokens)
+        counts.append(counter.get_total_flops())
+    return counts[0] - counts[1]
 
 
 def train(model: torch.nn.Module, layout: str, tokens: torch.Tensor) -> dict:
@@ -122,7 +140,7 @@ def main(base: str, layout: str, variant: str, output: str, adapter: str | None 
     if LAYOUTS[layout] is not None:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    base_model = load_base(base, layout)
+    base_model = load_base(base, layout, variant)
     tokens = batches()
     torch.manual_seed(rank)
     if adapter is not None:
@@ -134,6 +152,7 @@ def main(base: str, layout: str, variant: str, output: str, adapter: str | None 
         record = {"initial": gathered_adapter_state_dict(model), "held": adapter_elements_held(model)}
         with torch.no_grad():
             record["logits"] = model(input_ids=tokens[0]).logits
+        record["adapter_flops"] = adapter_flops(model, tokens[0])
         record.update(train(model, layout, tokens))
         record["trained"] = gathered_adapter_state_dict(model)
         with counting_gathers() as gathers:
