@@ -298,11 +298,12 @@ def shard_routed_adapter(block: nn.Module, adapter_name: str) -> bool:
         return False
     distributed = getattr(getattr(experts, "config", None), "distributed_config", None)
     if distributed is None or distributed.efsdp_size > 1 or distributed.dp_replicate_size > 1:
+        sizes = "" if distributed is None else _layout_sizes(distributed)
         raise NotImplementedError(
             f"PERFT-E sharded over expert parallelism (ep_implementation={EXPERT_PARALLEL_NAME!r}) needs every "
-            f"expert on exactly one rank: ep_size == fsdp_size * tp_size and dp_replicate_size == 1 (got "
-            f"{distributed}). Use such a layout, or load without ep_implementation={EXPERT_PARALLEL_NAME!r} to run "
-            f"PERFT-E replicated."
+            f"expert on exactly one rank: ep_size == fsdp_size * tp_size and dp_replicate_size == 1 (got {sizes}). "
+            f"Use such a layout, or load without ep_implementation={EXPERT_PARALLEL_NAME!r} to run PERFT-E "
+            f"replicated."
         )
     for tensors in (block.perft_A, block.perft_B):
         full = tensors[adapter_name]
@@ -312,6 +313,11 @@ def shard_routed_adapter(block: nn.Module, adapter_name: str) -> bool:
         tensors[adapter_name] = sharded
     implementation.block = block
     return True
+
+
+def _layout_sizes(distributed: Any) -> str:
+    names = ("ep_size", "fsdp_size", "tp_size", "efsdp_size", "dp_replicate_size")
+    return ", ".join(f"{name}={getattr(distributed, name)}" for name in names)
 
 
 def distribute_like(reference: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:

@@ -74,10 +74,13 @@ def references(bases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     return results
 
 
-def run_ranks(*arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
+def run_ranks_of(worker: Path, *arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    result = subprocess.run([*command, str(WORKER), *arguments], capture_output=True, text=True, timeout=TIMEOUT_S)
-    return result
+    return subprocess.run([*command, str(worker), *arguments], capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def run_ranks(*arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
+    return run_ranks_of(WORKER, *arguments, processes=processes)
 
 
 def ranks_sharing(name: str, layout: str) -> int:
@@ -214,3 +217,17 @@ def test_trainer_checkpoints_on_a_model_sharded_at_load(bases: dict, tmp_path: P
     assert_same_tensors(saved, {name.removesuffix(".default"): tensor for name, tensor in final.items()})
     first = load_file(tmp_path / "checkpoint-1" / "adapter_model.safetensors")
     assert any(not torch.equal(first[name], saved[name]) for name in saved), "step 2 must change the adapter"
+
+
+def test_sharded_perft_e_with_expert_replicas_is_refused_on_four_ranks(bases: dict, tmp_path: Path) -> None:
+    """Sharded PERFT-E needs each expert on one rank: with 2 copies of each (fsdp_size=4, ep_size=2: efsdp_size=2)
+    or 2 data-parallel replicas (dp_replicate_size=2) every one of 4 ranks refuses it at get_peft_model."""
+    worker = WORKER.parent / "refusal_worker.py"
+    output = tmp_path / "errors"
+    result = run_ranks_of(worker, str(bases["olmoe"]), str(output), processes=4)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in range(4):
+        errors = torch.load(f"{output}.rank{rank}")
+        assert "efsdp_size=2" in errors["efsdp"] and "dp_replicate_size=1" in errors["efsdp"]
+        assert "dp_replicate_size=2" in errors["dp_replicate"] and "efsdp_size=1" in errors["dp_replicate"]
+        assert all("ep_implementation='perft'" in error for error in errors.values())
