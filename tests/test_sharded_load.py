@@ -157,6 +157,8 @@ def test_sharded_run_matches_one_process(
         assert_holds_its_share(run["held"], reference["held"], layout)
         if layout == "tp":
             assert_does_its_share(run["adapter_flops"], reference["adapter_flops"], variant)
+            # unload() gives every experts module Transformers' TP forward back, and the base model's logits.
+            assert run["unloaded"] == {"wrapped_before": 2, "wrapped_after": 0, "base_logits_again": True}
         # Saving gathers the sharded adapter tensors and nothing else (no base weight).
         sharded_tensors = sum(run["held"][name] < reference["held"][name] for name in run["held"])
         assert run["gathers_during_save"] == [sharded_tensors]

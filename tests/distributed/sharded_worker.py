@@ -28,6 +28,7 @@ from transformers.distributed import DistributedConfig
 
 from peft_perft import PerftConfig
 from peft_perft.sharding import gathered_adapter_state_dict
+from peft_perft.tensor_parallel import TensorParallelExperts
 
 GLOBAL_BATCH = 4
 STEPS = 3
@@ -119,6 +120,20 @@ def train(model: torch.nn.Module, layout: str, tokens: torch.Tensor) -> dict:
     return record
 
 
+def unloaded_record(model: PeftModel, tokens: torch.Tensor, base_logits: torch.Tensor) -> dict:
+    """How many experts modules run PERFT's TP forward before and after ``unload()``, and whether the unloaded
+    model gives the base model's logits again."""
+
+    def wrapped(module: torch.nn.Module) -> int:
+        return sum(TensorParallelExperts.of(child) is not None for child in module.modules())
+
+    before = wrapped(model)
+    unloaded = model.unload()
+    with torch.no_grad():
+        same = torch.allclose(unloaded(input_ids=tokens).logits, base_logits, rtol=1e-5, atol=1e-6)
+    return {"wrapped_before": before, "wrapped_after": wrapped(unloaded), "base_logits_again": same}
+
+
 @contextlib.contextmanager
 def counting_gathers() -> Iterator[list[int]]:
     """Count ``DTensor.full_tensor`` calls (one collective gather each) inside the block."""
@@ -148,6 +163,8 @@ def main(base: str, layout: str, variant: str, output: str, adapter: str | None 
         with torch.no_grad():
             record = {"logits": model(input_ids=tokens[0]).logits}
     else:
+        with torch.no_grad():
+            base_logits = base_model(input_ids=tokens[0]).logits
         model = get_peft_model(base_model, PerftConfig(**CONFIGS[variant]))
         record = {"initial": gathered_adapter_state_dict(model), "held": adapter_elements_held(model)}
         with torch.no_grad():
@@ -158,6 +175,8 @@ def main(base: str, layout: str, variant: str, output: str, adapter: str | None 
         with counting_gathers() as gathers:
             model.save_pretrained(f"{output}.adapter", is_main_process=rank == 0)
         record["gathers_during_save"] = gathers
+        if layout == "tp":
+            record["unloaded"] = unloaded_record(model, tokens[0], base_logits)
     if rank == 0:
         torch.save(record, output)
     elif adapter is None:
