@@ -281,11 +281,9 @@ def install_expert_parallel() -> None:
 
 def shard_adapter(block: nn.Module, adapter_name: str) -> None:
     """Lay a new adapter's tensors out as the engines shard its block: PERFT-E like the experts under expert
-    parallelism (`PerftExpertParallel`), R, D and S on their bottleneck under tensor parallelism
+    parallelism (`PerftExpertParallel`), any variant on its bottleneck under tensor parallelism
     (`tensor_parallel`); replicated where neither applies."""
-    if block.perft_configs[adapter_name].variant == "E":
-        shard_routed_adapter(block, adapter_name)
-    else:
+    if block.perft_configs[adapter_name].variant != "E" or not shard_routed_adapter(block, adapter_name):
         split_over_tensor_parallel(block, adapter_name)
 
 

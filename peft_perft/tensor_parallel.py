@@ -1,16 +1,17 @@
-"""PERFT-R, -D and -S split over the ranks of Transformers' tensor parallelism instead of repeated on each.
+"""PERFT split over the ranks of Transformers' tensor parallelism instead of repeated on each.
 
 Under ``DistributedConfig(tp_size=...)`` (without expert parallelism) Transformers shards every expert's
 intermediate dimension over the TP ranks (``moe_tp_experts`` in the models' ``base_model_tp_plan``): each rank
 computes a partial output of all experts for all tokens of the batch the TP ranks share, and one all-reduce sums
-them; the experts' input gets the matching all-reduce of its gradient in backward.
+them; the experts' input and routing weights get the matching all-reduce of their gradients in backward.
 
 An adapter expert ``B act(A h)`` splits the same way over its bottleneck: with ``A`` sharded on ``r`` (rows) and
 ``B`` on ``r`` (columns), rank ``i`` computes ``B_i act(A_i h)`` and the sum over ranks is the whole term, as
 ``act`` acts on each bottleneck unit alone. So each rank holds and computes ``r / tp`` of every adapter expert
 (``perft_A`` / ``perft_B`` are DTensors sharded on ``r`` over the TP mesh) and adds its partial term to the
-experts' partial output *before* their all-reduce: no extra collective in forward, and since the adapter reads the
-experts' input after the gradient all-reduce Transformers put there, none for its input gradient in backward.
+experts' partial output *before* their all-reduce: no extra collective in forward. The adapter reads the experts'
+input (and PERFT-E the routing weights) after the gradient all-reduces Transformers put there, so its partial
+input gradients are summed by those too.
 
 PERFT-R's router stays replicated (it is tiny): every rank routes every token. Its top-k weights get partial
 gradients (each rank sees its share of the bottleneck), which one all-reduce of those (tokens x top-k) values sums
@@ -20,7 +21,8 @@ every rank from the replicated router) is counted once.
 Where this cannot apply the adapter stays replicated, as before: ``r`` not divisible by ``tp_size`` (uneven
 shards, and no share at all where ``r < tp_size``), data parallelism beside TP (``dp_size > 1``: the shards'
 gradients would also need averaging over the data-parallel ranks), expert parallelism (``ep_size > 1``: the
-experts are then dispatched by EP, not split by TP), and blocks whose experts do not run under ``moe_tp_experts``.
+experts are then dispatched by EP, not split by TP), blocks whose experts do not run under ``moe_tp_experts``,
+and PERFT-E on blocks that take its routing from the router's output (Llama 4, JetMoE).
 """
 
 from __future__ import annotations
@@ -45,11 +47,11 @@ BOTTLENECK_PLACEMENTS = {"perft_A": Shard(1), "perft_B": Shard(2)}
 
 
 def split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
-    """Shard a new R, D or S adapter's bottleneck over the TP ranks of the block's experts, when they run under
+    """Shard a new adapter's bottleneck over the TP ranks of the block's experts, when they run under
     Transformers' ``moe_tp_experts`` and the layout allows it (see the module docstring); True when it did."""
     experts = block.spec.experts_module(block.base_layer)
     tensor_parallel = TensorParallelExperts.of(experts) or _tensor_parallel_style(experts)
-    if tensor_parallel is None or not _splits_evenly(block, experts, adapter_name, tensor_parallel.mesh):
+    if tensor_parallel is None or not _can_split(block, experts, adapter_name, tensor_parallel.mesh):
         return False
     for kind, placement in BOTTLENECK_PLACEMENTS.items():
         tensors = getattr(block, kind)
@@ -61,8 +63,9 @@ def split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
 
 
 def is_split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
-    """Whether an R, D or S adapter is computed inside the experts' TP forward (not beside the block)."""
-    return isinstance(block.perft_A[adapter_name], DTensor) and block.perft_configs[adapter_name].variant != "E"
+    """Whether an adapter of a block whose experts run `TensorParallelExperts` is computed inside it (its tensors
+    are then DTensors on the TP mesh: expert parallelism, the other reason for a DTensor, excludes this)."""
+    return isinstance(block.perft_A[adapter_name], DTensor)
 
 
 def release_tensor_parallel_experts(block: nn.Module) -> None:
@@ -94,18 +97,21 @@ def _tensor_parallel_style(experts: nn.Module) -> _TensorParallelStyle | None:
     return _TensorParallelStyle(style, mesh, inner, forward)
 
 
-def _splits_evenly(block: nn.Module, experts: nn.Module, adapter_name: str, mesh: DeviceMesh) -> bool:
+def _can_split(block: nn.Module, experts: nn.Module, adapter_name: str, mesh: DeviceMesh) -> bool:
     """The layouts where each TP rank can take ``r / tp`` of the adapter and need nothing else."""
     distributed = getattr(getattr(experts, "config", None), "distributed_config", None)
     if distributed is None or distributed.dp_size > 1 or distributed.ep_size > 1 or distributed.pp_size > 1:
         return False
-    return block.perft_configs[adapter_name].r % mesh.size() == 0
+    config = block.perft_configs[adapter_name]
+    if config.variant == "E" and block.spec.routes_from_router:
+        return False
+    return config.r % mesh.size() == 0
 
 
 class TensorParallelExperts:
-    """The forward of a ``moe_tp_experts`` module whose block holds TP-split R, D or S adapters: Transformers'
-    input transform, the experts' own forward, each active adapter's partial term on this rank's bottleneck
-    share, then Transformers' all-reduce of the sum.
+    """The forward of a ``moe_tp_experts`` module whose block holds TP-split adapters: Transformers' input
+    transform, the experts' own forward, each active adapter's partial term on this rank's bottleneck share, then
+    Transformers' all-reduce of the sum.
 
     A callable object rather than a closure, so that ``copy.deepcopy`` of a model rebinds it to the copies."""
 
@@ -141,32 +147,41 @@ class TensorParallelExperts:
         self.block_input = None
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        names = self._active_split_adapters()
-        if not names:
+        beside, routed = self._active_split_adapters()
+        if not beside and not routed:
             return self.tensor_parallel.outer(hidden_states, *args, **kwargs)
-        style, experts = self.tensor_parallel.style, self.experts
+        style, experts, configs = self.tensor_parallel.style, self.experts, self.block.perft_configs
         (shared, *routing), kwargs = style.transform_inputs_pre_forward(
             experts, (hidden_states, *args), kwargs, self.mesh
         )
         with style.context_around_forward(experts, self.mesh):
             output = self.tensor_parallel.inner(shared, *routing, **kwargs)
-        router_input, adapter_input = self._adapter_inputs(hidden_states, shared)
-        for name in names:
-            delta = self._partial_term(name, router_input, adapter_input)
-            output = torch.add(
-                output, delta.to(output.dtype).view(output.shape), alpha=self.block.perft_configs[name].scaling
-            )
+        terms = []
+        if beside:
+            router_input, adapter_input = self._adapter_inputs(hidden_states, shared)
+            terms += [(name, self._partial_term(name, router_input, adapter_input)) for name in beside]
+        if routed:
+            tokens, expert_index, expert_weight = self.block.spec.read_experts_call((shared, *routing), kwargs)
+            terms += [(name, self._partial_routed_term(name, tokens, expert_index, expert_weight)) for name in routed]
+        for name, delta in terms:
+            output = torch.add(output, delta.to(output.dtype).view(output.shape), alpha=configs[name].scaling)
         return style.transform_output_post_forward(experts, output, self.mesh)
 
-    def _active_split_adapters(self) -> list[str]:
+    def _active_split_adapters(self) -> tuple[list[str], list[str]]:
+        """The split adapters this call adds: R, D and S ones active in the block's current forward, and the E
+        ones the block queued for this experts call (which its experts hook then skips)."""
         block = self.block
+        routed = [name for name in block._experts_call_adapters if is_split_over_tensor_parallel(block, name)]
         if self.block_input is None or block.disable_adapters:
-            return []
-        return [
+            return [], routed
+        beside = [
             name
             for name in block.active_adapters
-            if name in block.perft_A and is_split_over_tensor_parallel(block, name)
+            if name in block.perft_A
+            and block.perft_configs[name].variant != "E"
+            and is_split_over_tensor_parallel(block, name)
         ]
+        return beside, routed
 
     def _adapter_inputs(self, experts_input: torch.Tensor, shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's input (T, D), as the router reads it and as the adapter experts read it.
@@ -186,6 +201,16 @@ class TensorParallelExperts:
         if same:
             return experts_input, shared
         return flat, _AllReduceBackward.apply(flat, self.mesh.get_group())
+
+    def _partial_routed_term(
+        self, name: str, tokens: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor
+    ) -> torch.Tensor:
+        """This rank's share of a PERFT-E adapter's (unscaled) term, with the base routing the experts received
+        (weights after their gradient all-reduce)."""
+        block, config = self.block, self.block.perft_configs[name]
+        lora_A, lora_B = block.perft_A[name].to_local(), block.perft_B[name].to_local()
+        adapter_input = block._adapter_input(name, tokens)
+        return block._routed(config, adapter_input, lora_A, lora_B, expert_index, expert_weight.to(lora_A.dtype))
 
     def _partial_term(self, name: str, router_input: torch.Tensor, adapter_input: torch.Tensor) -> torch.Tensor:
         """This rank's share of the adapter's (unscaled) term: ``sum B_i act(A_i h)`` over its bottleneck rows."""

@@ -86,7 +86,7 @@ def run_ranks(*arguments: str, processes: int = 2) -> subprocess.CompletedProces
 def ranks_sharing(name: str, layout: str) -> int:
     """Over how many ranks a layout splits an adapter tensor: with ep_implementation="perft" each of the 2 EP ranks
     holds the PERFT-E adapter experts of its local base experts; under tp_size=2 alone each TP rank holds half of
-    the bottleneck of every R/D/S adapter expert (the router stays whole); otherwise each rank holds all of it."""
+    the bottleneck of every adapter expert (PERFT-R's router stays whole); otherwise each rank holds all of it."""
     if layout.endswith("_sharded"):
         return 2
     return 2 if layout == "tp" and ".perft_router." not in name else 1
@@ -141,6 +141,7 @@ def sharded_runs(bases: dict, tmp_path_factory: pytest.TempPathFactory) -> Calla
         ("olmoe", "E", "tp_ep_sharded"),
         ("qwen3_moe", "E", "fsdp_ep_sharded"),
         ("olmoe", "R_aux", "tp"),
+        ("qwen3_moe", "E", "tp"),
     ],
 )
 def test_sharded_run_matches_one_process(
@@ -155,7 +156,7 @@ def test_sharded_run_matches_one_process(
         assert_same_tensors(run["gradients"], reference["gradients"])
         assert_same_tensors(run["trained"], reference["trained"])
         assert_holds_its_share(run["held"], reference["held"], layout)
-        if layout == "tp":
+        if layout == "tp" and variant != "E":  # one process counts no FLOPs for E's fused grouped_mm term
             assert_does_its_share(run["adapter_flops"], reference["adapter_flops"], variant)
             # unload() gives every experts module Transformers' TP forward back, and the base model's logits.
             assert run["unloaded"] == {"wrapped_before": 2, "wrapped_after": 0, "base_logits_again": True}
