@@ -9,12 +9,11 @@ be refused at ``get_peft_model``. Each rank writes, per layout, the error it got
 
 from __future__ import annotations
 
-import faulthandler
 import gc
-import sys
 
 import torch
 import torch.distributed as dist
+from lifecycle import leave_process_group, run_failing_on_hang
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
@@ -41,10 +40,8 @@ def main(base: str, output: str) -> None:
         del model
         gc.collect()
     torch.save(errors, f"{output}.rank{dist.get_rank()}")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":
-    faulthandler.dump_traceback_later(110, exit=True)  # a hang prints every rank's stack instead of stalling
-    main(*sys.argv[1:])
+    run_failing_on_hang(main, seconds=110)

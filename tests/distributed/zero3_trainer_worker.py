@@ -14,10 +14,7 @@ the message to OUTPUT_DIR/mixed_save_error.txt.
 
 from __future__ import annotations
 
-import faulthandler
-import gc
 import os
-import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ["PERFT_ZERO3_SAVE_JOIN_TIMEOUT_S"] = "5"  # the mixed save below fails fast
@@ -25,6 +22,7 @@ os.environ["PERFT_ZERO3_SAVE_JOIN_TIMEOUT_S"] = "5"  # the mixed save below fail
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from accelerate import PartialState  # noqa: E402
+from lifecycle import leave_process_group, run_failing_on_hang
 from peft import get_peft_model  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
@@ -102,11 +100,8 @@ def main(variant: str, base_dir: str, output_dir: str) -> None:
         with open(os.path.join(output_dir, "mixed_save_error.txt"), "w") as file:
             file.write(str(error))
     del trainer, model, base
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":
-    faulthandler.dump_traceback_later(150, exit=True)  # a hang prints every rank's stack instead of stalling
-    main(*sys.argv[1:])
+    run_failing_on_hang(main)
