@@ -7,7 +7,8 @@ one process: the reference). Every rank seeds its RNG with its own rank before `
 identical across ranks only if PERFT broadcasts it. Data-parallel ranks (``fsdp_size``) train on their slice of
 the global batch; the others see all of it. The worker records the logits before training, the adapter gradients
 of the first step, the adapter after STEPS SGD steps, and saves the adapter with ``is_main_process`` on rank 0 only
-(as the Trainer does). With ADAPTER it instead loads that saved adapter onto the sharded base and records logits.
+(as the Trainer does); under ``tp`` it then unloads the adapter and loads the saved one onto the unloaded base
+(split over TP again). With ADAPTER it instead loads that saved adapter onto the sharded base and records logits.
 """
 
 from __future__ import annotations
@@ -120,9 +121,9 @@ def train(model: torch.nn.Module, layout: str, tokens: torch.Tensor) -> dict:
     return record
 
 
-def unloaded_record(model: PeftModel, tokens: torch.Tensor, base_logits: torch.Tensor) -> dict:
+def unloaded_record(model: PeftModel, tokens: torch.Tensor, base_logits: torch.Tensor) -> tuple[dict, torch.nn.Module]:
     """How many experts modules run PERFT's TP forward before and after ``unload()``, and whether the unloaded
-    model gives the base model's logits again."""
+    model gives the base model's logits again; and that unloaded model."""
 
     def wrapped(module: torch.nn.Module) -> int:
         return sum(TensorParallelExperts.of(child) is not None for child in module.modules())
@@ -131,7 +132,7 @@ def unloaded_record(model: PeftModel, tokens: torch.Tensor, base_logits: torch.T
     unloaded = model.unload()
     with torch.no_grad():
         same = torch.allclose(unloaded(input_ids=tokens).logits, base_logits, rtol=1e-5, atol=1e-6)
-    return {"wrapped_before": before, "wrapped_after": wrapped(unloaded), "base_logits_again": same}
+    return {"wrapped_before": before, "wrapped_after": wrapped(unloaded), "base_logits_again": same}, unloaded
 
 
 @contextlib.contextmanager
@@ -176,7 +177,11 @@ def main(base: str, layout: str, variant: str, output: str, adapter: str | None 
             model.save_pretrained(f"{output}.adapter", is_main_process=rank == 0)
         record["gathers_during_save"] = gathers
         if layout == "tp":
-            record["unloaded"] = unloaded_record(model, tokens[0], base_logits)
+            record["unloaded"], model = unloaded_record(model, tokens[0], base_logits)
+            dist.barrier()  # rank 0 has written the adapter
+            model = PeftModel.from_pretrained(model, f"{output}.adapter")
+            with torch.no_grad():
+                record["reloaded_logits"] = model(input_ids=tokens[0]).logits
     if rank == 0:
         torch.save(record, output)
     elif adapter is None:
