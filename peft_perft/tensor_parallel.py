@@ -41,7 +41,6 @@ from transformers.distributed.tensor_parallel import MoeExpertsParallel
 
 from .dispatch import always_on_experts
 
-_WRAPPER_ATTRIBUTE = "perft_tensor_parallel_experts"
 BOTTLENECK_PLACEMENTS = {"perft_A": Shard(1), "perft_B": Shard(2)}
 """Where ``r`` sits in the stacked adapter tensors: ``perft_A`` (N, r, D) and ``perft_B`` (N, D, r)."""
 
@@ -130,7 +129,10 @@ class TensorParallelExperts:
         return wrapper if isinstance(wrapper, cls) else None
 
     @classmethod
-    def install(cls, block: nn.Module, experts: nn.Module, tensor_parallel: Any) -> None:
+    def install(
+        cls, block: nn.Module, experts: nn.Module, tensor_parallel: _TensorParallelStyle | TensorParallelExperts
+    ) -> None:
+        """Wrap Transformers' TP forward once per experts module (a later adapter finds the wrapper in place)."""
         if not isinstance(tensor_parallel, cls):
             experts.forward = cls(block, experts, tensor_parallel)
 
