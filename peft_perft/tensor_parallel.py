@@ -48,7 +48,9 @@ BOTTLENECK_PLACEMENTS = {"perft_A": Shard(1), "perft_B": Shard(2)}
 def split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
     """Shard a new adapter's bottleneck over the TP ranks of the block's experts, when they run under
     Transformers' ``moe_tp_experts`` and the layout allows it (see the module docstring); True when it did."""
-    experts = block.spec.experts_module(block.base_layer)
+    experts = _experts_of(block)
+    if experts is None:
+        return False
     tensor_parallel = TensorParallelExperts.of(experts) or _tensor_parallel_style(experts)
     if tensor_parallel is None or not _can_split(block, experts, adapter_name, tensor_parallel.mesh):
         return False
@@ -69,10 +71,15 @@ def is_split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
 
 def release_tensor_parallel_experts(block: nn.Module) -> None:
     """Give the block's experts Transformers' TP forward back (on unload)."""
-    experts = block.spec.experts_module(block.base_layer)
-    wrapper = TensorParallelExperts.of(experts)
+    experts = _experts_of(block)
+    wrapper = None if experts is None else TensorParallelExperts.of(experts)
     if wrapper is not None and wrapper.block is block:
         wrapper.uninstall()
+
+
+def _experts_of(block: nn.Module) -> nn.Module | None:
+    """The block's experts module; None for blocks without one (Doge's embedding experts), never split."""
+    return None if block.spec.experts_name is None else block.spec.experts_module(block.base_layer)
 
 
 class _TensorParallelStyle:
