@@ -164,8 +164,11 @@ def main(base: str, layout: str, variant: str, output: str, adapter: str | None 
         with torch.no_grad():
             record = {"logits": model(input_ids=tokens[0]).logits}
     else:
-        with torch.no_grad():
-            base_logits = base_model(input_ids=tokens[0]).logits
+        # Only where needed: under FSDP a forward before get_peft_model would set up FSDP's unsharded parameters
+        # while the base still requires gradients, and the frozen weights would then get gradients.
+        if layout == "tp":
+            with torch.no_grad():
+                base_logits = base_model(input_ids=tokens[0]).logits
         model = get_peft_model(base_model, PerftConfig(**CONFIGS[variant]))
         record = {"initial": gathered_adapter_state_dict(model), "held": adapter_elements_held(model)}
         with torch.no_grad():
