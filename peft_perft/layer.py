@@ -29,7 +29,7 @@ from .dispatch import add_scaled, always_on_experts, routed_experts
 from .experts_dispatch import AdapterTerm
 from .experts_dispatch import install as install_in_dispatch
 from .experts_dispatch import uninstall as uninstall_in_dispatch
-from .sharding import shard_routed_adapter
+from .sharding import shard_adapter
 
 
 @dataclass
@@ -94,8 +94,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         if config.variant == "E" and self._experts_hook_handle is None:
             self._experts_hook_handle = self._register_base_routing_hook()
         self.reset_parameters(adapter_name)
-        if config.variant == "E":
-            shard_routed_adapter(self, adapter_name)
+        shard_adapter(self, adapter_name)
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()
@@ -124,7 +123,10 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         active = [] if self.disable_adapters else [name for name in self.active_adapters if name in self.perft_A]
         self.routing_records.clear()
         routed_by_base = [name for name in active if self.perft_configs[name].variant == "E"]
-        beside_block = [name for name in active if self.perft_configs[name].variant != "E"]
+        # R, D and S split over tensor-parallel ranks are added inside the experts' TP forward (see tensor_parallel).
+        beside_block = [
+            n for n in active if self.perft_configs[n].variant != "E" and not isinstance(self.perft_A[n], DTensor)
+        ]
         flat = hidden_states.reshape(-1, self.spec.hidden_size)
         deltas = [(self._block_delta(name, flat), self.perft_configs[name].scaling) for name in beside_block]
         # Some blocks scale their input in place (Mixtral's router jitter); keep the adapters' input intact.

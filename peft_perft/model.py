@@ -14,6 +14,7 @@ from .config import PerftConfig
 from .layer import MERGE_ERROR, PerftMoeBlock
 from .loading import check_adapter_fits
 from .sharding import distribute_adapter_state_dict, refuse_unsupported_layout, replicate_adapter
+from .tensor_parallel import release_tensor_parallel_experts
 
 
 class PerftModel(BaseTuner):
@@ -83,6 +84,7 @@ class PerftModel(BaseTuner):
         """Put a module in place; used by unload() to restore the original block, without PERFT's experts hook."""
         if isinstance(child, PerftMoeBlock):
             child.remove_experts_hook()
+            release_tensor_parallel_experts(child)
         setattr(parent, child_name, new_module)
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:

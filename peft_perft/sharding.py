@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -35,6 +38,7 @@ from transformers.distributed.expert_parallel import AutoEP, EPImplementation, E
 
 from .dispatch import add_scaled
 from .loading import ADAPTER_KEY_MARKERS
+from .tensor_parallel import split_over_tensor_parallel
 
 _HOOKED = "__perft_sharding_hook__"
 # Transformers' Trainer registers its own gradient average for replicated parameters unless this flag is set.
@@ -71,15 +75,56 @@ def gathered_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return gathered
 
 
-def _zero3_gathered(model: nn.Module) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def _zero3_gathered(model: nn.Module) -> Iterator[None]:
     """Whole data, on every rank, in the adapter's DeepSpeed ZeRO-3 parameters for the time of the context (one
-    collective); nothing to do on other models."""
+    collective, entered only once every rank has come to it); nothing to do on other models."""
     partitioned = [p for name, p in model.named_parameters() if _is_adapter_key(name) and is_zero3_partitioned(p)]
     if not partitioned:
-        return contextlib.nullcontext()
+        yield
+        return
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+    with _all_ranks_checked_in(), deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+ZERO3_SAVE_JOIN_TIMEOUT_ENV = "PERFT_ZERO3_SAVE_JOIN_TIMEOUT_S"
+"""How long (seconds, default 300) a rank waits for the others to come to the gather of a ZeRO-3 adapter save."""
+_GATHER_CALLS = itertools.count()
+
+
+@contextlib.contextmanager
+def _all_ranks_checked_in() -> Iterator[None]:
+    """Wait, through the process group's key-value store (no collective), until every rank has come to this
+    gather; raise if one does not come within the timeout instead of leaving this rank in a collective the others
+    never join (or, worse, one they join from an unrelated call).
+
+    A rank that calls ``save_pretrained`` with ``is_main_process=False`` and no state dict does not gather (that is
+    Accelerate's documented save, whose main process passes the state dict); next to a main process that passes no
+    state dict, only this check tells the two apart from a hang."""
+    if not is_distributed():
+        yield
+        return
+    store = dist.distributed_c10d._get_default_store()
+    call, rank, world = next(_GATHER_CALLS), dist.get_rank(), dist.get_world_size()
+    keys = [f"perft_zero3_adapter_gather/{call}/{other}" for other in range(world)]
+    store.set(keys[rank], "here")
+    timeout_s = float(os.environ.get(ZERO3_SAVE_JOIN_TIMEOUT_ENV, 300))
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+    except dist.DistStoreError as error:
+        absent = [other for other, key in enumerate(keys) if not store.check([key])]
+        raise RuntimeError(
+            f"PERFT's save_pretrained on a DeepSpeed ZeRO-3 model gathers the partitioned adapter, a collective "
+            f"every rank must join; rank {rank} waited {timeout_s:g} s ({ZERO3_SAVE_JOIN_TIMEOUT_ENV}) but ranks "
+            f"{absent} did not come to it. A rank that passes is_main_process=False and no state_dict gathers "
+            f"nothing, so call save_pretrained(output_dir) the same way on every rank, or as Accelerate documents it: "
+            f"save_pretrained(output_dir, is_main_process=accelerator.is_main_process, "
+            f"state_dict=accelerator.get_state_dict(model)) on every rank."
+        ) from error
+    yield
+    store.delete_key(keys[rank])  # every rank has passed its wait: the collective needed them all
 
 
 def is_zero3_partitioned(tensor: torch.Tensor) -> bool:
@@ -227,6 +272,14 @@ def install_expert_parallel() -> None:
     EPImplementationInterface.register(EXPERT_PARALLEL_NAME, PerftExpertParallel)
 
 
+def shard_adapter(block: nn.Module, adapter_name: str) -> None:
+    """Lay a new adapter's tensors out as the engines shard its block: PERFT-E like the experts under expert
+    parallelism (`PerftExpertParallel`), any variant on its bottleneck under tensor parallelism
+    (`tensor_parallel`); replicated where neither applies."""
+    if block.perft_configs[adapter_name].variant != "E" or not shard_routed_adapter(block, adapter_name):
+        split_over_tensor_parallel(block, adapter_name)
+
+
 def shard_routed_adapter(block: nn.Module, adapter_name: str) -> bool:
     """Shard a new PERFT-E adapter's tensors like the block's base experts when they are dispatched by
     `PerftExpertParallel`; True when it did (the adapter's term is then computed inside the dispatch)."""
@@ -236,11 +289,12 @@ def shard_routed_adapter(block: nn.Module, adapter_name: str) -> bool:
         return False
     distributed = getattr(getattr(experts, "config", None), "distributed_config", None)
     if distributed is None or distributed.efsdp_size > 1 or distributed.dp_replicate_size > 1:
+        sizes = "" if distributed is None else _layout_sizes(distributed)
         raise NotImplementedError(
             f"PERFT-E sharded over expert parallelism (ep_implementation={EXPERT_PARALLEL_NAME!r}) needs every "
-            f"expert on exactly one rank: ep_size == fsdp_size * tp_size and dp_replicate_size == 1 (got "
-            f"{distributed}). Use such a layout, or load without ep_implementation={EXPERT_PARALLEL_NAME!r} to run "
-            f"PERFT-E replicated."
+            f"expert on exactly one rank: ep_size == fsdp_size * tp_size and dp_replicate_size == 1 (got {sizes}). "
+            f"Use such a layout, or load without ep_implementation={EXPERT_PARALLEL_NAME!r} to run PERFT-E "
+            f"replicated."
         )
     for tensors in (block.perft_A, block.perft_B):
         full = tensors[adapter_name]
@@ -250,6 +304,11 @@ def shard_routed_adapter(block: nn.Module, adapter_name: str) -> bool:
         tensors[adapter_name] = sharded
     implementation.block = block
     return True
+
+
+def _layout_sizes(distributed: Any) -> str:
+    names = ("ep_size", "fsdp_size", "tp_size", "efsdp_size", "dp_replicate_size")
+    return ", ".join(f"{name}={getattr(distributed, name)}" for name in names)
 
 
 def distribute_like(reference: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:

@@ -74,18 +74,40 @@ def references(bases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     return results
 
 
-def run_ranks(*arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
+def run_ranks_of(worker: Path, *arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    result = subprocess.run([*command, str(WORKER), *arguments], capture_output=True, text=True, timeout=TIMEOUT_S)
-    return result
+    return subprocess.run([*command, str(worker), *arguments], capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
-def assert_holds_its_share(held: dict[str, int], whole: dict[str, int], sharded: bool) -> None:
-    """Per-rank adapter memory: with ep_implementation="perft" each of the 2 EP ranks stores half of every PERFT-E
-    tensor (the adapter experts of its local base experts); otherwise every rank stores all of the adapter."""
+def run_ranks(*arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
+    return run_ranks_of(WORKER, *arguments, processes=processes)
+
+
+def ranks_sharing(name: str, layout: str) -> int:
+    """Over how many ranks a layout splits an adapter tensor: with ep_implementation="perft" each of the 2 EP ranks
+    holds the PERFT-E adapter experts of its local base experts; under tp_size=2 alone each TP rank holds half of
+    the bottleneck of every adapter expert (PERFT-R's router stays whole); otherwise each rank holds all of it."""
+    if layout.endswith("_sharded"):
+        return 2
+    return 2 if layout == "tp" and ".perft_router." not in name else 1
+
+
+def assert_holds_its_share(held: dict[str, int], whole: dict[str, int], layout: str) -> None:
+    """Per-rank adapter memory: the elements each rank stores, tensor by tensor."""
     assert sorted(held) == sorted(whole)
     for name, elements in whole.items():
-        assert held[name] == (elements // 2 if sharded else elements), name
+        assert held[name] == elements // ranks_sharing(name, layout), name
+
+
+def assert_does_its_share(flops: int, whole: int, variant: str) -> None:
+    """Per-rank adapter compute under tp_size=2, from FLOPs counted in one forward of the first batch (adapter on
+    minus off). Each rank computes half of the adapter experts' work and the whole (replicated) router, so twice a
+    rank's count minus one process's is the router's alone: 2 * tokens * hidden * N per layer (0 for D and S)."""
+    config = sharded_worker.CONFIGS[variant]
+    tokens, hidden, layers = sharded_worker.GLOBAL_BATCH * 8, 32, 2
+    router = 2 * tokens * hidden * config.get("num_experts", 0) * layers if config["variant"] == "R" else 0
+    assert whole > 0
+    assert 2 * flops - whole == router
 
 
 def assert_same_tensors(found: dict, expected: dict) -> None:
@@ -118,10 +140,12 @@ def sharded_runs(bases: dict, tmp_path_factory: pytest.TempPathFactory) -> Calla
         ("qwen3_moe", "E", "fsdp_ep"),
         ("olmoe", "E", "tp_ep_sharded"),
         ("qwen3_moe", "E", "fsdp_ep_sharded"),
+        ("olmoe", "R_aux", "tp"),
+        ("qwen3_moe", "E", "tp"),
     ],
 )
 def test_sharded_run_matches_one_process(
-    family: str, variant: str, layout: str, sharded_runs: Callable, references: dict
+    family: str, variant: str, layout: str, bases: dict, sharded_runs: Callable, references: dict
 ) -> None:
     output = sharded_runs(family, variant, layout)
     reference = torch.load(references[family, variant])
@@ -131,13 +155,26 @@ def test_sharded_run_matches_one_process(
         assert_same_tensors(run["initial"], reference["initial"])  # broadcast from rank 0, though seeds differ
         assert_same_tensors(run["gradients"], reference["gradients"])
         assert_same_tensors(run["trained"], reference["trained"])
-        assert_holds_its_share(run["held"], reference["held"], sharded=layout.endswith("_sharded"))
+        assert_holds_its_share(run["held"], reference["held"], layout)
+        if layout == "tp" and variant != "E":  # one process counts no FLOPs for E's fused grouped_mm term
+            assert_does_its_share(run["adapter_flops"], reference["adapter_flops"], variant)
+            # unload() gives every experts module Transformers' TP forward back, and the base model's logits.
+            assert run["unloaded"] == {"wrapped_before": 2, "wrapped_after": 0, "base_logits_again": True}
+            assert_reload_matches_one_process(run["reloaded_logits"], bases[family], output)
         # Saving gathers the sharded adapter tensors and nothing else (no base weight).
         sharded_tensors = sum(run["held"][name] < reference["held"][name] for name in run["held"])
         assert run["gathers_during_save"] == [sharded_tensors]
     assert not torch.equal(next(iter(reference["trained"].values())), next(iter(reference["initial"].values())))
     saved = load_file(f"{output}.adapter/adapter_model.safetensors")
     assert_same_tensors(saved, load_file(f"{references[family, variant]}.adapter/adapter_model.safetensors"))
+
+
+def assert_reload_matches_one_process(reloaded_logits: torch.Tensor, base: Path, output: Path) -> None:
+    """The adapter a TP run saved, loaded back onto its base split over TP (each rank takes its share of the saved
+    tensors), gives the logits the same file gives in one process."""
+    one_process = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), f"{output}.adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded_logits, one_process(input_ids=sharded_worker.batches()[0]).logits)
 
 
 def test_adapter_saved_sharded_loads_onto_another_sharding_and_one_process(
@@ -182,3 +219,17 @@ def test_trainer_checkpoints_on_a_model_sharded_at_load(bases: dict, tmp_path: P
     assert_same_tensors(saved, {name.removesuffix(".default"): tensor for name, tensor in final.items()})
     first = load_file(tmp_path / "checkpoint-1" / "adapter_model.safetensors")
     assert any(not torch.equal(first[name], saved[name]) for name in saved), "step 2 must change the adapter"
+
+
+def test_sharded_perft_e_with_expert_replicas_is_refused_on_four_ranks(bases: dict, tmp_path: Path) -> None:
+    """Sharded PERFT-E needs each expert on one rank: with 2 copies of each (fsdp_size=4, ep_size=2: efsdp_size=2)
+    or 2 data-parallel replicas (dp_replicate_size=2) every one of 4 ranks refuses it at get_peft_model."""
+    worker = WORKER.parent / "refusal_worker.py"
+    output = tmp_path / "errors"
+    result = run_ranks_of(worker, str(bases["olmoe"]), str(output), processes=4)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in range(4):
+        errors = torch.load(f"{output}.rank{rank}")
+        assert "efsdp_size=2" in errors["efsdp"] and "dp_replicate_size=1" in errors["efsdp"]
+        assert "dp_replicate_size=2" in errors["dp_replicate"] and "efsdp_size=1" in errors["dp_replicate"]
+        assert all("ep_implementation='perft'" in error for error in errors.values())

@@ -63,3 +63,24 @@ def test_zero3_trains_and_saves_the_one_process_adapter(
         assert sorted(saved) == sorted(reference)
         for name, tensor in reference.items():
             torch.testing.assert_close(saved[name].float(), tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_trainer_with_a_zero3_config_trains_and_saves_the_one_process_adapter(
+    base: Path, one_process: Callable[[str], dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    """transformers.Trainer with ``TrainingArguments(deepspeed=<ZeRO-3 dict>)`` made before ``from_pretrained`` (the
+    model loads under ``zero.Init``): 2 ranks on halves of each batch save, through ``save_model``, the adapter one
+    process reaches on the whole batch. A save that cannot gather (rank 0 plain, rank 1 ``is_main_process=False``)
+    fails on rank 0 with PERFT's error, and both ranks finish, instead of hanging."""
+    reference = one_process("R")
+    worker = WORKER.parent / "zero3_trainer_worker.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    result = subprocess.run([*command, "R", str(base), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(saved[name].float(), tensor, rtol=1e-5, atol=1e-6, msg=name)
+    error = (tmp_path / "mixed_save_error.txt").read_text()
+    assert "ranks [1] did not come to it" in error and "is_main_process=False" in error
+    assert not (tmp_path / "mixed" / "adapter_model.safetensors").exists()

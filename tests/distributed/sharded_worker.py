@@ -7,7 +7,8 @@ one process: the reference). Every rank seeds its RNG with its own rank before `
 identical across ranks only if PERFT broadcasts it. Data-parallel ranks (``fsdp_size``) train on their slice of
 the global batch; the others see all of it. The worker records the logits before training, the adapter gradients
 of the first step, the adapter after STEPS SGD steps, and saves the adapter with ``is_main_process`` on rank 0 only
-(as the Trainer does). With ADAPTER it instead loads that saved adapter onto the sharded base and records logits.
+(as the Trainer does); under ``tp`` it then unloads the adapter and loads the saved one onto the unloaded base
+(split over TP again). With ADAPTER it instead loads that saved adapter onto the sharded base and records logits.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import torch
 import torch.distributed as dist
 from peft import PeftModel, get_peft_model
 from torch.distributed.tensor import DTensor
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
 from peft_perft import PerftConfig
 from peft_perft.sharding import gathered_adapter_state_dict
+from peft_perft.tensor_parallel import TensorParallelExperts
 
 GLOBAL_BATCH = 4
 STEPS = 3
@@ -41,6 +44,7 @@ LAYOUTS = {
 }
 CONFIGS = {
     "R": {"variant": "R", "r": 4, "num_experts": 4, "top_k": 2, "init_weights": False},
+    "R_aux": {"variant": "R", "r": 4, "num_experts": 4, "top_k": 2, "init_weights": False},
     "E": {"variant": "E", "r": 4, "init_weights": False},
 }
 
@@ -50,11 +54,13 @@ def batches() -> torch.Tensor:
     return torch.randint(3, 64, (STEPS, GLOBAL_BATCH, 8), generator=torch.Generator().manual_seed(5))
 
 
-def load_base(base: str, layout: str) -> torch.nn.Module:
+def load_base(base: str, layout: str, variant: str) -> torch.nn.Module:
+    """The saved base, sharded as LAYOUT says. For the ``R_aux`` run with its router aux loss on, so that PERFT-R's
+    is added to the loss and trained too (only where ranks share a batch: the load-balancing loss of a batch is not
+    the mean of its slices' losses, under data parallelism neither for the base nor for PERFT)."""
     settings = LAYOUTS[layout]
-    if settings is None:
-        return AutoModelForCausalLM.from_pretrained(base)
-    return AutoModelForCausalLM.from_pretrained(base, distributed_config=DistributedConfig(**settings))
+    distributed = {} if settings is None else {"distributed_config": DistributedConfig(**settings)}
+    return AutoModelForCausalLM.from_pretrained(base, output_router_logits=variant == "R_aux", **distributed)
 
 
 def data_parallel_slice(tokens: torch.Tensor, layout: str) -> torch.Tensor:
@@ -87,6 +93,20 @@ def adapter_elements_held(model: torch.nn.Module) -> dict[str, int]:
     return held
 
 
+def adapter_flops(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """FLOPs this rank spends on the adapter in one forward: with it minus without it."""
+    counts = []
+    for adapter_off in (False, True):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            if adapter_off:
+                with model.disable_adapter():
+                    model(input_ids=tokens)
+            else:
+                model(input_ids=tokens)
+        counts.append(counter.get_total_flops())
+    return counts[0] - counts[1]
+
+
 def train(model: torch.nn.Module, layout: str, tokens: torch.Tensor) -> dict:
     model.train()
     optimiser = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
@@ -99,6 +119,20 @@ def train(model: torch.nn.Module, layout: str, tokens: torch.Tensor) -> dict:
         optimiser.step()
         optimiser.zero_grad()
     return record
+
+
+def unloaded_record(model: PeftModel, tokens: torch.Tensor, base_logits: torch.Tensor) -> tuple[dict, torch.nn.Module]:
+    """How many experts modules run PERFT's TP forward before and after ``unload()``, and whether the unloaded
+    model gives the base model's logits again; and that unloaded model."""
+
+    def wrapped(module: torch.nn.Module) -> int:
+        return sum(TensorParallelExperts.of(child) is not None for child in module.modules())
+
+    before = wrapped(model)
+    unloaded = model.unload()
+    with torch.no_grad():
+        same = torch.allclose(unloaded(input_ids=tokens).logits, base_logits, rtol=1e-5, atol=1e-6)
+    return {"wrapped_before": before, "wrapped_after": wrapped(unloaded), "base_logits_again": same}, unloaded
 
 
 @contextlib.contextmanager
@@ -122,7 +156,7 @@ def main(base: str, layout: str, variant: str, output: str, adapter: str | None 
     if LAYOUTS[layout] is not None:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    base_model = load_base(base, layout)
+    base_model = load_base(base, layout, variant)
     tokens = batches()
     torch.manual_seed(rank)
     if adapter is not None:
@@ -130,15 +164,27 @@ def main(base: str, layout: str, variant: str, output: str, adapter: str | None 
         with torch.no_grad():
             record = {"logits": model(input_ids=tokens[0]).logits}
     else:
+        # Only where needed: under FSDP a forward before get_peft_model would set up FSDP's unsharded parameters
+        # while the base still requires gradients, and the frozen weights would then get gradients.
+        if layout == "tp":
+            with torch.no_grad():
+                base_logits = base_model(input_ids=tokens[0]).logits
         model = get_peft_model(base_model, PerftConfig(**CONFIGS[variant]))
         record = {"initial": gathered_adapter_state_dict(model), "held": adapter_elements_held(model)}
         with torch.no_grad():
             record["logits"] = model(input_ids=tokens[0]).logits
+        record["adapter_flops"] = adapter_flops(model, tokens[0])
         record.update(train(model, layout, tokens))
         record["trained"] = gathered_adapter_state_dict(model)
         with counting_gathers() as gathers:
             model.save_pretrained(f"{output}.adapter", is_main_process=rank == 0)
         record["gathers_during_save"] = gathers
+        if layout == "tp":
+            record["unloaded"], model = unloaded_record(model, tokens[0], base_logits)
+            dist.barrier()  # rank 0 has written the adapter
+            model = PeftModel.from_pretrained(model, f"{output}.adapter")
+            with torch.no_grad():
+                record["reloaded_logits"] = model(input_ids=tokens[0]).logits
     if rank == 0:
         torch.save(record, output)
     elif adapter is None:

@@ -9,12 +9,9 @@ and that the last checkpoint holds them.
 
 from __future__ import annotations
 
-import faulthandler
-import gc
-import sys
-
 import torch
 import torch.distributed as dist
+from lifecycle import leave_process_group, run_failing_on_hang
 from peft import get_peft_model
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
@@ -58,11 +55,8 @@ def main(base: str, output_dir: str) -> None:
     trainer.train()
     torch.save(gathered_adapter_state_dict(model), f"{output_dir}/final.rank{dist.get_rank()}.pt")
     del trainer, model
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":
-    faulthandler.dump_traceback_later(150, exit=True)  # a hang prints every rank's stack instead of stalling
-    main(*sys.argv[1:])
+    run_failing_on_hang(main)

@@ -1,0 +1,47 @@
+"""One of 4 ranks loading a tiny MoE model with expert replicas and ``ep_implementation="perft"``; launched by
+tests/test_sharded_load.py.
+
+Usage: python -m torch.distributed.run --nproc_per_node 4 refusal_worker.py BASE OUTPUT
+
+For each layout of REPLICATED_EXPERTS (each expert on more than one rank), PERFT-E sharded like the experts must
+be refused at ``get_peft_model``. Each rank writes, per layout, the error it got (or None) to OUTPUT.rankN.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+import torch.distributed as dist
+from lifecycle import leave_process_group, run_failing_on_hang
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
+from transformers.distributed import DistributedConfig
+
+from peft_perft import PerftConfig
+
+REPLICATED_EXPERTS = {
+    "efsdp": {"fsdp_size": 4, "ep_size": 2},  # efsdp_size = fsdp_size * tp_size / ep_size = 2 copies per expert
+    "dp_replicate": {"dp_replicate_size": 2, "fsdp_size": 2, "ep_size": 2},  # 2 data-parallel replicas
+}
+
+
+def main(base: str, output: str) -> None:
+    dist.init_process_group("gloo")
+    errors: dict[str, str | None] = {}
+    for name, settings in REPLICATED_EXPERTS.items():
+        config = DistributedConfig(**settings, ep_implementation="perft")
+        model = AutoModelForCausalLM.from_pretrained(base, distributed_config=config)
+        try:
+            get_peft_model(model, PerftConfig(variant="E", r=4))
+            errors[name] = None
+        except NotImplementedError as error:
+            errors[name] = str(error)
+        del model
+        gc.collect()
+    torch.save(errors, f"{output}.rank{dist.get_rank()}")
+    leave_process_group()
+
+
+if __name__ == "__main__":
+    run_failing_on_hang(main, seconds=110)
