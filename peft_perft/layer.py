@@ -125,8 +125,10 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self.routing_records.clear()
         routed_by_base = [name for name in active if self.perft_configs[name].variant == "E"]
         beside_block = [name for name in active if self.perft_configs[name].variant != "E"]
-        flat = hidden_states.reshape(-1, self.spec.hidden_size)
-        deltas = [(self._block_delta(name, flat), self.perft_configs[name].scaling) for name in beside_block]
+        deltas = []
+        if beside_block:
+            flat = hidden_states.reshape(-1, self.spec.hidden_size)
+            deltas = [(self._block_delta(name, flat), self.perft_configs[name].scaling) for name in beside_block]
         # Some blocks scale their input in place (Mixtral's router jitter); keep the adapters' input intact.
         base_input = hidden_states.clone() if deltas and self.training else hidden_states
         output = self._run_base(routed_by_base, base_input, *args, **kwargs)
