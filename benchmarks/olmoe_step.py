@@ -148,6 +148,7 @@ class Trainer:
             trainable = [_depth_bias(model)]
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-5)
         self.device = args.device
+        self.compiled = args.compile
         if args.compile:  # the transformer's forward, which both the training step and generate() call
             model.forward = torch.compile(model.forward)
 
@@ -169,15 +170,19 @@ class Trainer:
 
     @torch.no_grad()
     def decode_seconds_per_token(self, prompt_tokens: int, new_tokens: int) -> float:
-        """Greedy generation with the KV cache: time of ``new_tokens`` steps minus the prefill and first token."""
+        """Greedy generation with the KV cache: time of ``new_tokens`` steps minus the prefill and first token.
+
+        Compiled, the cache is static: with the default dynamic cache every new length recompiles the decode step
+        (until Dynamo's recompile limit sends it back to eager), which is what the time would then measure."""
         self.model.eval()
         prompt = self.input_ids[:1, :prompt_tokens]
+        cache = {"cache_implementation": "static"} if self.compiled else {}
 
         def generate(count: int) -> float:
             _synchronize(self.device)
             start = time.perf_counter()
             self.model.generate(
-                input_ids=prompt, max_new_tokens=count, min_new_tokens=count, do_sample=False, use_cache=True
+                input_ids=prompt, max_new_tokens=count, min_new_tokens=count, do_sample=False, use_cache=True, **cache
             )
             _synchronize(self.device)
             return time.perf_counter() - start

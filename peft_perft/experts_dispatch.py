@@ -13,10 +13,10 @@ That is PERFT-E at its FLOP floor: no second sort, gather, un-permute or weighte
 ``install`` replaces the forward of one experts module by a wrapper that, per call, asks its PERFT block which
 E adapters are pending. Where the user's chosen implementation (read from the config at every call, so
 ``set_experts_implementation`` keeps working) is ``grouped_mm`` and nothing else stands in the way (expert
-parallelism, ``torch.compile``), it computes base and adapters together and marks the adapters done; otherwise it
-calls the chosen implementation (or the module's own forward) unchanged and lets the block add the pending
-adapters through a dispatch backend. The block's forward hook stays as the fallback for a module whose forward
-cannot be replaced (one already wrapped at instance level) and adds only what is still pending.
+parallelism, ``torch.compile``, a decode step on CPU), it computes base and adapters together and marks the
+adapters done; otherwise it calls the chosen implementation (or the module's own forward) unchanged and lets the
+block add the pending adapters through a dispatch backend. The block's forward hook stays as the fallback for a
+module whose forward cannot be replaced (one already wrapped at instance level) and adds only what is still pending.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch import nn
 from transformers.integrations import moe as transformers_moe
 
 from .dispatch import add_scaled
+from .dispatch.gather import decode_sized
 from .dispatch.grouped import GroupedLinear, aligned, kernel_runs
 from .dispatch.sorting import pad_rank
 
@@ -80,9 +81,9 @@ class ForwardWithAdapters:
 
     def __call__(self, *args, **kwargs):
         experts = self.experts
-        if len(args) == 3 and not kwargs and _uses_experts_interface(experts):
+        if len(args) == 3 and not kwargs and _fusable_call(experts, args[0], args[1]):
             terms = self.pending()
-            if terms and _can_fuse(experts, args[0], args[1], terms):
+            if terms and _can_fuse_terms(experts, args[0], terms):
                 output = grouped_experts_with_adapters(experts, *args, terms)
                 self.mark_done(args[1], args[2])
                 return output
@@ -102,15 +103,24 @@ def _uses_experts_interface(experts: nn.Module) -> bool:
     return hasattr(experts, "has_gate") and hasattr(getattr(experts, "config", None), "_experts_implementation")
 
 
-def _can_fuse(
-    experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor, terms: Sequence[AdapterTerm]
-) -> bool:
+def _fusable_call(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor) -> bool:
     """The chosen implementation is grouped_mm, in eager mode, on one device's full expert set, in the layout
-    grouped_mm_experts_forward reads (2-D hidden states and routing, all slots on weighted experts)."""
+    grouped_mm_experts_forward reads (2-D hidden states and routing), and the call is not a CPU decode step.
+
+    On CPU, torch's grouped_mm runs one GEMM per group, empty groups included (64 ``mm`` calls per grouped GEMM
+    for OLMoE's 64 experts, under torch.profiler with torch 2.13): on a decode-sized call the adapter's two grouped
+    GEMMs then cost more than the ``gather`` backend's few small kernels after the experts call (BENCHMARKS.md)."""
+    if not _uses_experts_interface(experts):
+        return False
     if experts.config._experts_implementation != FUSED_IMPLEMENTATION or experts._is_expert_parallel:
         return False
     if torch.compiler.is_compiling() or hidden.dim() != 2 or top_k_index.dim() != 2:
         return False
+    return not (hidden.device.type == "cpu" and decode_sized(experts.num_experts, top_k_index))
+
+
+def _can_fuse_terms(experts: nn.Module, hidden: torch.Tensor, terms: Sequence[AdapterTerm]) -> bool:
+    """The adapters fit grouped_mm: an aligned hidden size, a kernel for their dtype, one expert per base expert."""
     if hidden.shape[1] * terms[0].lora_A.element_size() % _ALIGN_BYTES:
         return False
     if not kernel_runs(hidden.device.type, terms[0].lora_A.dtype):

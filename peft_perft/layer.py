@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .architectures import MoeBlockSpec
 from .config import PerftConfig
-from .dispatch import add_scaled, always_on_experts, routed_experts
+from .dispatch import add_scaled, always_on_experts, as_dtype, routed_experts
 from .experts_dispatch import AdapterTerm
 from .experts_dispatch import install as install_in_dispatch
 from .experts_dispatch import uninstall as uninstall_in_dispatch
@@ -127,8 +127,10 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         beside_block = [
             n for n in active if self.perft_configs[n].variant != "E" and not isinstance(self.perft_A[n], DTensor)
         ]
-        flat = hidden_states.reshape(-1, self.spec.hidden_size)
-        deltas = [(self._block_delta(name, flat), self.perft_configs[name].scaling) for name in beside_block]
+        deltas = []
+        if beside_block:
+            flat = hidden_states.reshape(-1, self.spec.hidden_size)
+            deltas = [(self._block_delta(name, flat), self.perft_configs[name].scaling) for name in beside_block]
         # Some blocks scale their input in place (Mixtral's router jitter); keep the adapters' input intact.
         base_input = hidden_states.clone() if deltas and self.training else hidden_states
         output = self._run_base(routed_by_base, base_input, *args, **kwargs)
@@ -184,10 +186,10 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         """Add ``sum_k g_k dE_k(h)`` of the E adapters to the block output, with the routing its router returned."""
         for name in adapter_names:
             config, lora_A, lora_B = self.perft_configs[name], self.perft_A[name], self.perft_B[name]
-            self.routing_records[name] = RoutingRecord(expert_index.detach(), weight.detach())
-            adapter_input = self._dropout(name, flat.to(lora_A.dtype))
-            delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight.to(lora_A.dtype))
-            output = _add_to_primary(output, delta.to(flat.dtype), config.scaling)
+            self.routing_records[name] = RoutingRecord(_detached(expert_index), _detached(weight))
+            adapter_input = self._dropout(name, as_dtype(flat, lora_A.dtype))
+            delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, as_dtype(weight, lora_A.dtype))
+            output = _add_to_primary(output, as_dtype(delta, flat.dtype), config.scaling)
         return output
 
     def _attach_to_experts(self) -> RemovableHandle:
@@ -226,7 +228,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
     def _done_in_dispatch(self, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> None:
         """The experts' dispatch added the pending adapters: record their routing, leave nothing for the hook."""
         for name in self._experts_call_adapters:
-            self.routing_records[name] = RoutingRecord(expert_index.detach(), expert_weight.detach())
+            self.routing_records[name] = RoutingRecord(_detached(expert_index), _detached(expert_weight))
         self._experts_call_adapters.clear()
         self._base_routing_seen.append(None)
 
@@ -235,15 +237,16 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         addition to the block output applies, saving a kernel per block and token)."""
         config = self.perft_configs[adapter_name]
         lora_A, lora_B = self.perft_A[adapter_name], self.perft_B[adapter_name]
-        adapter_input = self._dropout(adapter_name, flat.to(lora_A.dtype))
+        router_input = as_dtype(flat, lora_A.dtype)
+        adapter_input = self._dropout(adapter_name, router_input)
         if config.variant != "R":
-            return always_on_experts(adapter_input, lora_A, lora_B, _activation(config)).to(flat.dtype)
-        router_logits = F.linear(flat.to(lora_A.dtype), self.perft_router[adapter_name]).float()
+            return as_dtype(always_on_experts(adapter_input, lora_A, lora_B, _activation(config)), flat.dtype)
+        router_logits = as_dtype(F.linear(router_input, self.perft_router[adapter_name]), torch.float32)
         record = RoutingRecord(*_top_k_routing(router_logits, config), router_logits=router_logits)
         self.routing_records[adapter_name] = record
         top_index, top_weight = record.expert_index, record.expert_weight
-        delta = self._routed(config, adapter_input, lora_A, lora_B, top_index, top_weight.to(lora_A.dtype))
-        return delta.to(flat.dtype)
+        delta = self._routed(config, adapter_input, lora_A, lora_B, top_index, as_dtype(top_weight, lora_A.dtype))
+        return as_dtype(delta, flat.dtype)
 
     def _add_routed_experts(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
         """Inside this block's forward, add ``sum_i g_i dE_i(h)`` of the pending E adapters with the routing the
@@ -255,20 +258,20 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         total = output
         for name in self._experts_call_adapters:
             config, lora_A, lora_B = self.perft_configs[name], self.perft_A[name], self.perft_B[name]
-            self.routing_records[name] = RoutingRecord(expert_index.detach(), expert_weight.detach())
+            self.routing_records[name] = RoutingRecord(_detached(expert_index), _detached(expert_weight))
             if isinstance(lora_A, DTensor):  # sharded like the experts: added inside their expert-parallel dispatch
                 continue
             adapter_input = self._adapter_input(name, hidden)
-            weight = expert_weight.to(lora_A.dtype)
+            weight = as_dtype(expert_weight, lora_A.dtype)
             delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight)
-            total = add_scaled(total, delta.to(output.dtype).view(output.shape), config.scaling)
+            total = add_scaled(total, as_dtype(delta, output.dtype).view(output.shape), config.scaling)
         self._experts_call_adapters.clear()
         self._base_routing_seen.append(None)
         return total
 
     def _adapter_input(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
         """An E adapter's input: the experts' hidden states in the adapter's dtype, with its dropout."""
-        return self._dropout(adapter_name, hidden.to(self.perft_A[adapter_name].dtype))
+        return self._dropout(adapter_name, as_dtype(hidden, self.perft_A[adapter_name].dtype))
 
     def _dropout(self, adapter_name: str, adapter_input: torch.Tensor) -> torch.Tensor:
         """The adapter's dropout, skipped outside training where it is the identity anyway."""
@@ -308,6 +311,12 @@ def _top_k_routing(router_logits: torch.Tensor, config: PerftConfig) -> tuple[to
         return top_index, torch.softmax(top_logits, dim=-1)
     top_weight, top_index = torch.softmax(router_logits, dim=-1).topk(config.resolved_top_k(), dim=-1)
     return top_index, top_weight
+
+
+def _detached(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor cut from autograd for the routing records; itself where autograd does not track it (a decode
+    step), which saves an op per block."""
+    return tensor.detach() if tensor.requires_grad else tensor
 
 
 def _activation(config: PerftConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:

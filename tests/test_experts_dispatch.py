@@ -149,3 +149,26 @@ def test_named_dispatch_backend_keeps_the_adapter_out_of_the_grouped_dispatch(fu
             logits[backend] = model(input_ids=input_ids).logits
         assert bool(fused_calls) == (backend == "auto")
     torch.testing.assert_close(logits["dense"], logits["auto"], rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_decode_step_adds_the_adapter_after_the_experts_call(fused_calls: list[int]):
+    """On CPU a one-token call (a decode step) skips the in-dispatch path, whose grouped GEMMs loop over every
+    expert there, and gets the adapter from the gather backend after the experts call: the same output as a
+    hand-written sum over the base routing, sum_k w_k * scaling * B_e A_e h."""
+    torch.manual_seed(0)
+    config = PerftConfig(variant="E", r=4, lora_alpha=8, init_weights=False)
+    model = get_peft_model(tiny_model("olmoe"), config).eval()
+    block = next(m for m in model.modules() if isinstance(m, PerftMoeBlock))
+    hidden = torch.randn(1, 1, block.spec.hidden_size)
+    with torch.no_grad():
+        adapted = block(hidden)
+        _, weights, indices = block.base_layer.gate(hidden.view(1, -1))
+        with model.disable_adapter():
+            base = block(hidden)
+    lora_A, lora_B = block.perft_A["default"], block.perft_B["default"]
+    pairs = zip(weights[0], indices[0].tolist(), strict=True)
+    terms = [w * lora_B[e] @ (lora_A[e] @ hidden.view(-1)) for w, e in pairs]
+    expected = base + config.scaling * torch.stack(terms).sum(0).view_as(base)
+    assert not fused_calls
+    torch.testing.assert_close(adapted, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(adapted, base, atol=1e-4)

@@ -110,6 +110,12 @@ def _first_suiting(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: tor
     raise RuntimeError("No dispatch backend supports these inputs; this is a bug, please report it.")
 
 
+def as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without the call where the dtype already matches: on a decode step the no-op ``to``
+    calls of a block cost several microseconds each, which is what PERFT's whole adapter term costs."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def needs_gradients(hidden: torch.Tensor, lora_A: torch.Tensor) -> bool:
     """Whether this call will be differentiated: the cost models for training and inference differ."""
     return torch.is_grad_enabled() and (hidden.requires_grad or lora_A.requires_grad)

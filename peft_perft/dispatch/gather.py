@@ -8,8 +8,9 @@ keeps it to decode-sized calls.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from . import Activation, register_backend
+from . import Activation, as_dtype, register_backend
 
 # Measured on a 2-core AVX-512 CPU (benchmarks/dispatch_sweep.py, BENCHMARKS.md): gathering wins while the
 # selected pairs are at most this many and at most half the experts (else dense reads no more weights).
@@ -54,20 +55,25 @@ def _one_token(
     batched path above runs instead: its weight gradient sums r products rather than D, which keeps half-precision
     gradients as close to the reference as the property tests require."""
     top_k, rank, hidden_dim = flat_index.numel(), lora_A.shape[1], lora_A.shape[2]
-    down = hidden @ lora_A.index_select(0, flat_index).view(top_k * rank, hidden_dim).t()
+    down = F.linear(hidden, lora_A.index_select(0, flat_index).view(top_k * rank, hidden_dim))
     if activation is not None:
         down = activation(down)
     up = torch.bmm(down.view(top_k, 1, rank), lora_B.index_select(0, flat_index).transpose(1, 2))
-    return expert_weight.to(up.dtype).view(1, top_k) @ up.view(top_k, hidden_dim)
+    return torch.mm(as_dtype(expert_weight, up.dtype).view(1, top_k), up.view(top_k, hidden_dim))
 
 
 def _supports(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
     return hidden.dtype == lora_A.dtype
 
 
+def decode_sized(num_experts: int, expert_index: torch.Tensor) -> bool:
+    """Whether a routing (T, K) over ``num_experts`` experts selects so few pairs that gathering them wins."""
+    return expert_index.numel() <= min(_MAX_PAIRS, num_experts // 2)
+
+
 def _preferred(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
     """Decode-sized calls that select few of the experts."""
-    return expert_index.numel() <= min(_MAX_PAIRS, lora_A.shape[0] // 2)
+    return decode_sized(lora_A.shape[0], expert_index)
 
 
 register_backend("gather", gather_routed, _supports, priority=10, preferred=_preferred)
