@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from transformers.distributed.parallel_utils import _AllReduceBackward
 from transformers.distributed.tensor_parallel import MoeExpertsParallel
 
-from .dispatch import always_on_experts
+from .dispatch import add_scaled, always_on_experts
 
 BOTTLENECK_PLACEMENTS = {"perft_A": Shard(1), "perft_B": Shard(2)}
 """Where ``r`` sits in the stacked adapter tensors: ``perft_A`` (N, r, D) and ``perft_B`` (N, D, r)."""
@@ -173,7 +173,7 @@ class TensorParallelExperts:
             tokens, expert_index, expert_weight = self.block.spec.read_experts_call((shared, *routing), kwargs)
             terms += [(name, self._partial_routed_term(name, tokens, expert_index, expert_weight)) for name in routed]
         for name, delta in terms:
-            output = torch.add(output, delta.to(output.dtype).view(output.shape), alpha=configs[name].scaling)
+            output = add_scaled(output, delta.to(output.dtype).view(output.shape), configs[name].scaling)
         return style.transform_output_post_forward(experts, output, self.mesh)
 
     def _active_split_adapters(self) -> tuple[list[str], list[str]]:
