@@ -18,57 +18,33 @@ TOKEN_IDS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>")
 
 
+TINY_MOE = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 16,
+    "num_attention_heads": 4,
+    "num_experts_per_tok": 2,
+    **TOKEN_IDS,
+}
+"""What every tiny model shares: the sizes and special tokens; each family adds its own names and layout."""
+
+
 def tiny_olmoe_config(**overrides) -> OlmoeConfig:
     """OLMoE shape in miniature: 4 experts, top-2, no top-k renormalisation (as the real OLMoE)."""
-    settings = {
-        "vocab_size": 64,
-        "hidden_size": 32,
-        "intermediate_size": 16,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "norm_topk_prob": False,
-        **TOKEN_IDS,
-    }
-    settings.update(overrides)
-    return OlmoeConfig(**settings)
+    layout = {"num_hidden_layers": 2, "num_key_value_heads": 4, "num_experts": 4, "norm_topk_prob": False}
+    return OlmoeConfig(**{**TINY_MOE, **layout, **overrides})
 
 
 def tiny_mixtral_config(**overrides) -> MixtralConfig:
     """Mixtral shape in miniature: 4 experts, top-2, renormalised top-k weights."""
-    settings = {
-        "vocab_size": 64,
-        "hidden_size": 32,
-        "intermediate_size": 16,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "num_local_experts": 4,
-        "num_experts_per_tok": 2,
-        **TOKEN_IDS,
-    }
-    settings.update(overrides)
-    return MixtralConfig(**settings)
+    layout = {"num_hidden_layers": 2, "num_key_value_heads": 2, "num_local_experts": 4}
+    return MixtralConfig(**{**TINY_MOE, **layout, **overrides})
 
 
 def tiny_gpt_oss_config(**overrides) -> GptOssConfig:
     """GPT-OSS shape in miniature, one layer: 4 experts, top-2, router bias, softmax over the top-k logits."""
-    settings = {
-        "vocab_size": 64,
-        "hidden_size": 32,
-        "intermediate_size": 16,
-        "head_dim": 8,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "num_hidden_layers": 1,
-        "num_local_experts": 4,
-        "num_experts_per_tok": 2,
-        **TOKEN_IDS,
-    }
-    settings.update(overrides)
-    return GptOssConfig(**settings)
+    layout = {"num_hidden_layers": 1, "num_key_value_heads": 4, "num_local_experts": 4, "head_dim": 8}
+    return GptOssConfig(**{**TINY_MOE, **layout, **overrides})
 
 
 def build_tiny(family: str = "olmoe", seed: int = 0, **overrides) -> torch.nn.Module:
