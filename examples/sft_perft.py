@@ -12,11 +12,14 @@ Every PerftConfig option is a ``--perft_<option>`` flag; every SFTConfig and TRL
 so does ``--config run.yaml`` (command-line flags win over the file, the file over these defaults). Prompts are
 the Alpaca-style ones `peft-perft eval` uses, so training and evaluation match. Routing statistics go to the
 Trainer's logs and heatmaps to ``<output_dir>/routing`` unless ``--routing_monitor false``.
-Multi-GPU: see examples/accelerate/README.md.
+Multi-GPU: see examples/accelerate/README.md. Models too big for one device can be sharded by Transformers at load
+time instead (``--tp_size``, ``--ep_size``, ``--fsdp_size``, ``--ep_implementation perft``), launched with torchrun:
+see docs/big_models.md.
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -24,8 +27,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate import Accelerator
 from datasets import Dataset, load_dataset
 from transformers import AutoConfig, set_seed
+from transformers.distributed import DistributedConfig
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
 
 from peft_perft import PerftConfig
@@ -50,6 +55,28 @@ class ScriptArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N examples only."})
     routing_monitor: bool = field(default=True, metadata={"help": "Log routing statistics and draw heatmaps."})
     routing_per_layer: bool = field(default=False, metadata={"help": "Log every layer's routing scalars too."})
+
+
+@dataclass
+class ShardingArguments:
+    """Transformers' parallelism applied at load time (``from_pretrained(distributed_config=...)``), for torchrun.
+
+    Leave them at 1 to let Accelerate place the model (DDP, FSDP2, ZeRO-3: examples/accelerate)."""
+
+    tp_size: int = field(default=1, metadata={"help": "Tensor-parallel ranks (each holds 1/tp of every expert)."})
+    ep_size: int = field(default=1, metadata={"help": "Expert-parallel ranks (each holds 1/ep of the experts)."})
+    fsdp_size: int = field(default=1, metadata={"help": "Data-parallel ranks that shard the weights (FSDP)."})
+    ep_implementation: str | None = field(
+        default=None, metadata={"help": "'perft' to shard PERFT-E like the experts under expert parallelism."}
+    )
+
+    def distributed_config(self) -> DistributedConfig | None:
+        """The DistributedConfig these flags describe; None when they ask for no sharding at load."""
+        sizes = {"tp_size": self.tp_size, "ep_size": self.ep_size, "fsdp_size": self.fsdp_size}
+        if all(size == 1 for size in sizes.values()) and self.ep_implementation is None:
+            return None
+        extra = {} if self.ep_implementation is None else {"ep_implementation": self.ep_implementation}
+        return DistributedConfig(**sizes, **extra)
 
 
 @dataclass
@@ -89,18 +116,23 @@ class PerftArguments:
 
 def parse_arguments(
     argv: Sequence[str] | None = None,
-) -> tuple[ScriptArguments, PerftArguments, SFTConfig, ModelConfig]:
-    """Parse flags (and ``--config``), with the paper's defaults and the paper's learning rate for the model family."""
+) -> tuple[ScriptArguments, PerftArguments, ShardingArguments, SFTConfig, ModelConfig]:
+    """Parse flags (and ``--config``), with the paper's defaults and the paper's learning rate for the model family.
+
+    A model sharded at load time saves its checkpoints without the optimizer (``save_only_model``): Transformers
+    cannot checkpoint the optimizer of such a model."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser((ScriptArguments, PerftArguments, SFTConfig, ModelConfig))
+    parser = TrlParser((ScriptArguments, PerftArguments, ShardingArguments, SFTConfig, ModelConfig))
     parser.set_defaults(**PAPER_DEFAULTS)
-    _, _, training_args, model_args = parser.parse_args_and_config(argv)
+    _, _, sharding_args, training_args, model_args = parser.parse_args_and_config(argv)
     learning_rate = PAPER_LEARNING_RATES.get(_model_type(model_args, training_args))
     if learning_rate is not None:
         parser.set_defaults(learning_rate=learning_rate)
-    script_args, perft_args, training_args, model_args = parser.parse_args_and_config(argv)
+    if sharding_args.distributed_config() is not None:
+        parser.set_defaults(save_only_model=True)
+    script_args, perft_args, sharding_args, training_args, model_args = parser.parse_args_and_config(argv)
     _refuse_other_adapters(model_args)
-    return script_args, perft_args, training_args, model_args
+    return script_args, perft_args, sharding_args, training_args, model_args
 
 
 def _model_type(model_args: ModelConfig, training_args: SFTConfig) -> str | None:
@@ -145,7 +177,7 @@ def _prompt_and_completion(record: dict[str, Any]) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> SFTTrainer:
-    script_args, perft_args, training_args, model_args = parse_arguments(argv)
+    script_args, perft_args, sharding_args, training_args, model_args = parse_arguments(argv)
     # Every process must build the same adapter: FSDP and ZeRO-3 shard it without broadcasting it first.
     set_seed(training_args.seed)
     dataset = load_llm_adapters_dataset(script_args)
@@ -159,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> SFTTrainer:
         "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     }
+    distributed_config = sharding_args.distributed_config()
+    if distributed_config is not None:
+        # Transformers places each shard on its rank's device; TRL's default device_map="auto" would conflict.
+        training_args.model_init_kwargs.update(distributed_config=distributed_config, device_map=None)
     trainer = SFTTrainer(
         model=model_args.model_name_or_path,
         args=training_args,
@@ -170,10 +206,15 @@ def main(argv: Sequence[str] | None = None) -> SFTTrainer:
         add_routing_monitor(trainer, per_layer=script_args.routing_per_layer)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
-    if hasattr(trainer, "end"):  # transformers >= 5.18: close the trackers and the process group
-        trainer.end()
     return trainer
 
 
+def end(accelerator: Accelerator) -> None:
+    """Close the trackers and the process group once the model is gone: torch 2.13 with gloo can hang at exit when
+    a model outlives its process group."""
+    gc.collect()
+    accelerator.end_training()
+
+
 if __name__ == "__main__":
-    main()
+    end(main().accelerator)

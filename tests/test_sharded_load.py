@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausal
 from transformers.distributed import DistributedConfig
 
 from peft_perft import PerftConfig
+from peft_perft.demo import BUNDLED_MODEL_DIR
 
 WORKER = Path(sharded_worker.__file__)
 TIMEOUT_S = 180
@@ -204,14 +205,12 @@ def test_pipeline_parallel_is_refused_at_get_peft_model() -> None:
         get_peft_model(model, PerftConfig(variant="R", r=4, num_experts=4, top_k=2))
 
 
-def test_trainer_checkpoints_on_a_model_sharded_at_load(bases: dict, tmp_path: Path) -> None:
-    """The Trainer (fsdp_size=2, ep_size=2) saves a checkpoint every step from both ranks without hanging; the
-    ranks train the same adapter and the last checkpoint holds it."""
+def test_trainer_checkpoints_on_a_model_sharded_at_load(tmp_path: Path) -> None:
+    """examples/sft_perft.py's sharding flags (``--fsdp_size 2 --ep_size 2``, TRL's SFTTrainer, a checkpoint every
+    step) on the bundled tiny OLMoE: both ranks finish, train the same adapter, and the last checkpoint holds it."""
     worker = WORKER.parent / "trainer_worker.py"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
-    result = subprocess.run(
-        [*command, str(bases["olmoe"]), str(tmp_path)], capture_output=True, text=True, timeout=TIMEOUT_S
-    )
+    dataset = Path(__file__).parent / "fixtures" / "llm_adapters" / "gsm8k" / "test.json"
+    result = run_ranks_of(worker, str(BUNDLED_MODEL_DIR), str(dataset), str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     final = torch.load(tmp_path / "final.rank0.pt")
     assert_same_tensors(torch.load(tmp_path / "final.rank1.pt"), final)

@@ -330,12 +330,12 @@ def test_sft_perft_flags_cover_perft_config_and_respect_precedence(tmp_path: Pat
     tiny_mixtral_config().save_pretrained(mixtral_dir)
     base = ["--model_name_or_path", str(mixtral_dir), "--dataset_path", "unused.json", "--output_dir", str(tmp_path)]
     base.append("--use_cpu")
-    _, perft_args, training_args, _ = sft_perft.parse_arguments(base + ["--perft_variant", "E"])
+    _, perft_args, _, training_args, _ = sft_perft.parse_arguments(base + ["--perft_variant", "E"])
     assert training_args.learning_rate == 2e-5  # the paper's Mixtral rate
     assert perft_args.to_config().variant == "E" and perft_args.to_config().lora_alpha == 16
     config_file = tmp_path / "run.yaml"
     config_file.write_text("learning_rate: 0.0003\nperft_r: 16\nnum_train_epochs: 1\n")
-    _, perft_args, training_args, _ = sft_perft.parse_arguments(
+    _, perft_args, _, training_args, _ = sft_perft.parse_arguments(
         base + ["--config", str(config_file), "--num_train_epochs", "2"]
     )
     assert training_args.learning_rate == 3e-4  # the file beats the paper default

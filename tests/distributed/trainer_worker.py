@@ -1,60 +1,38 @@
-"""One rank of a Trainer run on a model sharded at load (``fsdp_size=2, ep_size=2``); run by tests/test_sharded_load.py.
+"""One rank of ``examples/sft_perft.py`` (TRL's SFTTrainer) on a model sharded at load (``--fsdp_size 2 --ep_size
+2``); run by tests/test_sharded_load.py.
 
-Usage: python -m torch.distributed.run --nproc_per_node 2 trainer_worker.py BASE OUTPUT_DIR
+Usage: python -m torch.distributed.run --nproc_per_node 2 trainer_worker.py BASE DATASET OUTPUT_DIR
 
-The Trainer saves a checkpoint at every step, calling ``save_pretrained`` on every rank with ``is_main_process``
-true on rank 0 only. Each rank then writes its own final adapter tensors, so the test can check the ranks agree
-and that the last checkpoint holds them.
+The script's own flags shard the model and train PERFT-R, saving a checkpoint at every step: the Trainer calls
+``save_pretrained`` on every rank with ``is_main_process`` true on rank 0 only. Each rank then writes its own
+final adapter tensors, so the test can check the ranks agree and that the last checkpoint holds them.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from lifecycle import leave_process_group, run_failing_on_hang
-from peft import get_peft_model
-from torch.utils.data import Dataset
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-from transformers.distributed import DistributedConfig
 
-from peft_perft import PerftConfig
 from peft_perft.sharding import gathered_adapter_state_dict
 
-
-class TokenDataset(Dataset):
-    def __init__(self) -> None:
-        self.tokens = torch.randint(3, 64, (8, 8), generator=torch.Generator().manual_seed(5))
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.tokens[index], "labels": self.tokens[index]}
+sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
+import sft_perft  # noqa: E402
 
 
-def main(base: str, output_dir: str) -> None:
-    dist.init_process_group("gloo")
-    config = DistributedConfig(fsdp_size=2, ep_size=2)
-    model = AutoModelForCausalLM.from_pretrained(base, distributed_config=config)
-    torch.manual_seed(dist.get_rank())
-    model = get_peft_model(model, PerftConfig(variant="R", r=4, num_experts=4, top_k=2, init_weights=False))
-    arguments = TrainingArguments(
-        output_dir=output_dir,
-        max_steps=2,
-        per_device_train_batch_size=2,
-        learning_rate=0.1,
-        save_steps=1,
-        save_strategy="steps",
-        save_only_model=True,  # Transformers cannot checkpoint the optimizer of a model sharded at load
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-    )
-    trainer = Trainer(model=model, args=arguments, train_dataset=TokenDataset())
-    trainer.train()
-    torch.save(gathered_adapter_state_dict(model), f"{output_dir}/final.rank{dist.get_rank()}.pt")
-    del trainer, model
+def main(base: str, dataset: str, output_dir: str) -> None:
+    argv = ["--model_name_or_path", base, "--dataset_path", dataset, "--output_dir", output_dir]
+    argv += ["--fsdp_size", "2", "--ep_size", "2"]
+    argv += ["--perft_variant", "R", "--perft_r", "4", "--perft_num_experts", "4", "--perft_top_k", "2"]
+    argv += ["--perft_init_weights", "false", "--learning_rate", "0.01", "--max_steps", "2", "--save_steps", "1"]
+    argv += ["--per_device_train_batch_size", "1", "--report_to", "none", "--disable_tqdm", "true"]
+    argv += ["--routing_monitor", "false", "--use_cpu"]
+    trainer = sft_perft.main(argv)
+    torch.save(gathered_adapter_state_dict(trainer.model), f"{output_dir}/final.rank{dist.get_rank()}.pt")
+    del trainer
     leave_process_group()
 
 
