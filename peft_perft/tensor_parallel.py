@@ -125,6 +125,7 @@ class TensorParallelExperts:
         self.block, self.experts, self.tensor_parallel = block, experts, tensor_parallel
         self.mesh = tensor_parallel.mesh
         self.block_input: torch.Tensor | None = None
+        self._block_input_copy: torch.Tensor | None = None
         self._handles = [
             block.register_forward_pre_hook(self._record_block_input, with_kwargs=True),
             block.register_forward_hook(self._forget_block_input, always_call=True),
@@ -151,9 +152,13 @@ class TensorParallelExperts:
     def _record_block_input(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
         self.block_input = args[0] if args else kwargs["hidden_states"]
         self._block_input_version = self.block_input._version
+        # A block may scale its input in place in training (Mixtral's router jitter): the adapters then read this
+        # copy, as they read the unscaled input in one process (where the block gets a copy instead).
+        copy = block.training and bool(self._beside_adapters())
+        self._block_input_copy = self.block_input.clone() if copy else None
 
     def _forget_block_input(self, *unused: Any) -> None:
-        self.block_input = None
+        self.block_input = self._block_input_copy = None
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         beside, routed = self._active_split_adapters()
@@ -181,24 +186,30 @@ class TensorParallelExperts:
         ones the block queued for this experts call (which its experts hook then skips)."""
         block = self.block
         routed = [name for name in block._experts_call_adapters if is_split_over_tensor_parallel(block, name)]
-        if self.block_input is None or block.disable_adapters:
+        if self.block_input is None:
             return [], routed
-        beside = [
+        return self._beside_adapters(), routed
+
+    def _beside_adapters(self) -> list[str]:
+        """The split R, D and S adapters active in the block."""
+        block = self.block
+        if block.disable_adapters:
+            return []
+        return [
             name
             for name in block.active_adapters
             if name in block.perft_A
             and block.perft_configs[name].variant != "E"
             and is_split_over_tensor_parallel(block, name)
         ]
-        return beside, routed
 
     def _adapter_inputs(self, experts_input: torch.Tensor, shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's input (T, D), as the router reads it and as the adapter experts read it.
 
         The experts normally get the block's input itself, flattened; the adapter experts then read it after the
         experts' gradient all-reduce (``shared``), which sums their partial input gradients too. Where the block
-        changed it first (Mixtral's router jitter scales it in place in training), the adapters read the block's
-        input, with an all-reduce of its gradient of their own."""
+        changed it first (Mixtral's router jitter scales it in place in training), the adapters read the copy of
+        the block's input taken before, with an all-reduce of its gradient of their own."""
         block_input = self.block_input
         flat = block_input.reshape(-1, block_input.shape[-1])
         same = (
@@ -209,6 +220,8 @@ class TensorParallelExperts:
         )
         if same:
             return experts_input, shared
+        if self._block_input_copy is not None:
+            flat = self._block_input_copy.reshape(flat.shape)
         return flat, _AllReduceBackward.apply(flat, self.mesh.get_group())
 
     def _partial_routed_term(
