@@ -18,20 +18,27 @@ gradients (each rank sees its share of the bottleneck), which one all-reduce of 
 in backward, so the router's gradient is whole on every rank and the auxiliary load-balancing loss (computed on
 every rank from the replicated router) is counted once.
 
+With data parallelism beside TP (``fsdp_size`` / ``dp_replicate_size``) the TP groups of different batches hold
+the same shards: each shard is created from global rank 0's values and its gradient averaged over the
+data-parallel ranks after each backward (as `sharding.replicate_adapter` does for replicated tensors over all
+ranks).
+
 Where this cannot apply the adapter stays replicated, as before: ``r`` not divisible by ``tp_size`` (uneven
-shards, and no share at all where ``r < tp_size``), data parallelism beside TP (``dp_size > 1``: the shards'
-gradients would also need averaging over the data-parallel ranks), expert parallelism (``ep_size > 1``: the
-experts are then dispatched by EP, not split by TP), blocks whose experts do not run under ``moe_tp_experts``,
-and PERFT-E on blocks that take its routing from the router's output (Llama 4, JetMoE).
+shards, and no share at all where ``r < tp_size``), expert parallelism (``ep_size > 1``: the experts are then
+dispatched by EP, not split by TP, and the only collective over a TP group is the all-gather of disjoint token
+slices, which a partial term cannot join; see docs/big_models.md), blocks whose experts do not run under
+``moe_tp_experts``, and PERFT-E on blocks that take its routing from the router's output (Llama 4, JetMoE).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -54,11 +61,17 @@ def split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
     tensor_parallel = TensorParallelExperts.of(experts) or _tensor_parallel_style(experts)
     if tensor_parallel is None or not _can_split(block, experts, adapter_name, tensor_parallel.mesh):
         return False
+    data_parallel = _data_parallel_groups(tensor_parallel.mesh)
     for kind, placement in BOTTLENECK_PLACEMENTS.items():
         tensors = getattr(block, kind)
         whole = tensors[adapter_name]
+        if data_parallel:  # each TP group scatters from its own first rank: give them all global rank 0's values
+            dist.broadcast(whole.data, src=0)
         # Every rank built the whole tensor; rank 0's values are scattered, so all ranks agree whatever their seed.
-        tensors[adapter_name] = nn.Parameter(distribute_tensor(whole.data, tensor_parallel.mesh, [placement]))
+        split = nn.Parameter(distribute_tensor(whole.data, tensor_parallel.mesh, [placement]))
+        if data_parallel:
+            split.register_post_accumulate_grad_hook(functools.partial(_average_shard, groups=data_parallel))
+        tensors[adapter_name] = split
     TensorParallelExperts.install(block, experts, tensor_parallel)
     return True
 
@@ -104,14 +117,32 @@ def _tensor_parallel_style(experts: nn.Module) -> _TensorParallelStyle | None:
 
 
 def _can_split(block: nn.Module, experts: nn.Module, adapter_name: str, mesh: DeviceMesh) -> bool:
-    """The layouts where each TP rank can take ``r / tp`` of the adapter and need nothing else."""
+    """The layouts where each TP rank can take ``r / tp`` of the adapter (its gradients averaged over the
+    data-parallel ranks, if any, as the replicated adapter's are)."""
     distributed = getattr(getattr(experts, "config", None), "distributed_config", None)
-    if distributed is None or distributed.dp_size > 1 or distributed.ep_size > 1 or distributed.pp_size > 1:
+    if distributed is None or distributed.ep_size > 1 or distributed.pp_size > 1:
         return False
     config = block.perft_configs[adapter_name]
     if config.variant == "E" and block.spec.routes_from_router:
         return False
     return config.r % mesh.size() == 0
+
+
+def _data_parallel_groups(mesh: DeviceMesh) -> list[dist.ProcessGroup]:
+    """The process groups of the data-parallel dimensions (``dp_replicate``, ``fsdp``) of the mesh Transformers
+    sliced the TP mesh from, those over more than one rank: this rank and the ranks holding the same shard of the
+    adapter on other batches."""
+    root = mesh._get_root_mesh()
+    names = root.mesh_dim_names or ()
+    return [root[name].get_group() for name in ("dp_replicate", "fsdp") if name in names and root[name].size() > 1]
+
+
+def _average_shard(parameter: nn.Parameter, groups: list[dist.ProcessGroup]) -> None:
+    """Average this rank's shard of the gradient over the ranks that hold the same shard on other batches (after
+    each backward, which is also right under gradient accumulation, see ``sharding.replicate_adapter``)."""
+    local = parameter.grad.to_local()
+    for group in groups:
+        dist.all_reduce(local, op=dist.ReduceOp.AVG, group=group)
 
 
 class TensorParallelExperts:

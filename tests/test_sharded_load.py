@@ -67,7 +67,12 @@ TP_CASES = [
     ("mixtral_jitter", "R"),
 ]
 """(family, variant) run under tp_size=2, all in one launch."""
-FOUR_RANK_CASES = [("qwen3_moe", "R", "tp_fsdp_ep"), ("olmoe", "E", "tp_fsdp_ep_sharded")]
+FOUR_RANK_CASES = [
+    ("olmoe", "R", "tp_fsdp"),
+    ("qwen3_moe", "E", "tp_fsdp"),
+    ("qwen3_moe", "R", "tp_fsdp_ep"),
+    ("olmoe", "E", "tp_fsdp_ep_sharded"),
+]
 """(family, variant, layout) run on 4 ranks, in the launch that also checks the refusals."""
 FOUR_RANK_LAYOUTS = {layout for _, _, layout in FOUR_RANK_CASES}
 
@@ -114,8 +119,9 @@ def ranks_of(layout: str) -> int:
 
 
 def is_split_over_tp(layout: str, variant: str) -> bool:
-    """Under tp_size=2 alone an adapter is split on its bottleneck when r is even (else it stays replicated)."""
-    return layout == "tp" and sharded_worker.CONFIGS[variant]["r"] % 2 == 0
+    """Under tp_size=2 without EP (alone or beside FSDP) an adapter is split on its bottleneck when r is even (else
+    it stays replicated)."""
+    return layout in ("tp", "tp_fsdp") and sharded_worker.CONFIGS[variant]["r"] % 2 == 0
 
 
 def ranks_sharing(name: str, layout: str, variant: str) -> int:

@@ -43,7 +43,8 @@ LAYOUTS = {
     "fsdp_ep": {"fsdp_size": 2, "ep_size": 2},
     "tp_ep_sharded": {"tp_size": 2, "ep_size": 2, "ep_implementation": "perft"},
     "fsdp_ep_sharded": {"fsdp_size": 2, "ep_size": 2, "ep_implementation": "perft"},
-    # 4 ranks: 2 batches, each shared by a TP group of 2; every expert on one rank (efsdp_size = 2 * 2 / 4 = 1).
+    # 4 ranks: 2 batches, each shared by a TP group of 2; with EP every expert on one rank (efsdp_size = 2*2/4 = 1).
+    "tp_fsdp": {"tp_size": 2, "fsdp_size": 2},
     "tp_fsdp_ep": {"tp_size": 2, "fsdp_size": 2, "ep_size": 4},
     "tp_fsdp_ep_sharded": {"tp_size": 2, "fsdp_size": 2, "ep_size": 4, "ep_implementation": "perft"},
 }
