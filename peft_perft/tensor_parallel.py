@@ -39,14 +39,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from transformers.distributed.parallel_utils import _AllReduceBackward
 from transformers.distributed.tensor_parallel import MoeExpertsParallel
 
-from .dispatch import add_scaled, always_on_experts
+from .dispatch import add_scaled
 
 BOTTLENECK_PLACEMENTS = {"perft_A": Shard(1), "perft_B": Shard(2)}
 """Where ``r`` sits in the stacked adapter tensors: ``perft_A`` (N, r, D) and ``perft_B`` (N, D, r)."""
@@ -266,16 +265,11 @@ class TensorParallelExperts:
         return block._routed(config, adapter_input, lora_A, lora_B, expert_index, expert_weight.to(lora_A.dtype))
 
     def _partial_term(self, name: str, router_input: torch.Tensor, adapter_input: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the adapter's (unscaled) term: ``sum B_i act(A_i h)`` over its bottleneck rows."""
-        from .layer import RoutingRecord, _activation, _top_k_routing
-
-        block, config = self.block, self.block.perft_configs[name]
-        lora_A, lora_B = block.perft_A[name].to_local(), block.perft_B[name].to_local()
-        dropped = block._dropout(name, adapter_input.to(lora_A.dtype))
-        if config.variant != "R":
-            return always_on_experts(dropped, lora_A, lora_B, _activation(config))
-        router_logits = F.linear(router_input.to(lora_A.dtype), block.perft_router[name]).float()
-        record = RoutingRecord(*_top_k_routing(router_logits, config), router_logits=router_logits)
-        block.routing_records[name] = record
-        weight = _AllReduceBackward.apply(record.expert_weight.to(lora_A.dtype), self.mesh.get_group())
-        return block._routed(config, dropped, lora_A, lora_B, record.expert_index, weight)
+        """This rank's share of the adapter's (unscaled) term: ``sum B_i act(A_i h)`` over its bottleneck rows, the
+        routing weights' partial gradients summed over the TP ranks."""
+        block = self.block
+        lora = block.perft_A[name].to_local(), block.perft_B[name].to_local()
+        group = self.mesh.get_group()
+        return block._block_delta(
+            name, router_input, adapter_input, lora, lambda weight: _AllReduceBackward.apply(weight, group)
+        )
