@@ -232,20 +232,34 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self._experts_call_adapters.clear()
         self._base_routing_seen.append(None)
 
-    def _block_delta(self, adapter_name: str, flat: torch.Tensor) -> torch.Tensor:
+    def _block_delta(
+        self,
+        adapter_name: str,
+        flat: torch.Tensor,
+        adapter_flat: torch.Tensor | None = None,
+        lora: tuple[torch.Tensor, torch.Tensor] | None = None,
+        reduce_weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Output of an R, D or S adapter for flattened block inputs (T, D), before its scaling (which the
-        addition to the block output applies, saving a kernel per block and token)."""
+        addition to the block output applies, saving a kernel per block and token).
+
+        Tensor parallelism computes one rank's share with the same code: ``lora`` is that rank's slice of the
+        bottleneck, ``adapter_flat`` the experts' input as the adapter experts read it (``flat`` feeds the router),
+        and ``reduce_weights`` sums the routing weights' partial gradients over the ranks."""
         config = self.perft_configs[adapter_name]
-        lora_A, lora_B = self.perft_A[adapter_name], self.perft_B[adapter_name]
+        lora_A, lora_B = lora or (self.perft_A[adapter_name], self.perft_B[adapter_name])
         router_input = as_dtype(flat, lora_A.dtype)
-        adapter_input = self._dropout(adapter_name, router_input)
+        expert_input = router_input if adapter_flat is None else as_dtype(adapter_flat, lora_A.dtype)
+        adapter_input = self._dropout(adapter_name, expert_input)
         if config.variant != "R":
             return as_dtype(always_on_experts(adapter_input, lora_A, lora_B, _activation(config)), flat.dtype)
         router_logits = as_dtype(F.linear(router_input, self.perft_router[adapter_name]), torch.float32)
         record = RoutingRecord(*_top_k_routing(router_logits, config), router_logits=router_logits)
         self.routing_records[adapter_name] = record
-        top_index, top_weight = record.expert_index, record.expert_weight
-        delta = self._routed(config, adapter_input, lora_A, lora_B, top_index, as_dtype(top_weight, lora_A.dtype))
+        top_weight = as_dtype(record.expert_weight, lora_A.dtype)
+        if reduce_weights is not None:
+            top_weight = reduce_weights(top_weight)
+        delta = self._routed(config, adapter_input, lora_A, lora_B, record.expert_index, top_weight)
         return as_dtype(delta, flat.dtype)
 
     def _add_routed_experts(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):

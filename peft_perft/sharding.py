@@ -261,7 +261,7 @@ class PerftExpertParallel(EPImplementation):
             lora_A, lora_B = lora_A.to_local(), lora_B.to_local()
             config = block.perft_configs[name]
             adapter_weights = weights.masked_fill(off_rank, 0.0).to(lora_A.dtype)
-            adapter_input = block._dropout(name, tokens.to(lora_A.dtype))
+            adapter_input = block._adapter_input(name, tokens)
             delta = block._routed(config, adapter_input, lora_A, lora_B, index, adapter_weights)
             output = add_scaled(output, delta.to(output.dtype), config.scaling)
         return output

@@ -18,28 +18,34 @@ gradients (each rank sees its share of the bottleneck), which one all-reduce of 
 in backward, so the router's gradient is whole on every rank and the auxiliary load-balancing loss (computed on
 every rank from the replicated router) is counted once.
 
+With data parallelism beside TP (``fsdp_size`` / ``dp_replicate_size``) the TP groups of different batches hold
+the same shards: each shard is created from global rank 0's values and its gradient averaged over the
+data-parallel ranks after each backward (as `sharding.replicate_adapter` does for replicated tensors over all
+ranks).
+
 Where this cannot apply the adapter stays replicated, as before: ``r`` not divisible by ``tp_size`` (uneven
-shards, and no share at all where ``r < tp_size``), data parallelism beside TP (``dp_size > 1``: the shards'
-gradients would also need averaging over the data-parallel ranks), expert parallelism (``ep_size > 1``: the
-experts are then dispatched by EP, not split by TP), blocks whose experts do not run under ``moe_tp_experts``,
-and PERFT-E on blocks that take its routing from the router's output (Llama 4, JetMoE).
+shards, and no share at all where ``r < tp_size``), expert parallelism (``ep_size > 1``: the experts are then
+dispatched by EP, not split by TP, and the only collective over a TP group is the all-gather of disjoint token
+slices, which a partial term cannot join; see docs/big_models.md), blocks whose experts do not run under
+``moe_tp_experts``, and PERFT-E on blocks that take its routing from the router's output (Llama 4, JetMoE).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from transformers.distributed.parallel_utils import _AllReduceBackward
 from transformers.distributed.tensor_parallel import MoeExpertsParallel
 
-from .dispatch import add_scaled, always_on_experts
+from .dispatch import add_scaled
 
 BOTTLENECK_PLACEMENTS = {"perft_A": Shard(1), "perft_B": Shard(2)}
 """Where ``r`` sits in the stacked adapter tensors: ``perft_A`` (N, r, D) and ``perft_B`` (N, D, r)."""
@@ -54,11 +60,17 @@ def split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
     tensor_parallel = TensorParallelExperts.of(experts) or _tensor_parallel_style(experts)
     if tensor_parallel is None or not _can_split(block, experts, adapter_name, tensor_parallel.mesh):
         return False
+    data_parallel = _data_parallel_groups(tensor_parallel.mesh)
     for kind, placement in BOTTLENECK_PLACEMENTS.items():
         tensors = getattr(block, kind)
         whole = tensors[adapter_name]
+        if data_parallel:  # each TP group scatters from its own first rank: give them all global rank 0's values
+            dist.broadcast(whole.data, src=0)
         # Every rank built the whole tensor; rank 0's values are scattered, so all ranks agree whatever their seed.
-        tensors[adapter_name] = nn.Parameter(distribute_tensor(whole.data, tensor_parallel.mesh, [placement]))
+        split = nn.Parameter(distribute_tensor(whole.data, tensor_parallel.mesh, [placement]))
+        if data_parallel:
+            split.register_post_accumulate_grad_hook(functools.partial(_average_shard, groups=data_parallel))
+        tensors[adapter_name] = split
     TensorParallelExperts.install(block, experts, tensor_parallel)
     return True
 
@@ -104,14 +116,32 @@ def _tensor_parallel_style(experts: nn.Module) -> _TensorParallelStyle | None:
 
 
 def _can_split(block: nn.Module, experts: nn.Module, adapter_name: str, mesh: DeviceMesh) -> bool:
-    """The layouts where each TP rank can take ``r / tp`` of the adapter and need nothing else."""
+    """The layouts where each TP rank can take ``r / tp`` of the adapter (its gradients averaged over the
+    data-parallel ranks, if any, as the replicated adapter's are)."""
     distributed = getattr(getattr(experts, "config", None), "distributed_config", None)
-    if distributed is None or distributed.dp_size > 1 or distributed.ep_size > 1 or distributed.pp_size > 1:
+    if distributed is None or distributed.ep_size > 1 or distributed.pp_size > 1:
         return False
     config = block.perft_configs[adapter_name]
     if config.variant == "E" and block.spec.routes_from_router:
         return False
     return config.r % mesh.size() == 0
+
+
+def _data_parallel_groups(mesh: DeviceMesh) -> list[dist.ProcessGroup]:
+    """The process groups of the data-parallel dimensions (``dp_replicate``, ``fsdp``) of the mesh Transformers
+    sliced the TP mesh from, those over more than one rank: this rank and the ranks holding the same shard of the
+    adapter on other batches."""
+    root = mesh._get_root_mesh()
+    names = root.mesh_dim_names or ()
+    return [root[name].get_group() for name in ("dp_replicate", "fsdp") if name in names and root[name].size() > 1]
+
+
+def _average_shard(parameter: nn.Parameter, groups: list[dist.ProcessGroup]) -> None:
+    """Average this rank's shard of the gradient over the ranks that hold the same shard on other batches (after
+    each backward, which is also right under gradient accumulation, see ``sharding.replicate_adapter``)."""
+    local = parameter.grad.to_local()
+    for group in groups:
+        dist.all_reduce(local, op=dist.ReduceOp.AVG, group=group)
 
 
 class TensorParallelExperts:
@@ -125,6 +155,7 @@ class TensorParallelExperts:
         self.block, self.experts, self.tensor_parallel = block, experts, tensor_parallel
         self.mesh = tensor_parallel.mesh
         self.block_input: torch.Tensor | None = None
+        self._block_input_copy: torch.Tensor | None = None
         self._handles = [
             block.register_forward_pre_hook(self._record_block_input, with_kwargs=True),
             block.register_forward_hook(self._forget_block_input, always_call=True),
@@ -151,9 +182,13 @@ class TensorParallelExperts:
     def _record_block_input(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
         self.block_input = args[0] if args else kwargs["hidden_states"]
         self._block_input_version = self.block_input._version
+        # A block may scale its input in place in training (Mixtral's router jitter): the adapters then read this
+        # copy, as they read the unscaled input in one process (where the block gets a copy instead).
+        copy = block.training and bool(self._beside_adapters())
+        self._block_input_copy = self.block_input.clone() if copy else None
 
     def _forget_block_input(self, *unused: Any) -> None:
-        self.block_input = None
+        self.block_input = self._block_input_copy = None
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         beside, routed = self._active_split_adapters()
@@ -181,24 +216,30 @@ class TensorParallelExperts:
         ones the block queued for this experts call (which its experts hook then skips)."""
         block = self.block
         routed = [name for name in block._experts_call_adapters if is_split_over_tensor_parallel(block, name)]
-        if self.block_input is None or block.disable_adapters:
+        if self.block_input is None:
             return [], routed
-        beside = [
+        return self._beside_adapters(), routed
+
+    def _beside_adapters(self) -> list[str]:
+        """The split R, D and S adapters active in the block."""
+        block = self.block
+        if block.disable_adapters:
+            return []
+        return [
             name
             for name in block.active_adapters
             if name in block.perft_A
             and block.perft_configs[name].variant != "E"
             and is_split_over_tensor_parallel(block, name)
         ]
-        return beside, routed
 
     def _adapter_inputs(self, experts_input: torch.Tensor, shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's input (T, D), as the router reads it and as the adapter experts read it.
 
         The experts normally get the block's input itself, flattened; the adapter experts then read it after the
         experts' gradient all-reduce (``shared``), which sums their partial input gradients too. Where the block
-        changed it first (Mixtral's router jitter scales it in place in training), the adapters read the block's
-        input, with an all-reduce of its gradient of their own."""
+        changed it first (Mixtral's router jitter scales it in place in training), the adapters read the copy of
+        the block's input taken before, with an all-reduce of its gradient of their own."""
         block_input = self.block_input
         flat = block_input.reshape(-1, block_input.shape[-1])
         same = (
@@ -209,6 +250,8 @@ class TensorParallelExperts:
         )
         if same:
             return experts_input, shared
+        if self._block_input_copy is not None:
+            flat = self._block_input_copy.reshape(flat.shape)
         return flat, _AllReduceBackward.apply(flat, self.mesh.get_group())
 
     def _partial_routed_term(
@@ -222,16 +265,11 @@ class TensorParallelExperts:
         return block._routed(config, adapter_input, lora_A, lora_B, expert_index, expert_weight.to(lora_A.dtype))
 
     def _partial_term(self, name: str, router_input: torch.Tensor, adapter_input: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the adapter's (unscaled) term: ``sum B_i act(A_i h)`` over its bottleneck rows."""
-        from .layer import RoutingRecord, _activation, _top_k_routing
-
-        block, config = self.block, self.block.perft_configs[name]
-        lora_A, lora_B = block.perft_A[name].to_local(), block.perft_B[name].to_local()
-        dropped = block._dropout(name, adapter_input.to(lora_A.dtype))
-        if config.variant != "R":
-            return always_on_experts(dropped, lora_A, lora_B, _activation(config))
-        router_logits = F.linear(router_input.to(lora_A.dtype), block.perft_router[name]).float()
-        record = RoutingRecord(*_top_k_routing(router_logits, config), router_logits=router_logits)
-        block.routing_records[name] = record
-        weight = _AllReduceBackward.apply(record.expert_weight.to(lora_A.dtype), self.mesh.get_group())
-        return block._routed(config, dropped, lora_A, lora_B, record.expert_index, weight)
+        """This rank's share of the adapter's (unscaled) term: ``sum B_i act(A_i h)`` over its bottleneck rows, the
+        routing weights' partial gradients summed over the TP ranks."""
+        block = self.block
+        lora = block.perft_A[name].to_local(), block.perft_B[name].to_local()
+        group = self.mesh.get_group()
+        return block._block_delta(
+            name, router_input, adapter_input, lora, lambda weight: _AllReduceBackward.apply(weight, group)
+        )

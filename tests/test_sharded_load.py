@@ -26,7 +26,10 @@ from peft_perft import PerftConfig
 from peft_perft.demo import BUNDLED_MODEL_DIR
 
 WORKER = Path(sharded_worker.__file__)
+FOUR_RANK_WORKER = WORKER.parent / "four_rank_worker.py"
 TIMEOUT_S = 180
+CASE_TIMEOUT_S = 60
+"""A launch's hard timeout: TIMEOUT_S for the start, the imports and its first case, CASE_TIMEOUT_S per further case."""
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
@@ -50,7 +53,29 @@ def tiny_qwen3_moe() -> torch.nn.Module:
     return Qwen3MoeForCausalLM(config).eval()
 
 
-BUILDERS = {"olmoe": build_tiny, "qwen3_moe": tiny_qwen3_moe}
+BUILDERS = {
+    "olmoe": build_tiny,
+    "qwen3_moe": tiny_qwen3_moe,
+    # Mixtral scales its block input in place in training (router jitter): PERFT's TP path must see it unscaled.
+    "mixtral_jitter": lambda: build_tiny("mixtral", router_jitter_noise=0.2),
+}
+TP_CASES = [
+    ("olmoe", "R_aux"),
+    ("qwen3_moe", "E"),
+    ("olmoe", "D"),
+    ("qwen3_moe", "S"),
+    ("olmoe", "R_r3"),
+    ("mixtral_jitter", "R"),
+]
+"""(family, variant) run under tp_size=2, all in one launch."""
+FOUR_RANK_CASES = [
+    ("olmoe", "R", "tp_fsdp"),
+    ("qwen3_moe", "E", "tp_fsdp"),
+    ("qwen3_moe", "R", "tp_fsdp_ep"),
+    ("olmoe", "E", "tp_fsdp_ep_sharded"),
+]
+"""(family, variant, layout) run on 4 ranks, in the launch that also checks the refusals."""
+FOUR_RANK_LAYOUTS = {layout for _, _, layout in FOUR_RANK_CASES}
 
 
 @pytest.fixture(scope="module")
@@ -63,52 +88,70 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def references(bases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One process, no distributed_config, whole batch: the run every sharded run must reproduce."""
+def references(bases: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
+    """One process, no distributed_config, whole batch: the run every sharded run must reproduce (run when first
+    asked for, once per module)."""
     folder = tmp_path_factory.mktemp("reference")
-    results = {}
-    for family in BUILDERS:
-        for variant in sharded_worker.CONFIGS:
+    results: dict[tuple[str, str], Path] = {}
+
+    def reference(family: str, variant: str) -> Path:
+        if (family, variant) not in results:
             output = folder / f"{family}_{variant}.pt"
-            sharded_worker.main(str(bases[family]), "single", variant, str(output))
+            sharded_worker.run_case("single", str(bases[family]), variant, str(output))
             results[family, variant] = output
-    return results
+        return results[family, variant]
+
+    return reference
 
 
-def run_ranks_of(worker: Path, *arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
+def run_ranks_of(worker: Path, *arguments: str, processes: int = 2, cases: int = 1) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-    return subprocess.run([*command, str(worker), *arguments], capture_output=True, text=True, timeout=TIMEOUT_S)
+    timeout = TIMEOUT_S + CASE_TIMEOUT_S * (cases - 1)
+    return subprocess.run([*command, str(worker), *arguments], capture_output=True, text=True, timeout=timeout)
 
 
-def run_ranks(*arguments: str, processes: int = 2) -> subprocess.CompletedProcess:
-    return run_ranks_of(WORKER, *arguments, processes=processes)
+def run_ranks(*cases: str) -> subprocess.CompletedProcess:
+    """Two ranks running sharded_worker.py's CASEs (``LAYOUT,BASE,VARIANT,OUTPUT[,ADAPTER]``) one after the other."""
+    return run_ranks_of(WORKER, *cases, cases=len(cases))
 
 
-def ranks_sharing(name: str, layout: str) -> int:
-    """Over how many ranks a layout splits an adapter tensor: with ep_implementation="perft" each of the 2 EP ranks
-    holds the PERFT-E adapter experts of its local base experts; under tp_size=2 alone each TP rank holds half of
-    the bottleneck of every adapter expert (PERFT-R's router stays whole); otherwise each rank holds all of it."""
-    if layout.endswith("_sharded"):
-        return 2
-    return 2 if layout == "tp" and ".perft_router." not in name else 1
+def ranks_of(layout: str) -> int:
+    return 4 if layout in FOUR_RANK_LAYOUTS else 2
 
 
-def assert_holds_its_share(held: dict[str, int], whole: dict[str, int], layout: str) -> None:
+def is_split_over_tp(layout: str, variant: str) -> bool:
+    """Under tp_size=2 without EP (alone or beside FSDP) an adapter is split on its bottleneck when r is even (else
+    it stays replicated)."""
+    return layout in ("tp", "tp_fsdp") and sharded_worker.CONFIGS[variant]["r"] % 2 == 0
+
+
+def ranks_sharing(name: str, layout: str, variant: str) -> int:
+    """Over how many ranks a layout splits an adapter tensor: with ep_implementation="perft" each EP rank holds the
+    PERFT-E adapter experts of its local base experts; split over tp_size=2 each TP rank holds half of the
+    bottleneck of every adapter expert (PERFT-R's router stays whole); otherwise each rank holds all of it."""
+    settings = sharded_worker.LAYOUTS[layout]
+    if settings.get("ep_implementation") == "perft" and variant == "E":
+        return settings["ep_size"]
+    return 2 if is_split_over_tp(layout, variant) and ".perft_router." not in name else 1
+
+
+def assert_holds_its_share(held: dict[str, int], whole: dict[str, int], layout: str, variant: str) -> None:
     """Per-rank adapter memory: the elements each rank stores, tensor by tensor."""
     assert sorted(held) == sorted(whole)
     for name, elements in whole.items():
-        assert held[name] == elements // ranks_sharing(name, layout), name
+        assert held[name] == elements // ranks_sharing(name, layout, variant), name
 
 
-def assert_does_its_share(flops: int, whole: int, variant: str) -> None:
+def assert_does_its_share(flops: int, whole: int, variant: str, split: bool) -> None:
     """Per-rank adapter compute under tp_size=2, from FLOPs counted in one forward of the first batch (adapter on
-    minus off). Each rank computes half of the adapter experts' work and the whole (replicated) router, so twice a
-    rank's count minus one process's is the router's alone: 2 * tokens * hidden * N per layer (0 for D and S)."""
+    minus off). Split, each rank computes half of the adapter experts' work and the whole (replicated) router, so
+    twice a rank's count minus one process's is the router's alone: 2 * tokens * hidden * N per layer (0 for D and
+    S). Replicated, each rank computes all of it."""
     config = sharded_worker.CONFIGS[variant]
     tokens, hidden, layers = sharded_worker.GLOBAL_BATCH * 8, 32, 2
     router = 2 * tokens * hidden * config.get("num_experts", 0) * layers if config["variant"] == "R" else 0
     assert whole > 0
-    assert 2 * flops - whole == router
+    assert 2 * flops - whole == (router if split else whole)
 
 
 def assert_same_tensors(found: dict, expected: dict) -> None:
@@ -117,20 +160,50 @@ def assert_same_tensors(found: dict, expected: dict) -> None:
         torch.testing.assert_close(found[name], tensor, **TOLERANCE, msg=name)
 
 
+class ShardedRuns:
+    """The multi-process runs of this module, each launched when a test first needs it, once: the tp_size=2 cases
+    together, the 4-rank cases together with the 4-rank refusals, any other case alone."""
+
+    def __init__(self, bases: dict[str, Path], folder: Path) -> None:
+        self.bases, self.folder = bases, folder
+        self.outputs: dict[tuple[str, str, str], Path] = {}
+        self.refusals_output: Path | None = None
+
+    def output(self, family: str, variant: str, layout: str) -> Path:
+        """Rank 0's output file of a run (rank N's is beside it, suffixed ``.rankN``)."""
+        if (family, variant, layout) not in self.outputs:
+            if layout == "tp":
+                self._launch(WORKER, [], [(tp_family, tp_variant, "tp") for tp_family, tp_variant in TP_CASES])
+            elif layout in FOUR_RANK_LAYOUTS:
+                self.refusals()
+            else:
+                self._launch(WORKER, [], [(family, variant, layout)])
+        return self.outputs[family, variant, layout]
+
+    def refusals(self) -> Path:
+        """Where each of the 4 ranks wrote the errors of the layouts with expert replicas (``.rankN``)."""
+        if self.refusals_output is None:
+            errors = self.folder / "refusals"
+            self._launch(FOUR_RANK_WORKER, [str(self.bases["olmoe"]), str(errors)], FOUR_RANK_CASES, processes=4)
+            self.refusals_output = errors
+        return self.refusals_output
+
+    def _launch(
+        self, worker: Path, arguments: list[str], cases: list[tuple[str, str, str]], processes: int = 2
+    ) -> None:
+        outputs = {case: self.folder / "_".join(case) / "run.pt" for case in cases}
+        specs = []
+        for (family, variant, layout), output in outputs.items():
+            output.parent.mkdir()
+            specs.append(",".join([layout, str(self.bases[family]), variant, str(output)]))
+        result = run_ranks_of(worker, *arguments, *specs, processes=processes, cases=len(cases) + 1)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        self.outputs.update(outputs)
+
+
 @pytest.fixture(scope="module")
-def sharded_runs(bases: dict, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str, str], Path]:
-    """Run (family, variant, layout) on two ranks once per module; return rank 0's output file."""
-    outputs: dict[tuple[str, str, str], Path] = {}
-
-    def run(family: str, variant: str, layout: str) -> Path:
-        if (family, variant, layout) not in outputs:
-            output = tmp_path_factory.mktemp(f"{family}_{variant}_{layout}") / "run.pt"
-            result = run_ranks(str(bases[family]), layout, variant, str(output))
-            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-            outputs[family, variant, layout] = output
-        return outputs[family, variant, layout]
-
-    return run
+def sharded_runs(bases: dict, tmp_path_factory: pytest.TempPathFactory) -> ShardedRuns:
+    return ShardedRuns(bases, tmp_path_factory.mktemp("sharded"))
 
 
 @pytest.mark.parametrize(
@@ -141,33 +214,37 @@ def sharded_runs(bases: dict, tmp_path_factory: pytest.TempPathFactory) -> Calla
         ("qwen3_moe", "E", "fsdp_ep"),
         ("olmoe", "E", "tp_ep_sharded"),
         ("qwen3_moe", "E", "fsdp_ep_sharded"),
-        ("olmoe", "R_aux", "tp"),
-        ("qwen3_moe", "E", "tp"),
+        *[(family, variant, "tp") for family, variant in TP_CASES],
+        *FOUR_RANK_CASES,
     ],
 )
 def test_sharded_run_matches_one_process(
-    family: str, variant: str, layout: str, bases: dict, sharded_runs: Callable, references: dict
+    family: str, variant: str, layout: str, bases: dict, sharded_runs: ShardedRuns, references: Callable
 ) -> None:
-    output = sharded_runs(family, variant, layout)
-    reference = torch.load(references[family, variant])
-    for rank_output in (output, Path(f"{output}.rank1")):
+    output = sharded_runs.output(family, variant, layout)
+    reference = torch.load(references(family, variant))
+    rank_outputs = [output, *(Path(f"{output}.rank{rank}") for rank in range(1, ranks_of(layout)))]
+    for rank_output in rank_outputs:
         run = torch.load(rank_output)
         torch.testing.assert_close(run["logits"], reference["logits"], **TOLERANCE)
         assert_same_tensors(run["initial"], reference["initial"])  # broadcast from rank 0, though seeds differ
         assert_same_tensors(run["gradients"], reference["gradients"])
         assert_same_tensors(run["trained"], reference["trained"])
-        assert_holds_its_share(run["held"], reference["held"], layout)
+        assert_holds_its_share(run["held"], reference["held"], layout, variant)
+        split = is_split_over_tp(layout, variant)
         if layout == "tp" and variant != "E":  # one process counts no FLOPs for E's fused grouped_mm term
-            assert_does_its_share(run["adapter_flops"], reference["adapter_flops"], variant)
+            assert_does_its_share(run["adapter_flops"], reference["adapter_flops"], variant, split)
+        if layout == "tp":
             # unload() gives every experts module Transformers' TP forward back, and the base model's logits.
-            assert run["unloaded"] == {"wrapped_before": 2, "wrapped_after": 0, "base_logits_again": True}
+            wrapped = 2 if split else 0
+            assert run["unloaded"] == {"wrapped_before": wrapped, "wrapped_after": 0, "base_logits_again": True}
             assert_reload_matches_one_process(run["reloaded_logits"], bases[family], output)
         # Saving gathers the sharded adapter tensors and nothing else (no base weight).
         sharded_tensors = sum(run["held"][name] < reference["held"][name] for name in run["held"])
         assert run["gathers_during_save"] == [sharded_tensors]
     assert not torch.equal(next(iter(reference["trained"].values())), next(iter(reference["initial"].values())))
     saved = load_file(f"{output}.adapter/adapter_model.safetensors")
-    assert_same_tensors(saved, load_file(f"{references[family, variant]}.adapter/adapter_model.safetensors"))
+    assert_same_tensors(saved, load_file(f"{references(family, variant)}.adapter/adapter_model.safetensors"))
 
 
 def assert_reload_matches_one_process(reloaded_logits: torch.Tensor, base: Path, output: Path) -> None:
@@ -179,19 +256,19 @@ def assert_reload_matches_one_process(reloaded_logits: torch.Tensor, base: Path,
 
 
 def test_adapter_saved_sharded_loads_onto_another_sharding_and_one_process(
-    bases: dict, sharded_runs: Callable, references: dict, tmp_path: Path
+    bases: dict, sharded_runs: ShardedRuns, references: Callable, tmp_path: Path
 ) -> None:
     """A PERFT-E adapter trained with its experts sharded under TP+EP loads, sharded under FSDP+EP and in one
     process, to the same logits."""
-    adapter = f"{sharded_runs('olmoe', 'E', 'tp_ep_sharded')}.adapter"
+    adapter = f"{sharded_runs.output('olmoe', 'E', 'tp_ep_sharded')}.adapter"
     loaded = tmp_path / "loaded.pt"
-    result = run_ranks(str(bases["olmoe"]), "fsdp_ep_sharded", "E", str(loaded), adapter)
+    result = run_ranks(",".join(["fsdp_ep_sharded", str(bases["olmoe"]), "E", str(loaded), adapter]))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     one_process = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(bases["olmoe"]), adapter)
     with torch.no_grad():
         expected = one_process(input_ids=sharded_worker.batches()[0]).logits
     torch.testing.assert_close(torch.load(loaded)["logits"], expected, **TOLERANCE)
-    untrained = torch.load(references["olmoe", "E"])["logits"]
+    untrained = torch.load(references("olmoe", "E"))["logits"]
     assert not torch.allclose(expected, untrained, **TOLERANCE), "the trained adapter must change the logits"
 
 
@@ -220,13 +297,10 @@ def test_trainer_checkpoints_on_a_model_sharded_at_load(tmp_path: Path) -> None:
     assert any(not torch.equal(first[name], saved[name]) for name in saved), "step 2 must change the adapter"
 
 
-def test_sharded_perft_e_with_expert_replicas_is_refused_on_four_ranks(bases: dict, tmp_path: Path) -> None:
+def test_sharded_perft_e_with_expert_replicas_is_refused_on_four_ranks(sharded_runs: ShardedRuns) -> None:
     """Sharded PERFT-E needs each expert on one rank: with 2 copies of each (fsdp_size=4, ep_size=2: efsdp_size=2)
     or 2 data-parallel replicas (dp_replicate_size=2) every one of 4 ranks refuses it at get_peft_model."""
-    worker = WORKER.parent / "refusal_worker.py"
-    output = tmp_path / "errors"
-    result = run_ranks_of(worker, str(bases["olmoe"]), str(output), processes=4)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = sharded_runs.refusals()
     for rank in range(4):
         errors = torch.load(f"{output}.rank{rank}")
         assert "efsdp_size=2" in errors["efsdp"] and "dp_replicate_size=1" in errors["efsdp"]

@@ -1,14 +1,17 @@
-"""One rank of a PERFT run on a model Transformers shards at load time; launched by tests/test_sharded_load.py.
+"""PERFT runs on models Transformers shards at load time, one rank's part; launched by tests/test_sharded_load.py.
 
-Usage: python -m torch.distributed.run --nproc_per_node N sharded_worker.py BASE LAYOUT VARIANT OUTPUT [ADAPTER]
+Usage: python -m torch.distributed.run --nproc_per_node N sharded_worker.py CASE [CASE ...]
 
-BASE is a saved tiny MoE model. LAYOUT names a `DistributedConfig` from LAYOUTS (``single`` loads it without one, in
-one process: the reference). Every rank seeds its RNG with its own rank before `get_peft_model`, so the adapter is
-identical across ranks only if PERFT broadcasts it. Data-parallel ranks (``fsdp_size``) train on their slice of
-the global batch; the others see all of it. The worker records the logits before training, the adapter gradients
-of the first step, the adapter after STEPS SGD steps, and saves the adapter with ``is_main_process`` on rank 0 only
-(as the Trainer does); under ``tp`` it then unloads the adapter and loads the saved one onto the unloaded base
-(split over TP again). With ADAPTER it instead loads that saved adapter onto the sharded base and records logits.
+Each CASE is ``LAYOUT,BASE,VARIANT,OUTPUT[,ADAPTER]`` and runs in the same processes, one after the other (the start
+and the imports are paid once). BASE is a saved tiny MoE model. LAYOUT names a `DistributedConfig` from LAYOUTS
+(``single`` loads it without one, in one process: the reference, run in the test's own process by `run_case`).
+Every rank seeds its RNG with its own rank before `get_peft_model`, so the adapter is identical across ranks only if
+PERFT broadcasts it; all ranks then share one seed for training (Mixtral's router jitter draws from it). Data-parallel
+ranks (``fsdp_size``) train on their slice of the global batch; the ranks of a TP group share it. The worker records
+the logits before training, the adapter gradients of the first step, the adapter after STEPS SGD steps, and saves
+the adapter with ``is_main_process`` on rank 0 only (as the Trainer does); under ``tp`` it then unloads the adapter
+and loads the saved one onto the unloaded base (split over TP again). With ADAPTER it instead loads that saved
+adapter onto the sharded base and records logits.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import gc
-import sys
 from collections.abc import Iterator
 
 import torch
@@ -41,12 +43,20 @@ LAYOUTS = {
     "fsdp_ep": {"fsdp_size": 2, "ep_size": 2},
     "tp_ep_sharded": {"tp_size": 2, "ep_size": 2, "ep_implementation": "perft"},
     "fsdp_ep_sharded": {"fsdp_size": 2, "ep_size": 2, "ep_implementation": "perft"},
+    # 4 ranks: 2 batches, each shared by a TP group of 2; with EP every expert on one rank (efsdp_size = 2*2/4 = 1).
+    "tp_fsdp": {"tp_size": 2, "fsdp_size": 2},
+    "tp_fsdp_ep": {"tp_size": 2, "fsdp_size": 2, "ep_size": 4},
+    "tp_fsdp_ep_sharded": {"tp_size": 2, "fsdp_size": 2, "ep_size": 4, "ep_implementation": "perft"},
 }
 CONFIGS = {
     "R": {"variant": "R", "r": 4, "num_experts": 4, "top_k": 2, "init_weights": False},
     "R_aux": {"variant": "R", "r": 4, "num_experts": 4, "top_k": 2, "init_weights": False},
     "E": {"variant": "E", "r": 4, "init_weights": False},
+    "D": {"variant": "D", "r": 4, "num_experts": 2, "init_weights": False},
+    "S": {"variant": "S", "r": 4, "init_weights": False},
+    "R_r3": {"variant": "R", "r": 3, "num_experts": 4, "top_k": 2, "init_weights": False},  # r % tp_size != 0
 }
+TRAINING_SEED = 7
 
 
 def batches() -> torch.Tensor:
@@ -64,14 +74,15 @@ def load_base(base: str, layout: str, variant: str) -> torch.nn.Module:
 
 
 def data_parallel_slice(tokens: torch.Tensor, layout: str) -> torch.Tensor:
-    """This rank's share of the global batch: a slice under FSDP, all of it otherwise (TP ranks share inputs)."""
+    """This rank's share of the global batch: its FSDP slice, all of it otherwise. The ranks of a TP group share a
+    slice: Transformers' dense mesh is (pp, dp_replicate, fsdp, tp), TP innermost."""
     settings = LAYOUTS[layout] or {}
     parts = settings.get("fsdp_size", 1)
     if parts == 1:
         return tokens
     per_rank = tokens.shape[0] // parts
-    rank = dist.get_rank()
-    return tokens[rank * per_rank : (rank + 1) * per_rank]
+    data_rank = dist.get_rank() // settings.get("tp_size", 1)
+    return tokens[data_rank * per_rank : (data_rank + 1) * per_rank]
 
 
 def adapter_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -109,6 +120,7 @@ def adapter_flops(model: torch.nn.Module, tokens: torch.Tensor) -> int:
 
 def train(model: torch.nn.Module, layout: str, tokens: torch.Tensor) -> dict:
     model.train()
+    torch.manual_seed(TRAINING_SEED)
     optimiser = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     record = {}
     for step in range(STEPS):
@@ -118,6 +130,7 @@ def train(model: torch.nn.Module, layout: str, tokens: torch.Tensor) -> dict:
             record["gradients"] = adapter_gradients(model)
         optimiser.step()
         optimiser.zero_grad()
+    model.eval()  # what follows compares logits, which Mixtral's router jitter would change in training
     return record
 
 
@@ -152,9 +165,8 @@ def counting_gathers() -> Iterator[list[int]]:
         DTensor.full_tensor = original
 
 
-def main(base: str, layout: str, variant: str, output: str, adapter: str | None = None) -> None:
-    if LAYOUTS[layout] is not None:
-        dist.init_process_group("gloo")
+def run_case(layout: str, base: str, variant: str, output: str, adapter: str | None = None) -> None:
+    """One run (see the module docstring), in a process group already set up unless LAYOUT is ``single``."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     base_model = load_base(base, layout, variant)
     tokens = batches()
@@ -194,9 +206,28 @@ def main(base: str, layout: str, variant: str, output: str, adapter: str | None 
     gc.collect()
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+
+
+CASE_TIMEOUT_S = 150
+"""A case still running after this long prints every rank's stack and exits instead of stalling."""
+
+
+def run_cases(cases: tuple[str, ...]) -> None:
+    """Each ``LAYOUT,BASE,VARIANT,OUTPUT[,ADAPTER]`` case in turn, each under its own hang timeout."""
+    for case in cases:
+        faulthandler.dump_traceback_later(CASE_TIMEOUT_S, exit=True)
+        run_case(*case.split(","))
+
+
+def main(*cases: str) -> None:
+    from lifecycle import leave_process_group  # by its file name, as a script (the tests import this module too)
+
+    dist.init_process_group("gloo")
+    run_cases(cases)
+    leave_process_group()
 
 
 if __name__ == "__main__":
-    faulthandler.dump_traceback_later(150, exit=True)  # a hang prints every rank's stack instead of stalling
-    main(*sys.argv[1:])
+    from lifecycle import run_failing_on_hang
+
+    run_failing_on_hang(main, seconds=CASE_TIMEOUT_S)

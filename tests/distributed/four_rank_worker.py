@@ -1,10 +1,11 @@
-"""One of 4 ranks loading a tiny MoE model with expert replicas and ``ep_implementation="perft"``; launched by
-tests/test_sharded_load.py.
+"""The 4-rank runs of tests/test_sharded_load.py, in one launch so that the start and the imports are paid once.
 
-Usage: python -m torch.distributed.run --nproc_per_node 4 refusal_worker.py BASE OUTPUT
+Usage: python -m torch.distributed.run --nproc_per_node 4 four_rank_worker.py BASE ERRORS [CASE ...]
 
-For each layout of REPLICATED_EXPERTS (each expert on more than one rank), PERFT-E sharded like the experts must
-be refused at ``get_peft_model``. Each rank writes, per layout, the error it got (or None) to OUTPUT.rankN.
+First, for each layout of REPLICATED_EXPERTS (each expert on more than one rank), PERFT-E sharded like the experts
+must be refused at ``get_peft_model``: each rank writes, per layout, the error it got (or None) to ERRORS.rankN.
+Then each CASE (``LAYOUT,BASE,VARIANT,OUTPUT``, as in sharded_worker.py) runs on layouts that need 4 ranks, such
+as TP+EP+FSDP.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 from lifecycle import leave_process_group, run_failing_on_hang
 from peft import get_peft_model
+from sharded_worker import run_cases
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
@@ -26,8 +28,7 @@ REPLICATED_EXPERTS = {
 }
 
 
-def main(base: str, output: str) -> None:
-    dist.init_process_group("gloo")
+def record_refusals(base: str, output: str) -> None:
     errors: dict[str, str | None] = {}
     for name, settings in REPLICATED_EXPERTS.items():
         config = DistributedConfig(**settings, ep_implementation="perft")
@@ -40,6 +41,12 @@ def main(base: str, output: str) -> None:
         del model
         gc.collect()
     torch.save(errors, f"{output}.rank{dist.get_rank()}")
+
+
+def main(base: str, errors_output: str, *cases: str) -> None:
+    dist.init_process_group("gloo")
+    record_refusals(base, errors_output)
+    run_cases(cases)
     leave_process_group()
 
 
