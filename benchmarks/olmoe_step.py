@@ -318,6 +318,28 @@ def _paired(times: dict[str, list[float]], name: str, reference: str) -> dict[st
     return vars(paired.median_interval(paired.paired_ratios(times[name], times[reference])))
 
 
+def _paired_ratios(name: str, step_times: dict, decode_times: dict) -> dict[str, dict[str, float]]:
+    """A variant's paired ratios: step / frozen's per protocol, LoRA-experts' step / this, decode / frozen's."""
+    row = {}
+    for protocol in PROTOCOLS:
+        key = f"{name}|{protocol}"
+        row[f"step_vs_frozen_paired_{protocol}"] = _paired(step_times, key, f"frozen|{protocol}")
+        if f"lora-experts|{protocol}" in step_times:
+            row[f"lora_experts_over_this_paired_{protocol}"] = _paired(step_times, f"lora-experts|{protocol}", key)
+    if decode_times.get("frozen"):
+        row["decode_vs_frozen_paired"] = _paired(decode_times, name, "frozen")
+    return row
+
+
+def reanalyse(path: Path) -> str:
+    """The targets table of an earlier run, recomputed from the raw repetitions its JSON file keeps."""
+    summary = json.loads(path.read_text())
+    steps, decodes = summary["raw_step_seconds"], summary["raw_decode_seconds_per_token"]
+    for row in summary["rows"]:
+        row.update(_paired_ratios(row["variant"], steps, decodes))
+    return f"{TARGETS_HEADER}\n\n{target_table(targets(summary))}"
+
+
 def summarize(config, trainers, step_times, decode_times, memory, load, args) -> dict:
     rows = []
     median = statistics.median
@@ -329,16 +351,13 @@ def summarize(config, trainers, step_times, decode_times, memory, load, args) ->
             row[f"step_ms_median_{protocol}"] = median(step_times[key]) * 1e3
             row[f"step_vs_frozen_{protocol}"] = _ratio(step_times, key, reference, median)
             row[f"step_vs_frozen_of_minima_{protocol}"] = _ratio(step_times, key, reference, min)
-            row[f"step_vs_frozen_paired_{protocol}"] = _paired(step_times, key, reference)
             if f"lora-experts|{protocol}" in step_times:
                 row[f"lora_experts_over_this_{protocol}"] = _ratio(step_times, f"lora-experts|{protocol}", key, median)
-                row[f"lora_experts_over_this_paired_{protocol}"] = _paired(step_times, f"lora-experts|{protocol}", key)
         if decode_times.get("frozen"):
             row["decode_ms_per_token"] = median(decode_times[name]) * 1e3
             row["decode_vs_frozen"] = _ratio(decode_times, name, "frozen", median)
             row["decode_vs_frozen_of_minima"] = _ratio(decode_times, name, "frozen", min)
-            row["decode_vs_frozen_paired"] = _paired(decode_times, name, "frozen")
-        rows.append({**row, **memory[name]})
+        rows.append({**row, **_paired_ratios(name, step_times, decode_times), **memory[name]})
     return {
         "machine": _machine(args),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -487,6 +506,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--skip-memory", action="store_true", help="no peak-memory runs (faster, for exploring)")
     parser.add_argument("--skip-decode", action="store_true", help="no decode-latency runs (faster, for exploring)")
     parser.add_argument("--output", type=Path, default=None, help="path stem; default benchmarks/results/<shape>_...")
+    parser.add_argument(
+        "--reanalyse", type=Path, default=None, help="print the targets of an earlier run's JSON file, run nothing"
+    )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
@@ -499,6 +521,9 @@ def parse_arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_arguments()
+    if args.reanalyse:
+        print(reanalyse(args.reanalyse))
+        return
     torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args.memory_child, args)

@@ -16,6 +16,9 @@ import statistics
 from dataclasses import dataclass
 
 CONFIDENCE = 0.95
+MIN_COVERAGE = 0.9
+"""Below this coverage (4 or fewer repetitions) no verdict is given: the interval says too little."""
+TOO_FEW = "undecided (too few repetitions)"
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,9 @@ def median_interval(values: list[float], confidence: float = CONFIDENCE) -> Medi
 
 def verdict_at_most(interval: MedianInterval, limit: float) -> str:
     """For a target "ratio <= limit": met if the whole interval is within it, missed if the whole interval
-    exceeds it, undecided if the interval straddles it."""
+    exceeds it, undecided if the interval straddles it or has too little coverage."""
+    if interval.coverage < MIN_COVERAGE:
+        return TOO_FEW
     if interval.high <= limit:
         return "met"
     if interval.low > limit:
@@ -76,6 +81,8 @@ def verdict_at_most(interval: MedianInterval, limit: float) -> str:
 
 def verdict_at_least(interval: MedianInterval, limit: float) -> str:
     """For a target "ratio >= limit", the mirror of ``verdict_at_most``."""
+    if interval.coverage < MIN_COVERAGE:
+        return TOO_FEW
     if interval.low >= limit:
         return "met"
     if interval.high < limit:

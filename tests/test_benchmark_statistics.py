@@ -54,3 +54,11 @@ def test_verdicts_need_the_whole_interval_on_one_side():
     assert paired.verdict_at_least(interval, 1.00) == "met"
     assert paired.verdict_at_least(interval, 1.10) == "missed"
     assert paired.verdict_at_least(interval, 1.04) == "undecided"
+
+
+def test_no_verdict_from_four_repetitions():
+    # n = 4: [min, max] covers the median with only 1 - 2 / 16 = 0.875.
+    interval = paired.median_interval([1.10, 1.12, 1.11, 1.13])
+    assert interval.coverage == pytest.approx(0.875)
+    assert paired.verdict_at_most(interval, 1.04) == paired.TOO_FEW
+    assert paired.verdict_at_least(interval, 1.0) == paired.TOO_FEW
