@@ -62,3 +62,29 @@ def test_no_verdict_from_four_repetitions():
     assert interval.coverage == pytest.approx(0.875)
     assert paired.verdict_at_most(interval, 1.04) == paired.TOO_FEW
     assert paired.verdict_at_least(interval, 1.0) == paired.TOO_FEW
+
+
+def test_benchmark_targets_use_the_paired_ratios(tmp_path: Path):
+    # Frozen alternates between slow and fast rounds; PERFT-E takes 1.05x frozen's time in every round, so every
+    # paired ratio is 1.05 (met: <= 1.08) however slow the round. LoRA on the experts takes 2x PERFT-E's time in
+    # every round (met: >= 1.8). PERFT-S's ratios, 0.99 to 1.05, straddle its 1.02 target (undecided).
+    import json
+
+    import olmoe_step
+
+    frozen = [1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 2.0]
+    perft_e = [1.05 * t for t in frozen]
+    perft_s = [ratio * t for ratio, t in zip([0.99, 1.00, 1.01, 1.02, 1.03, 1.04, 1.05], frozen, strict=True)]
+    times = {"frozen": frozen, "perft-e": perft_e, "perft-s": perft_s, "lora-experts": [2 * t for t in perft_e]}
+    steps = {f"{name}|{protocol}": values for name, values in times.items() for protocol in olmoe_step.PROTOCOLS}
+    rows = [
+        {"variant": name, **{f"step_vs_frozen_{protocol}": 1.0 for protocol in olmoe_step.PROTOCOLS}} for name in times
+    ]
+    for row in rows:
+        row.update({f"lora_experts_over_this_{protocol}": 1.0 for protocol in olmoe_step.PROTOCOLS})
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"rows": rows, "raw_step_seconds": steps, "raw_decode_seconds_per_token": {}}))
+    table = olmoe_step.reanalyse(run)
+    assert "| perft-e step [ids] <= 1.08 | 1.050 [1.050, 1.050] | 0.984 | 1.000 | met |" in table
+    assert "| lora-experts step / perft-e step [embeds] >= 1.8 | 2.000 [2.000, 2.000] | 0.984 | 1.000 | met |" in table
+    assert "| perft-s step [embeds] <= 1.02 | 1.020 [0.990, 1.050] | 0.984 | 1.000 | undecided |" in table
