@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers.integrations import moe as transformers_moe
 
-from .dispatch import add_scaled
+from .dispatch import as_dtype
 from .dispatch.gather import decode_sized
 from .dispatch.grouped import GroupedLinear, aligned, kernel_runs
 from .dispatch.sorting import pad_rank
@@ -146,9 +146,11 @@ def grouped_experts_with_adapters(
     rows = hidden_states.index_select(0, token_of_pair)
     pair_output = _base_pairs(experts, rows, expert_ids, offsets)
     for term in terms:
-        adapter_rows = term.prepare_input(hidden_states).index_select(0, token_of_pair)
-        delta = _adapter_pairs(term, adapter_rows, offsets, empty)
-        pair_output = add_scaled(pair_output, delta.to(pair_output.dtype), term.scaling)
+        adapter_input = term.prepare_input(hidden_states)
+        # Without dropout or a dtype change the adapter reads the experts' own gathered rows: no second gather of
+        # T*K D-wide rows, nor its scatter back in the backward.
+        adapter_rows = rows if adapter_input is hidden_states else adapter_input.index_select(0, token_of_pair)
+        pair_output = pair_output + as_dtype(_adapter_pairs(term, adapter_rows, offsets, empty), pair_output.dtype)
     pair_weight = top_k_weights.reshape(-1).index_select(0, order)
     weighted = pair_output * pair_weight.unsqueeze(-1)
     inverse = torch.empty_like(order)
@@ -177,9 +179,12 @@ def _base_pairs(
 
 
 def _adapter_pairs(term: AdapterTerm, rows: torch.Tensor, offsets: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
-    """``B_e act(A_e h)`` per sorted pair (unscaled) as two grouped GEMMs, the rank padded for the kernel."""
+    """``scaling * B_e act(A_e h)`` per sorted pair as two grouped GEMMs, the rank padded for the kernel. The
+    scaling multiplies the r-wide bottleneck, not the D-wide output, so neither pass multiplies T*K D-wide rows."""
     lora_A, lora_B = pad_rank(term.lora_A, term.lora_B, _ALIGN_BYTES // term.lora_A.element_size())
     down = GroupedLinear.apply(rows, aligned(lora_A), offsets, empty)
     if term.activation is not None:
         down = term.activation(down)
+    if term.scaling != 1:
+        down = down * term.scaling
     return GroupedLinear.apply(down, aligned(lora_B), offsets, empty)
