@@ -26,8 +26,10 @@ ranks).
 Where this cannot apply the adapter stays replicated, as before: ``r`` not divisible by ``tp_size`` (uneven
 shards, and no share at all where ``r < tp_size``), expert parallelism (``ep_size > 1``: the experts are then
 dispatched by EP, not split by TP, and the only collective over a TP group is the all-gather of disjoint token
-slices, which a partial term cannot join; see docs/big_models.md), blocks whose experts do not run under
-``moe_tp_experts``, and PERFT-E on blocks that take its routing from the router's output (Llama 4, JetMoE).
+slices, which a partial term cannot join: with ``ep_implementation="perft"`` R, D and S are computed on each TP
+rank's token rows there instead, see ``sharding.TokenSlicedAllToAll`` and docs/big_models.md), blocks whose
+experts do not run under ``moe_tp_experts``, and PERFT-E on blocks that take its routing from the router's output
+(Llama 4, JetMoE).
 """
 
 from __future__ import annotations
@@ -270,6 +272,8 @@ class TensorParallelExperts:
         block = self.block
         lora = block.perft_A[name].to_local(), block.perft_B[name].to_local()
         group = self.mesh.get_group()
-        return block._block_delta(
-            name, router_input, adapter_input, lora, lambda weight: _AllReduceBackward.apply(weight, group)
-        )
+
+        def summed_weight_gradients(index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return index, _AllReduceBackward.apply(weight, group)
+
+        return block._block_delta(name, router_input, adapter_input, lora, summed_weight_gradients)

@@ -104,16 +104,25 @@ def adapter_elements_held(model: torch.nn.Module) -> dict[str, int]:
     return held
 
 
-def adapter_flops(model: torch.nn.Module, tokens: torch.Tensor) -> int:
-    """FLOPs this rank spends on the adapter in one forward: with it minus without it."""
+def adapter_flops(model: torch.nn.Module, tokens: torch.Tensor, layout: str) -> int:
+    """FLOPs this rank spends on the adapter in one forward: with it minus without it.
+
+    Under TP with EP the forward runs as in training (gradients on, into the input embeddings), so that every MoE
+    block takes Transformers' AllToAllEP dispatch, where each TP rank computes R, D and S on its token rows (at
+    inference on a shared batch AllReduceEP runs, and they stay replicated)."""
+    settings = LAYOUTS[layout] or {}
+    as_in_training = settings.get("tp_size", 1) > 1 and settings.get("ep_size", 1) > 1
+    inputs = {"input_ids": tokens}
+    if as_in_training:
+        inputs = {"inputs_embeds": model.get_input_embeddings()(tokens).detach().requires_grad_()}
     counts = []
     for adapter_off in (False, True):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.set_grad_enabled(as_in_training), FlopCounterMode(display=False) as counter:
             if adapter_off:
                 with model.disable_adapter():
-                    model(input_ids=tokens)
+                    model(**inputs)
             else:
-                model(input_ids=tokens)
+                model(**inputs)
         counts.append(counter.get_total_flops())
     return counts[0] - counts[1]
 
@@ -185,7 +194,7 @@ def run_case(layout: str, base: str, variant: str, output: str, adapter: str | N
         record = {"initial": gathered_adapter_state_dict(model), "held": adapter_elements_held(model)}
         with torch.no_grad():
             record["logits"] = model(input_ids=tokens[0]).logits
-        record["adapter_flops"] = adapter_flops(model, tokens[0])
+        record["adapter_flops"] = adapter_flops(model, tokens[0], layout)
         record.update(train(model, layout, tokens))
         record["trained"] = gathered_adapter_state_dict(model)
         with counting_gathers() as gathers:
