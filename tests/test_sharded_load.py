@@ -170,6 +170,16 @@ def assert_does_its_share(flops: int, whole: int, variant: str, split: bool) -> 
     assert 2 * flops - whole == (router if split else whole)
 
 
+def assert_adds_no_collective_of_its_own(calls: dict[str, dict[str, int]], family: str, variant: str) -> None:
+    """Under TP with EP, R, D and S on each rank's token rows need the collectives of R, D and S replicated (one
+    training step, every MoE block through AllToAllEP), but one all-gather per block for PERFT-R's top-k weight
+    gradients; none where the dispatch does not take them (Mixtral's router jitter in training)."""
+    expected = dict(calls["replicated"])
+    if sharded_worker.CONFIGS[variant]["variant"] == "R" and family != "mixtral_jitter":
+        expected["_c10d_functional::all_gather_into_tensor"] += 2  # 2 MoE blocks
+    assert calls["rows"] == expected
+
+
 def assert_same_tensors(found: dict, expected: dict) -> None:
     assert sorted(found) == sorted(expected)
     for name, tensor in expected.items():
@@ -261,6 +271,8 @@ def test_sharded_run_matches_one_process(
             assert_does_its_share(
                 run["adapter_flops"], reference["adapter_flops"], variant, splits_work(layout, variant)
             )
+        if "collectives" in run:
+            assert_adds_no_collective_of_its_own(run["collectives"], family, variant)
         if layout == "tp":
             # unload() gives every experts module Transformers' TP forward back, and the base model's logits.
             wrapped = 2 if split else 0
