@@ -83,6 +83,7 @@ FOUR_RANK_CASES = [
     ("qwen3_moe", "E", "tp_fsdp"),
     ("qwen3_moe", "R", "tp_fsdp_ep"),
     ("olmoe", "E", "tp_fsdp_ep_sharded"),
+    ("olmoe", "R", "tp_fsdp_ep_sharded"),  # on each TP rank's token rows, 2 batches
 ]
 """(family, variant, layout) run on 4 ranks, in the launch that also checks the refusals."""
 FOUR_RANK_LAYOUTS = {layout for _, _, layout in FOUR_RANK_CASES}
