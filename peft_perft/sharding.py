@@ -39,7 +39,7 @@ from transformers.distributed.expert_parallel import AllToAllEP, AutoEP, EPImple
 
 from .dispatch import add_scaled
 from .loading import ADAPTER_KEY_MARKERS
-from .tensor_parallel import split_over_tensor_parallel
+from .tensor_parallel import is_block_input_unchanged, split_over_tensor_parallel
 
 _HOOKED = "__perft_sharding_hook__"
 # Transformers' Trainer registers its own gradient average for replicated parameters unless this flag is set.
@@ -370,16 +370,7 @@ class TokenSliceTerms:
         """The offered adapters, if ``hidden_states`` (the experts' input) is the offered input, flattened and not
         changed in place since (Mixtral's router jitter scales it in training: the block then adds them itself)."""
         offered = self._experts_input
-        if not self.names or offered is None:
-            return []
-        flat = offered.reshape(-1, offered.shape[-1])
-        same = (
-            hidden_states.data_ptr() == flat.data_ptr()
-            and hidden_states.shape == flat.shape
-            and hidden_states.stride() == flat.stride()
-            and offered._version == self._version
-        )
-        if not same:
+        if not self.names or offered is None or not is_block_input_unchanged(hidden_states, offered, self._version):
             return []
         names, self.names = self.names, []
         return names

@@ -83,6 +83,18 @@ def is_split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
     return isinstance(block.perft_A[adapter_name], DTensor)
 
 
+def is_block_input_unchanged(experts_input: torch.Tensor, block_input: torch.Tensor, version: int) -> bool:
+    """Whether the experts got the block's input itself, flattened (a view of the same storage), and unchanged in
+    place since its version was ``version`` (Mixtral's router jitter scales it in training)."""
+    flat = block_input.reshape(-1, block_input.shape[-1])
+    return (
+        experts_input.data_ptr() == flat.data_ptr()
+        and experts_input.shape == flat.shape
+        and experts_input.stride() == flat.stride()
+        and block_input._version == version
+    )
+
+
 def release_tensor_parallel_experts(block: nn.Module) -> None:
     """Give the block's experts Transformers' TP forward back (on unload)."""
     experts = _experts_of(block)
@@ -243,15 +255,9 @@ class TensorParallelExperts:
         changed it first (Mixtral's router jitter scales it in place in training), the adapters read the copy of
         the block's input taken before, with an all-reduce of its gradient of their own."""
         block_input = self.block_input
-        flat = block_input.reshape(-1, block_input.shape[-1])
-        same = (
-            experts_input.data_ptr() == flat.data_ptr()
-            and experts_input.shape == flat.shape
-            and experts_input.stride() == flat.stride()
-            and flat._version == self._block_input_version
-        )
-        if same:
+        if is_block_input_unchanged(experts_input, block_input, self._block_input_version):
             return experts_input, shared
+        flat = block_input.reshape(-1, block_input.shape[-1])
         if self._block_input_copy is not None:
             flat = self._block_input_copy.reshape(flat.shape)
         return flat, _AllReduceBackward.apply(flat, self.mesh.get_group())
