@@ -29,7 +29,7 @@ from .dispatch import add_scaled, always_on_experts, as_dtype, routed_experts
 from .experts_dispatch import AdapterTerm
 from .experts_dispatch import install as install_in_dispatch
 from .experts_dispatch import uninstall as uninstall_in_dispatch
-from .sharding import shard_adapter
+from .sharding import TokenSliceTerms, shard_adapter
 
 
 @dataclass
@@ -71,6 +71,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self._experts_call_adapters: list[str] = []
         self._base_routing_seen: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self._experts_hook_handle: RemovableHandle | None = None
+        self.token_slice_terms: TokenSliceTerms | None = None  # set by sharding under TP with EP
         self.block_name = type(base_layer).__name__
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
@@ -127,13 +128,21 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         beside_block = [
             n for n in active if self.perft_configs[n].variant != "E" and not isinstance(self.perft_A[n], DTensor)
         ]
+        # Under TP with EP the experts' dispatch may add them on this rank's token rows (sharding.TokenSliceTerms):
+        # offered to it, and those it did not take are added here after the base.
+        slices = self.token_slice_terms if beside_block else None
         deltas = []
-        if beside_block:
+        if beside_block and slices is None:
             flat = hidden_states.reshape(-1, self.spec.hidden_size)
             deltas = [(self._block_delta(name, flat), self.perft_configs[name].scaling) for name in beside_block]
         # Some blocks scale their input in place (Mixtral's router jitter); keep the adapters' input intact.
-        base_input = hidden_states.clone() if deltas and self.training else hidden_states
+        base_input = hidden_states.clone() if beside_block and self.training else hidden_states
+        if slices is not None:
+            slices.offer(beside_block, base_input)
         output = self._run_base(routed_by_base, base_input, *args, **kwargs)
+        if slices is not None:
+            flat = hidden_states.reshape(-1, self.spec.hidden_size)
+            deltas = [(self._block_delta(name, flat), self.perft_configs[name].scaling) for name in slices.left()]
         for delta, scaling in deltas:
             output = _add_to_primary(output, delta, scaling)
         return output
@@ -238,14 +247,15 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         flat: torch.Tensor,
         adapter_flat: torch.Tensor | None = None,
         lora: tuple[torch.Tensor, torch.Tensor] | None = None,
-        reduce_weights: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        local_routing: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Output of an R, D or S adapter for flattened block inputs (T, D), before its scaling (which the
         addition to the block output applies, saving a kernel per block and token).
 
         Tensor parallelism computes one rank's share with the same code: ``lora`` is that rank's slice of the
-        bottleneck, ``adapter_flat`` the experts' input as the adapter experts read it (``flat`` feeds the router),
-        and ``reduce_weights`` sums the routing weights' partial gradients over the ranks."""
+        bottleneck (or the whole adapter on its token rows), ``adapter_flat`` the input the adapter experts read
+        (``flat`` feeds the router), and ``local_routing`` maps the router's (indices, weights) to what they use
+        (the weights' partial gradients summed over the ranks, or the rows of ``adapter_flat``)."""
         config = self.perft_configs[adapter_name]
         lora_A, lora_B = lora or (self.perft_A[adapter_name], self.perft_B[adapter_name])
         router_input = as_dtype(flat, lora_A.dtype)
@@ -256,10 +266,10 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         router_logits = as_dtype(F.linear(router_input, self.perft_router[adapter_name]), torch.float32)
         record = RoutingRecord(*_top_k_routing(router_logits, config), router_logits=router_logits)
         self.routing_records[adapter_name] = record
-        top_weight = as_dtype(record.expert_weight, lora_A.dtype)
-        if reduce_weights is not None:
-            top_weight = reduce_weights(top_weight)
-        delta = self._routed(config, adapter_input, lora_A, lora_B, record.expert_index, top_weight)
+        expert_index, top_weight = record.expert_index, as_dtype(record.expert_weight, lora_A.dtype)
+        if local_routing is not None:
+            expert_index, top_weight = local_routing(expert_index, top_weight)
+        delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, top_weight)
         return as_dtype(delta, flat.dtype)
 
     def _add_routed_experts(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):

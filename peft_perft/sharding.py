@@ -15,7 +15,8 @@ Two things go wrong there without this module:
 
 Under expert parallelism PERFT-E can also be sharded like the experts: `PerftExpertParallel`, registered with
 Transformers as ``ep_implementation="perft"``, computes each adapter expert's term on the rank owning the base
-expert, inside the experts' own token dispatch.
+expert, inside the experts' own token dispatch; with tensor parallelism beside EP it also computes R, D and S on
+each TP rank's rows of the shared tokens (`TokenSlicedAllToAll`) instead of on all of them on every rank.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ import torch.distributed as dist
 from peft import PeftModel
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-from transformers.distributed.expert_parallel import AutoEP, EPImplementation, EPImplementationInterface
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from transformers.distributed.expert_parallel import AllToAllEP, AutoEP, EPImplementation, EPImplementationInterface
 
 from .dispatch import add_scaled
 from .loading import ADAPTER_KEY_MARKERS
-from .tensor_parallel import split_over_tensor_parallel
+from .tensor_parallel import is_block_input_unchanged, split_over_tensor_parallel
 
 _HOOKED = "__perft_sharding_hook__"
 # Transformers' Trainer registers its own gradient average for replicated parameters unless this flag is set.
@@ -227,11 +228,15 @@ class PerftExpertParallel(EPImplementation):
     sharded on the expert dimension over the EP mesh, as the base experts are), and the routing weights, the
     token exchange and the combine are the base experts' own. Without this implementation PERFT-E still runs under
     EP, replicated: every rank holds and computes every adapter expert on its own tokens.
+
+    Its all-to-all dispatch is `TokenSlicedAllToAll`, which under TP also adds the block's R, D and S adapters on
+    this rank's token rows.
     """
 
     def __init__(self, experts: nn.Module, ep_mesh: DeviceMesh, tp_mesh: DeviceMesh) -> None:
         super().__init__(experts, ep_mesh, tp_mesh)
         self.dispatch = AutoEP(experts, ep_mesh, tp_mesh)
+        self.dispatch.all_to_all = TokenSlicedAllToAll(experts, ep_mesh, tp_mesh)
         for implementation in (self.dispatch.all_to_all, self.dispatch.all_reduce):
             if implementation is not None:
                 implementation.experts_forward = self._experts_with_adapters
@@ -276,8 +281,11 @@ def shard_adapter(block: nn.Module, adapter_name: str) -> None:
     """Lay a new adapter's tensors out as the engines shard its block: PERFT-E like the experts under expert
     parallelism (`PerftExpertParallel`), any variant on its bottleneck under tensor parallelism
     (`tensor_parallel`); replicated where neither applies."""
-    if block.perft_configs[adapter_name].variant != "E" or not shard_routed_adapter(block, adapter_name):
-        split_over_tensor_parallel(block, adapter_name)
+    variant = block.perft_configs[adapter_name].variant
+    if variant == "E" and shard_routed_adapter(block, adapter_name):
+        return
+    if not split_over_tensor_parallel(block, adapter_name) and variant != "E":
+        offer_token_slices(block)
 
 
 def shard_routed_adapter(block: nn.Module, adapter_name: str) -> bool:
@@ -332,3 +340,131 @@ def _mean_over_batches(gradient: torch.Tensor, dp_size: int) -> torch.Tensor:
     The all-to-all brings the expert the tokens of every batch of the EP group, so its gradient is the sum over
     the ``dp_size`` batches; divided by ``dp_size`` it is the gradient of the mean loss, as in one process."""
     return gradient / dp_size if dp_size > 1 else gradient
+
+
+def offer_token_slices(block: nn.Module) -> None:
+    """Let the block's R, D and S adapters be computed on this rank's token rows when its experts are dispatched by
+    `PerftExpertParallel` over a TP group of more than one rank (see `TokenSlicedAllToAll`); idempotent."""
+    if block.token_slice_terms is not None or block.spec.experts_name is None:
+        return
+    implementation = getattr(block.spec.experts_module(block.base_layer), _EXPERT_PARALLEL_ATTRIBUTE, None)
+    if implementation is not None and implementation.tp_mesh.size() > 1:
+        block.token_slice_terms = implementation.dispatch.all_to_all.token_slice_terms = TokenSliceTerms(block)
+
+
+class TokenSliceTerms:
+    """The R, D and S adapters a block offers, for one forward, to its experts' `TokenSlicedAllToAll`, which adds
+    them on this rank's token rows; the block adds those it did not take (`left`) itself, on all rows."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+        self.names: list[str] = []
+        self._experts_input: torch.Tensor | None = None
+        self._version = 0
+
+    def offer(self, names: list[str], experts_input: torch.Tensor) -> None:
+        """``experts_input`` is what the block passes its base layer: the adapters' input, unless changed on the way."""
+        self.names, self._experts_input, self._version = names, experts_input, experts_input._version
+
+    def take(self, hidden_states: torch.Tensor) -> list[str]:
+        """The offered adapters, if ``hidden_states`` (the experts' input) is the offered input, flattened and not
+        changed in place since (Mixtral's router jitter scales it in training: the block then adds them itself)."""
+        offered = self._experts_input
+        if not self.names or offered is None or not is_block_input_unchanged(hidden_states, offered, self._version):
+            return []
+        names, self.names = self.names, []
+        return names
+
+    def left(self) -> list[str]:
+        """The offered adapters the dispatch did not take; forgets the offer."""
+        names, self.names, self._experts_input = self.names, [], None
+        return names
+
+    def add(
+        self,
+        output: torch.Tensor,
+        names: list[str],
+        hidden_states: torch.Tensor,
+        input_rows: torch.Tensor,
+        rows: Callable[[torch.Tensor], torch.Tensor],
+        tp_size: int,
+    ) -> torch.Tensor:
+        """Add each adapter's term on ``input_rows``, this rank's rows of ``hidden_states`` (the very tensor the
+        experts got, so that its gradient joins theirs before the backward all-gather), to ``output``.
+
+        PERFT-R routes all tokens (its routing record and aux loss are one process's) and keeps its weights' rows;
+        their gradient rows are all-gathered by ``rows``' backward, so the router's gradient is whole on every
+        rank. The adapter experts' gradients cover this rank's rows only: scaled by ``tp_size`` they are the
+        group's sum once `replicate_adapter` has averaged them over all ranks."""
+        block = self.block
+        for name in names:
+            config = block.perft_configs[name]
+            lora = tuple(_ScaledGradient.apply(t, tp_size) for t in (block.perft_A[name], block.perft_B[name]))
+            router_input = hidden_states if config.variant == "R" else input_rows
+            delta = block._block_delta(
+                name, router_input, input_rows, lora, lambda index, weight: (rows(index), rows(weight))
+            )
+            output = add_scaled(output, delta.to(output.dtype), config.scaling)
+        return output
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """The identity, whose backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, scale: int) -> torch.Tensor:
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, gradient: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return gradient * ctx.scale, None
+
+
+class _UnsplitRows:
+    """Stands in for the TP mesh while Transformers' `AllToAllEP` runs on rows already split: it reads only the
+    mesh's size there, and with 1 neither slices nor gathers."""
+
+    @staticmethod
+    def size() -> int:
+        return 1
+
+
+class TokenSlicedAllToAll(AllToAllEP):
+    """Transformers' `AllToAllEP`, where the block's offered R, D and S adapters (`TokenSliceTerms`) are added on
+    this rank's rows of the tokens its TP group shares, between the combine and the all-gather of the rows.
+
+    `AllToAllEP` gives each rank of a TP group a disjoint slice of the shared tokens (``Replicate -> Shard(0)``, a
+    local chunk whose backward all-gathers the rows' gradients) and all-gathers the combined rows back
+    (``Shard(0) -> Replicate``). Here that slicing and that gather are done around Transformers' own call (on the
+    rows, with the TP size read as 1), so the adapters' terms ride on the forward all-gather and their input
+    gradient on the backward one: each rank computes the adapter experts on ``1 / tp`` of the tokens, with no
+    collective of its own but the all-gather of PERFT-R's (tokens x top-k) weight gradients."""
+
+    def __init__(self, experts: nn.Module, ep_mesh: DeviceMesh, tp_mesh: DeviceMesh) -> None:
+        super().__init__(experts, ep_mesh, tp_mesh)
+        self.rows_mesh = tp_mesh
+        self.token_slice_terms: TokenSliceTerms | None = None  # set by offer_token_slices
+
+    def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        terms = self.token_slice_terms
+        names = terms.take(hidden_states) if terms is not None and self.rows_mesh.size() > 1 else []
+        if not names:
+            return super().__call__(hidden_states, top_k_index, top_k_weights)
+        rows = [self._own_rows(tensor) for tensor in (hidden_states, top_k_index, top_k_weights)]
+        self.tp_mesh = _UnsplitRows()
+        try:
+            output = super().__call__(*rows)
+        finally:
+            self.tp_mesh = self.rows_mesh
+        output = terms.add(output, names, hidden_states, rows[0], self._own_rows, self.rows_mesh.size())
+        hidden = output.shape[-1]
+        whole = DTensor.from_local(
+            output.contiguous(), self.rows_mesh, [Shard(0)], shape=(hidden_states.shape[0], hidden), stride=(hidden, 1)
+        )
+        return whole.full_tensor()
+
+    def _own_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a tensor its TP group shares, cut as `AllToAllEP` cuts them."""
+        shared = DTensor.from_local(tensor, self.rows_mesh, [Replicate()], run_check=False)
+        return shared.redistribute(self.rows_mesh, [Shard(0)]).to_local()

@@ -26,8 +26,10 @@ ranks).
 Where this cannot apply the adapter stays replicated, as before: ``r`` not divisible by ``tp_size`` (uneven
 shards, and no share at all where ``r < tp_size``), expert parallelism (``ep_size > 1``: the experts are then
 dispatched by EP, not split by TP, and the only collective over a TP group is the all-gather of disjoint token
-slices, which a partial term cannot join; see docs/big_models.md), blocks whose experts do not run under
-``moe_tp_experts``, and PERFT-E on blocks that take its routing from the router's output (Llama 4, JetMoE).
+slices, which a partial term cannot join: with ``ep_implementation="perft"`` R, D and S are computed on each TP
+rank's token rows there instead, see ``sharding.TokenSlicedAllToAll`` and docs/big_models.md), blocks whose
+experts do not run under ``moe_tp_experts``, and PERFT-E on blocks that take its routing from the router's output
+(Llama 4, JetMoE).
 """
 
 from __future__ import annotations
@@ -79,6 +81,18 @@ def is_split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
     """Whether an adapter of a block whose experts run `TensorParallelExperts` is computed inside it (its tensors
     are then DTensors on the TP mesh: expert parallelism, the other reason for a DTensor, excludes this)."""
     return isinstance(block.perft_A[adapter_name], DTensor)
+
+
+def is_block_input_unchanged(experts_input: torch.Tensor, block_input: torch.Tensor, version: int) -> bool:
+    """Whether the experts got the block's input itself, flattened (a view of the same storage), and unchanged in
+    place since its version was ``version`` (Mixtral's router jitter scales it in training)."""
+    flat = block_input.reshape(-1, block_input.shape[-1])
+    return (
+        experts_input.data_ptr() == flat.data_ptr()
+        and experts_input.shape == flat.shape
+        and experts_input.stride() == flat.stride()
+        and block_input._version == version
+    )
 
 
 def release_tensor_parallel_experts(block: nn.Module) -> None:
@@ -241,15 +255,9 @@ class TensorParallelExperts:
         changed it first (Mixtral's router jitter scales it in place in training), the adapters read the copy of
         the block's input taken before, with an all-reduce of its gradient of their own."""
         block_input = self.block_input
-        flat = block_input.reshape(-1, block_input.shape[-1])
-        same = (
-            experts_input.data_ptr() == flat.data_ptr()
-            and experts_input.shape == flat.shape
-            and experts_input.stride() == flat.stride()
-            and flat._version == self._block_input_version
-        )
-        if same:
+        if is_block_input_unchanged(experts_input, block_input, self._block_input_version):
             return experts_input, shared
+        flat = block_input.reshape(-1, block_input.shape[-1])
         if self._block_input_copy is not None:
             flat = self._block_input_copy.reshape(flat.shape)
         return flat, _AllReduceBackward.apply(flat, self.mesh.get_group())
@@ -270,6 +278,8 @@ class TensorParallelExperts:
         block = self.block
         lora = block.perft_A[name].to_local(), block.perft_B[name].to_local()
         group = self.mesh.get_group()
-        return block._block_delta(
-            name, router_input, adapter_input, lora, lambda weight: _AllReduceBackward.apply(weight, group)
-        )
+
+        def summed_weight_gradients(index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return index, _AllReduceBackward.apply(weight, group)
+
+        return block._block_delta(name, router_input, adapter_input, lora, summed_weight_gradients)

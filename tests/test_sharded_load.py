@@ -68,11 +68,22 @@ TP_CASES = [
     ("mixtral_jitter", "R"),
 ]
 """(family, variant) run under tp_size=2, all in one launch."""
+TP_EP_SHARDED_CASES = [
+    ("olmoe", "E"),
+    ("olmoe", "R_aux"),
+    ("olmoe", "D"),
+    ("qwen3_moe", "S"),
+    ("mixtral_jitter", "R"),
+]
+"""(family, variant) run under tp_size=2, ep_size=2, ep_implementation="perft", all in one launch: E sharded like
+the experts, R, D and S on each TP rank's token rows (Mixtral's in place router jitter keeps R replicated in
+training, its experts' input then no longer being the block's)."""
 FOUR_RANK_CASES = [
     ("olmoe", "R", "tp_fsdp"),
     ("qwen3_moe", "E", "tp_fsdp"),
     ("qwen3_moe", "R", "tp_fsdp_ep"),
     ("olmoe", "E", "tp_fsdp_ep_sharded"),
+    ("olmoe", "R", "tp_fsdp_ep_sharded"),  # on each TP rank's token rows, 2 batches
 ]
 """(family, variant, layout) run on 4 ranks, in the launch that also checks the refusals."""
 FOUR_RANK_LAYOUTS = {layout for _, _, layout in FOUR_RANK_CASES}
@@ -142,16 +153,32 @@ def assert_holds_its_share(held: dict[str, int], whole: dict[str, int], layout: 
         assert held[name] == elements // ranks_sharing(name, layout, variant), name
 
 
+def splits_work(layout: str, variant: str) -> bool:
+    """Whether each of 2 TP ranks computes half of R, D or S: split on the bottleneck (`is_split_over_tp`), or on
+    the tokens under TP with EP and ep_implementation="perft" (any r)."""
+    return is_split_over_tp(layout, variant) or layout == "tp_ep_sharded"
+
+
 def assert_does_its_share(flops: int, whole: int, variant: str, split: bool) -> None:
     """Per-rank adapter compute under tp_size=2, from FLOPs counted in one forward of the first batch (adapter on
-    minus off). Split, each rank computes half of the adapter experts' work and the whole (replicated) router, so
-    twice a rank's count minus one process's is the router's alone: 2 * tokens * hidden * N per layer (0 for D and
-    S). Replicated, each rank computes all of it."""
+    minus off). Split (on the bottleneck or on the tokens), each rank computes half of the adapter experts' work and
+    the whole (replicated) router, so twice a rank's count minus one process's is the router's alone:
+    2 * tokens * hidden * N per layer (0 for D and S). Replicated, each rank computes all of it."""
     config = sharded_worker.CONFIGS[variant]
     tokens, hidden, layers = sharded_worker.GLOBAL_BATCH * 8, 32, 2
     router = 2 * tokens * hidden * config.get("num_experts", 0) * layers if config["variant"] == "R" else 0
     assert whole > 0
     assert 2 * flops - whole == (router if split else whole)
+
+
+def assert_adds_no_collective_of_its_own(calls: dict[str, dict[str, int]], family: str, variant: str) -> None:
+    """Under TP with EP, R, D and S on each rank's token rows need the collectives of R, D and S replicated (one
+    training step, every MoE block through AllToAllEP), but one all-gather per block for PERFT-R's top-k weight
+    gradients; none where the dispatch does not take them (Mixtral's router jitter in training)."""
+    expected = dict(calls["replicated"])
+    if sharded_worker.CONFIGS[variant]["variant"] == "R" and family != "mixtral_jitter":
+        expected["_c10d_functional::all_gather_into_tensor"] += 2  # 2 MoE blocks
+    assert calls["rows"] == expected
 
 
 def assert_same_tensors(found: dict, expected: dict) -> None:
@@ -160,9 +187,14 @@ def assert_same_tensors(found: dict, expected: dict) -> None:
         torch.testing.assert_close(found[name], tensor, **TOLERANCE, msg=name)
 
 
+LAUNCHED_TOGETHER = {"tp": TP_CASES, "tp_ep_sharded": TP_EP_SHARDED_CASES}
+"""Layouts whose cases share one 2-process launch."""
+
+
 class ShardedRuns:
     """The multi-process runs of this module, each launched when a test first needs it, once: the tp_size=2 cases
-    together, the 4-rank cases together with the 4-rank refusals, any other case alone."""
+    together, the tp_size=2, ep_size=2 ``perft`` cases together, the 4-rank cases together with the 4-rank
+    refusals, any other case alone."""
 
     def __init__(self, bases: dict[str, Path], folder: Path) -> None:
         self.bases, self.folder = bases, folder
@@ -172,8 +204,12 @@ class ShardedRuns:
     def output(self, family: str, variant: str, layout: str) -> Path:
         """Rank 0's output file of a run (rank N's is beside it, suffixed ``.rankN``)."""
         if (family, variant, layout) not in self.outputs:
-            if layout == "tp":
-                self._launch(WORKER, [], [(tp_family, tp_variant, "tp") for tp_family, tp_variant in TP_CASES])
+            if layout in LAUNCHED_TOGETHER:
+                self._launch(
+                    WORKER,
+                    [],
+                    [(case_family, case_variant, layout) for case_family, case_variant in LAUNCHED_TOGETHER[layout]],
+                )
             elif layout in FOUR_RANK_LAYOUTS:
                 self.refusals()
             else:
@@ -212,9 +248,9 @@ def sharded_runs(bases: dict, tmp_path_factory: pytest.TempPathFactory) -> Shard
         ("olmoe", "R", "fsdp_ep"),
         ("qwen3_moe", "R", "tp_ep"),
         ("qwen3_moe", "E", "fsdp_ep"),
-        ("olmoe", "E", "tp_ep_sharded"),
         ("qwen3_moe", "E", "fsdp_ep_sharded"),
         *[(family, variant, "tp") for family, variant in TP_CASES],
+        *[(family, variant, "tp_ep_sharded") for family, variant in TP_EP_SHARDED_CASES],
         *FOUR_RANK_CASES,
     ],
 )
@@ -232,8 +268,12 @@ def test_sharded_run_matches_one_process(
         assert_same_tensors(run["trained"], reference["trained"])
         assert_holds_its_share(run["held"], reference["held"], layout, variant)
         split = is_split_over_tp(layout, variant)
-        if layout == "tp" and variant != "E":  # one process counts no FLOPs for E's fused grouped_mm term
-            assert_does_its_share(run["adapter_flops"], reference["adapter_flops"], variant, split)
+        if layout in LAUNCHED_TOGETHER and variant != "E":  # one process counts no FLOPs for E's fused term
+            assert_does_its_share(
+                run["adapter_flops"], reference["adapter_flops"], variant, splits_work(layout, variant)
+            )
+        if "collectives" in run:
+            assert_adds_no_collective_of_its_own(run["collectives"], family, variant)
         if layout == "tp":
             # unload() gives every experts module Transformers' TP forward back, and the base model's logits.
             wrapped = 2 if split else 0

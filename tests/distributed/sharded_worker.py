@@ -16,6 +16,7 @@ adapter onto the sharded base and records logits.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import faulthandler
 import gc
@@ -25,11 +26,13 @@ import torch
 import torch.distributed as dist
 from peft import PeftModel, get_peft_model
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
 from peft_perft import PerftConfig
+from peft_perft.layer import PerftMoeBlock
 from peft_perft.sharding import gathered_adapter_state_dict
 from peft_perft.tensor_parallel import TensorParallelExperts
 
@@ -104,18 +107,66 @@ def adapter_elements_held(model: torch.nn.Module) -> dict[str, int]:
     return held
 
 
-def adapter_flops(model: torch.nn.Module, tokens: torch.Tensor) -> int:
-    """FLOPs this rank spends on the adapter in one forward: with it minus without it."""
+def adapter_flops(model: torch.nn.Module, tokens: torch.Tensor, layout: str) -> int:
+    """FLOPs this rank spends on the adapter in one forward: with it minus without it.
+
+    Under TP with EP the forward runs as in training (gradients on, into the input embeddings), so that every MoE
+    block takes Transformers' AllToAllEP dispatch, where each TP rank computes R, D and S on its token rows (at
+    inference on a shared batch AllReduceEP runs, and they stay replicated)."""
+    settings = LAYOUTS[layout] or {}
+    as_in_training = settings.get("tp_size", 1) > 1 and settings.get("ep_size", 1) > 1
+    inputs = {"input_ids": tokens}
+    if as_in_training:
+        inputs = {"inputs_embeds": model.get_input_embeddings()(tokens).detach().requires_grad_()}
     counts = []
     for adapter_off in (False, True):
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.set_grad_enabled(as_in_training), FlopCounterMode(display=False) as counter:
             if adapter_off:
                 with model.disable_adapter():
-                    model(input_ids=tokens)
+                    model(**inputs)
             else:
-                model(input_ids=tokens)
+                model(**inputs)
         counts.append(counter.get_total_flops())
     return counts[0] - counts[1]
+
+
+COLLECTIVE_KINDS = ("gather", "reduce", "scatter", "all_to_all", "alltoall", "broadcast")
+
+
+class CountingCollectives(TorchDispatchMode):
+    """Count the c10d collective ops (forward and backward) run inside the mode, by op name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("c10d", "_c10d_functional") and any(kind in func.name() for kind in COLLECTIVE_KINDS):
+            self.calls[func.name()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def collectives_of_a_step(model: torch.nn.Module, tokens: torch.Tensor) -> dict[str, dict[str, int]]:
+    """The collectives of one training forward and backward (gradients on into the input embeddings, so every MoE
+    block takes AllToAllEP), with R, D and S on each TP rank's token rows as PERFT runs them ("rows") and with the
+    blocks adding them on all rows instead ("replicated", their offer to the dispatch withdrawn for the step)."""
+    blocks = [module for module in model.modules() if isinstance(module, PerftMoeBlock)]
+    offers = [block.token_slice_terms for block in blocks]
+    embeddings = model.get_input_embeddings()(tokens).detach().requires_grad_()
+    calls = {}
+    model.train()
+    for mode in ("rows", "replicated"):
+        if mode == "replicated":
+            for block in blocks:
+                block.token_slice_terms = None
+        with CountingCollectives() as counting:
+            model(inputs_embeds=embeddings, labels=tokens).loss.backward()
+        calls[mode] = dict(counting.calls)
+    for block, offer in zip(blocks, offers, strict=True):
+        block.token_slice_terms = offer
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return calls
 
 
 def train(model: torch.nn.Module, layout: str, tokens: torch.Tensor) -> dict:
@@ -185,7 +236,9 @@ def run_case(layout: str, base: str, variant: str, output: str, adapter: str | N
         record = {"initial": gathered_adapter_state_dict(model), "held": adapter_elements_held(model)}
         with torch.no_grad():
             record["logits"] = model(input_ids=tokens[0]).logits
-        record["adapter_flops"] = adapter_flops(model, tokens[0])
+        record["adapter_flops"] = adapter_flops(model, tokens[0], layout)
+        if layout == "tp_ep_sharded" and variant != "E":
+            record["collectives"] = collectives_of_a_step(model, tokens[0])
         record.update(train(model, layout, tokens))
         record["trained"] = gathered_adapter_state_dict(model)
         with counting_gathers() as gathers:
