@@ -76,6 +76,7 @@ PROTOCOLS = {"embeds": True, "ids": False}
 """Protocol name -> whether every setup gets input-embedding gradients."""
 RANK, R_EXPERTS, R_TOP_K = 16, 16, 4
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+COMPILED_ENTRIES = 64  # compiled-forward cache entries allowed: about 6 per setup (2 training protocols, decode)
 """--clock: wall time, or this process's CPU time (see the module docstring)."""
 
 
@@ -163,6 +164,11 @@ class Trainer:
         self.clock = CLOCKS[args.clock]
         if args.compile:  # the transformer's forward, which both the training step and generate() call
             model.forward = torch.compile(model.forward)
+            # Every setup's model compiles the same forward code, and each (model, mode) pair adds its own entry to
+            # that code's cache: past Dynamo's default limit of 8 the later setups silently ran eager. Raise the
+            # limit, and fail rather than time an eager fallback.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_ENTRIES)
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
 
     def step(self, embedding_grads: bool) -> float:
         """Forward, backward and optimizer step; seconds. With ``embedding_grads`` the model is fed
