@@ -131,21 +131,24 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         # Under TP with EP the experts' dispatch may add them on this rank's token rows (sharding.TokenSliceTerms):
         # offered to it, and those it did not take are added here after the base.
         slices = self.token_slice_terms if beside_block else None
-        deltas = []
-        if beside_block and slices is None:
-            flat = hidden_states.reshape(-1, self.spec.hidden_size)
-            deltas = [(self._block_delta(name, flat), self.perft_configs[name].scaling) for name in beside_block]
+        deltas = self._block_deltas(beside_block, hidden_states) if slices is None else []
         # Some blocks scale their input in place (Mixtral's router jitter); keep the adapters' input intact.
         base_input = hidden_states.clone() if beside_block and self.training else hidden_states
         if slices is not None:
             slices.offer(beside_block, base_input)
         output = self._run_base(routed_by_base, base_input, *args, **kwargs)
         if slices is not None:
-            flat = hidden_states.reshape(-1, self.spec.hidden_size)
-            deltas = [(self._block_delta(name, flat), self.perft_configs[name].scaling) for name in slices.left()]
+            deltas = self._block_deltas(slices.left(), hidden_states)
         for delta, scaling in deltas:
             output = _add_to_primary(output, delta, scaling)
         return output
+
+    def _block_deltas(self, names: list[str], hidden_states: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
+        """Each named R, D or S adapter's term on the block's (flattened) input, with the scaling to add it by."""
+        if not names:
+            return []
+        flat = hidden_states.reshape(-1, self.spec.hidden_size)
+        return [(self._block_delta(name, flat), self.perft_configs[name].scaling) for name in names]
 
     def _run_base(self, routed_by_base: list[str], hidden_states: torch.Tensor, *args, **kwargs):
         """Call the frozen block; its experts hook adds the E adapters named here, for this call only (or its router
@@ -196,7 +199,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         for name in adapter_names:
             config, lora_A, lora_B = self.perft_configs[name], self.perft_A[name], self.perft_B[name]
             self.routing_records[name] = RoutingRecord(_detached(expert_index), _detached(weight))
-            adapter_input = self._dropout(name, as_dtype(flat, lora_A.dtype))
+            adapter_input = self._adapter_input(name, flat)
             delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, as_dtype(weight, lora_A.dtype))
             output = _add_to_primary(output, as_dtype(delta, flat.dtype), config.scaling)
         return output
