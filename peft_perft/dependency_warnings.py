@@ -32,6 +32,13 @@ KNOWN_LOG_RECORDS: tuple[tuple[str, str, str], ...] = (
         "paths (what PERFT's int8-experts base uses) work without them",
     ),
     (
+        "bitsandbytes.backends.cpu.ops",
+        r"Failed to load CPU gemm_4bit_forward from kernels-community",
+        "bitsandbytes 0.50 on a CPU with AVX512-BF16 asks the Hugging Face Hub for an optional kernel at import time "
+        "(offline, or its publisher unverified, it fails) and falls back to its own CPU kernel, which computes the "
+        "same 4-bit product",
+    ),
+    (
         "torch.utils._pytree",
         r"<enum '\w+'> is an Enum subclass and is now natively supported by torch.compile",
         "torchao 0.18 registers its enums the way torch 2.13 deprecates; torchao must change, not the user",

@@ -99,8 +99,16 @@ def uninstall(experts: nn.Module) -> None:
 
 
 def _uses_experts_interface(experts: nn.Module) -> bool:
-    """Whether the module is an experts class decorated by Transformers' ``use_experts_implementation``."""
-    return hasattr(experts, "has_gate") and hasattr(getattr(experts, "config", None), "_experts_implementation")
+    """Whether the module's forward is the one Transformers' ``use_experts_implementation`` installed.
+
+    A subclass that overrides that forward (Ergo's experts, which run the projections once per route and apply a
+    per-expert norm before summing, in Transformers 5.25) computes something else around the implementation:
+    rebuilding grouped_mm here would compute the decorated class's output, not the module's."""
+    if not (hasattr(experts, "has_gate") and hasattr(getattr(experts, "config", None), "_experts_implementation")):
+        return False
+    forward = type(experts).forward
+    defining_class = next(klass for klass in type(experts).__mro__ if "forward" in vars(klass))
+    return hasattr(forward, "__wrapped__") and hasattr(defining_class.__init__, "__wrapped__")
 
 
 def _fusable_call(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor) -> bool:

@@ -13,6 +13,7 @@ from .architectures import MoeBlockSpec, find_moe_blocks
 from .config import PerftConfig
 from .layer import MERGE_ERROR, PerftMoeBlock
 from .loading import check_adapter_fits
+from .quantization import keep_small_4bit_layers_unpacked
 from .sharding import distribute_adapter_state_dict, refuse_unsupported_layout, replicate_adapter
 from .tensor_parallel import release_tensor_parallel_experts
 
@@ -31,6 +32,7 @@ class PerftModel(BaseTuner):
     def _prepare_model(self, peft_config: PerftConfig, model: nn.Module) -> None:
         """Find the MoE blocks once per adapter; a model without any gets an error that names its type."""
         refuse_unsupported_layout(model)
+        keep_small_4bit_layers_unpacked(model)
         self._moe_blocks: dict[str, MoeBlockSpec] = find_moe_blocks(model)
         if not self._moe_blocks:
             model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)

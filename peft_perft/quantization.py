@@ -14,6 +14,7 @@ PERFT never changes the frozen experts, so they can stay in any storage. Two fam
 from __future__ import annotations
 
 import argparse
+import logging
 
 import torch
 from torch import nn
@@ -22,6 +23,10 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from .architectures import find_moe_blocks
 
 QUANTIZE_CHOICES = ("bnb4", "bnb8", "int8-experts")
+BNB_CPU_PACK_BLOCK = 32
+"""bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 CPU kernel in blocks of 32 output rows."""
+
+logger = logging.getLogger(__name__)
 
 
 def bitsandbytes_config(kind: str, dtype: torch.dtype = torch.float32) -> BitsAndBytesConfig:
@@ -50,6 +55,32 @@ def load_quantized_base(
         )
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype, experts_implementation="eager")
     return quantize_experts_int8(model.to(device))
+
+
+def keep_small_4bit_layers_unpacked(model: nn.Module) -> list[str]:
+    """Turn off bitsandbytes' CPU repacking on the 4-bit layers it cannot repack; their names.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit`` weight at its first inference call into
+    blocks of 32 output rows and one quantization block per row segment, and fails (``shape '[N, 0]' is invalid``)
+    when the output width is not a multiple of 32 or the input width not a multiple of the quantization block size:
+    MoE routers, whose width is the expert count (8 for Mixtral, 60 for Qwen1.5-MoE), are such layers, and so is every
+    layer of a tiny test model. Those layers keep the generic 4-bit kernel, which computes the same product; the
+    others are left alone."""
+    skipped = []
+    for name, module in model.named_modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        block_size = getattr(getattr(module.weight, "quant_state", None), "blocksize", 1)
+        if module.out_features % BNB_CPU_PACK_BLOCK or module.in_features % block_size or module.in_features % 2:
+            module.support_avx512bf16_for_cpu = False
+            skipped.append(name)
+    if skipped:
+        logger.info(
+            "bitsandbytes' CPU repacking turned off for %d 4-bit layers it cannot repack: %s",
+            len(skipped),
+            ", ".join(skipped),
+        )
+    return skipped
 
 
 def expert_weight_names(model: nn.Module) -> list[str]:

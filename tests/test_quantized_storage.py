@@ -7,6 +7,7 @@ cannot run must raise at the forward, never add nothing.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from peft_perft.architectures import find_moe_blocks
+from peft_perft.quantization import keep_small_4bit_layers_unpacked
 
 BNB4_ROUTER_CASES = ("afmoe", "dbrx", "gemma4", "hunyuan_v1_moe", "jetmoe", "longcat_flash", "zaya", "doge")
 """Architectures whose routers are nn.Linear, which bitsandbytes 4-bit packs to (rows * cols / 2, 1) bytes."""
@@ -62,6 +64,26 @@ def test_bnb4_packed_routers_give_the_blocks_of_the_plain_model(model_type: str)
         return
     peft_model(input_ids=sample_ids(), labels=sample_ids()).loss.backward()
     assert all(p.grad is not None for name, p in peft_model.named_parameters() if ".perft_" in name)
+
+
+def test_4bit_layers_bitsandbytes_cannot_repack_for_its_cpu_kernel_keep_the_generic_one():
+    """bitsandbytes 0.50 repacks 4-bit weights for its AVX512-BF16 CPU kernel and fails on layers narrower than its
+    blocks (routers, tiny layers); PERFT turns the repacking off there, and the model computes what the generic 4-bit
+    kernel computes. The CPU feature is forced on, as bitsandbytes sets it on such a CPU, so this runs on any CPU."""
+    quantized = bnb4(tiny_model("dbrx")).eval()
+    layers = {name: m for name, m in quantized.named_modules() if type(m).__name__ == "Linear4bit"}
+    router_name = next(name for name in layers if name.endswith("router.layer"))
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.support_avx512bf16_for_cpu = False
+        expected = quantized(input_ids=sample_ids()).logits
+        for layer in layers.values():
+            layer.support_avx512bf16_for_cpu = True
+        with pytest.raises(RuntimeError, match="is invalid for input of size"):
+            copy.deepcopy(quantized)(input_ids=sample_ids())
+        skipped = keep_small_4bit_layers_unpacked(quantized)
+        assert router_name in skipped and set(skipped) <= set(layers)
+        torch.testing.assert_close(quantized(input_ids=sample_ids()).logits, expected)
 
 
 def as_zero3_placeholders(model: nn.Module) -> nn.Module:
