@@ -360,3 +360,20 @@ def test_quickstart_runs_as_written_on_a_local_model(tmp_path: Path, monkeypatch
     saved = {path.name for path in (tmp_path / "olmoe-perft-r").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json"} <= saved
     assert not saved & {"model.safetensors", "pytorch_model.bin"}
+
+
+def test_sft_trainer_takes_the_bundled_model_folder_as_written_in_the_docs(tmp_path: Path) -> None:
+    """``SFTTrainer(model=BUNDLED_MODEL_DIR, ...)``, as a user substitutes it into docs/training.md's snippet: TRL
+    loads the model and its tokenizer from the folder and trains the PERFT adapter."""
+    from peft_perft.demo import BUNDLED_MODEL_DIR
+
+    trainer = SFTTrainer(
+        model=BUNDLED_MODEL_DIR,
+        args=sft_config(tmp_path, max_steps=1, per_device_train_batch_size=2),
+        train_dataset=reversal_dataset(4),
+        peft_config=PerftConfig(variant="S", r=2, lora_alpha=4),
+    )
+    before = adapter_state(trainer.model)
+    trainer.train()
+    after = adapter_state(trainer.model)
+    assert any(not torch.equal(after[name], value) for name, value in before.items() if "perft_B" in name)

@@ -44,7 +44,9 @@ from peft_perft.quantization import add_quantize_argument, load_quantized_base
 from .checks import BUNDLED_DATASET, check_data_fits, texts_to_check, validate_demo_args
 from .data import DEMO_TASKS, MAX_INPUT_LENGTH, demo_task_splits
 
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "demo-olmoe"
+BUNDLED_MODEL_DIR = str(Path(__file__).resolve().parent / "assets" / "demo-olmoe")
+"""The bundled tiny OLMoE's folder, as a ``str``: every Hugging Face API takes it (TRL's ``SFTTrainer(model=...)``
+takes a model id or path as a string, not a ``Path``)."""
 REPORT_FILE_NAME = "report.json"
 ADAPTER_DIR_NAME = "adapter"
 TASK_HEATMAP_NAME = "routing_by_task.png"
@@ -150,7 +152,7 @@ def demo_threads(args: argparse.Namespace, device: torch.device) -> int | None:
         if args.threads < 1:
             raise ValueError(f"--threads {args.threads} is invalid: give a positive number of CPU threads.")
         return args.threads
-    bundled = Path(args.model).resolve() == BUNDLED_MODEL_DIR
+    bundled = Path(args.model).resolve() == Path(BUNDLED_MODEL_DIR)
     return 1 if bundled and device.type == "cpu" else None
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import importlib.metadata
 import importlib.resources
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -487,6 +488,5 @@ def _format_value(value: Any) -> str:
 
 
 def _perft_version() -> str:
-    from .. import __version__
-
-    return __version__
+    """The installed package's version, read from its metadata rather than by importing the package's ``__init__``."""
+    return importlib.metadata.version("peft-perft")
