@@ -137,3 +137,40 @@ def test_cli_error_carries_debug_traceback_on_request(monkeypatch: pytest.Monkey
     monkeypatch.setenv("PEFT_PERFT_DEBUG", "1")
     with pytest.raises(ValueError, match=re.escape("--steps 0 is invalid")):
         main(["demo", "--steps", "0"])
+
+
+@pytest.mark.parametrize(
+    ("file_name", "content"),
+    [("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", "[]"), ("spaced.json", " [\n ]\n")],
+)
+def test_a_data_file_without_examples_is_named_in_one_line(
+    file_name: str, content: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = tmp_path / file_name
+    data.write_text(content)
+    assert main(["demo", "--dataset", str(data), "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("peft-perft demo: error: --dataset ") and str(data) in error, error
+    assert "holds no examples" in error and "\n" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dense_model_is_refused_before_anything_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check reads the config alone: the demo never reaches loading the weights or scoring the base."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peft_perft.demo.run as demo_run
+
+    dense = tmp_path / "a-dense-llama"
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    LlamaForCausalLM(config).save_pretrained(dense)
+    monkeypatch.setattr(demo_run, "_run_pipeline", lambda *args: pytest.fail("the demo ran before refusing the model"))
+    capsys.readouterr()  # the progress bar of saving the model above
+    assert main(["demo", "--model", str(dense), "--output-dir", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"peft-perft demo: error: --model {dense} is a dense 'llama' model"), error
+    assert "\n" not in error and not (tmp_path / "out").exists()

@@ -15,6 +15,8 @@ from pathlib import Path
 HUB_TIMEOUT_SECONDS = 10.0
 CONFIG_FILE = "config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
+DATA_PEEK_BYTES = 4096
+"""How much of a local data file is read to tell an empty one, before ``datasets`` reads it all."""
 
 
 class InputError(ValueError):
@@ -47,13 +49,58 @@ def require_model(name: str, flag: str = "--model") -> None:
     _require_on_hub(name, flag, "model", CONFIG_FILE)
 
 
+def require_moe_model(name: str, flag: str = "--model") -> None:
+    """The model at ``name`` (already checked by `require_model`) has a Mixture-of-Experts block PERFT can adapt.
+
+    Read from its config alone: the model is built on the meta device (no weights, no memory) and searched with the
+    same detector ``get_peft_model`` uses, so a dense model is refused before any weight loads or any data is built.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peft_perft.architectures import find_moe_blocks
+
+    config = AutoConfig.from_pretrained(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if not find_moe_blocks(model):
+        raise InputError(
+            f"{flag} {name} is a dense {config.model_type!r} model (no Mixture-of-Experts block): PERFT adapts the "
+            f"MoE blocks of MoE models only. Pass an MoE model (OLMoE, Mixtral, Qwen-MoE, ...), or use LoRA for a "
+            f"dense one."
+        )
+
+
 def require_dataset(name: str, flag: str = "--dataset", builtin: tuple[str, ...] = ()) -> None:
     """A built-in name, a local file or folder, or a Hub data set id that is reachable (or HF_HUB_OFFLINE is set)."""
-    if name in builtin or Path(name).expanduser().exists():
+    if name in builtin:
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        _require_examples(path, flag)
         return
     if looks_like_path(name) or Path(name).suffix.lower() in {".json", ".jsonl", ".parquet", ".csv"}:
         raise InputError(f"{flag} {name}: no such file or folder. Check the path, or give a Hub data set id.")
     _require_on_hub(name, flag, "dataset", None)
+
+
+def _require_examples(path: Path, flag: str) -> None:
+    """A local data file that holds no example at all (empty, only blank lines, or a JSON ``[]``) is named here, in
+    one line, instead of failing inside the ``datasets`` builders with their own words."""
+    if not path.is_file():
+        return
+    with path.open("rb") as handle:
+        head = handle.read(DATA_PEEK_BYTES).lstrip()
+    suffix = path.suffix.lower()
+    whole_file_read = path.stat().st_size <= DATA_PEEK_BYTES
+    empty = not head and whole_file_read
+    if suffix == ".json" and head.startswith(b"["):
+        empty = head[1:].lstrip().startswith(b"]")
+    if empty:
+        raise InputError(
+            f"{flag} {path} holds no examples (the file is empty{' or an empty JSON list' if suffix == '.json' else ''}"
+            f"). Give a file with at least one record, e.g. one JSON object per line in a .jsonl file."
+        )
 
 
 def require_adapter(name: str, flag: str = "--adapter") -> None:

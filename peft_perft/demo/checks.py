@@ -16,7 +16,7 @@ from datasets import Dataset
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from peft_perft import PerftConfig
-from peft_perft.cli.inputs import InputError, require_dataset, require_model, require_positive
+from peft_perft.cli.inputs import InputError, require_dataset, require_model, require_moe_model, require_positive
 from peft_perft.evaluation import get_task
 
 BUNDLED_DATASET = "bundled"
@@ -48,6 +48,7 @@ def validate_demo_args(args: argparse.Namespace) -> PerftConfig:
             raise InputError(f"--eval-task: {error}") from None
     require_model(args.model)
     require_dataset(args.dataset, builtin=(BUNDLED_DATASET,))
+    require_moe_model(args.model)
     try:
         return PerftConfig(
             variant=args.variant, r=args.r, lora_alpha=args.lora_alpha, num_experts=args.num_experts, top_k=args.top_k
