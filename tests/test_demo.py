@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 
 import pytest
 import torch
@@ -47,6 +49,21 @@ def test_demo_exits_cleanly_and_writes_a_complete_report(demo_run, capsys):
     }
     assert expected_fields <= set(report)
     assert report["steps"] == STEPS and report["test_examples"] == EVAL_SAMPLES
+    assert all(path.startswith(str(output_dir.resolve())) for path in [report["adapter_dir"], *report["heatmaps"]])
+    assert [path.name for path in output_dir.parent.iterdir() if path.name.startswith(f".{output_dir.name}.")] == []
+
+
+def test_the_report_records_the_seed_and_a_command_that_repeats_the_run(demo_run):
+    """The recorded command, parsed by the demo's own parser, gives back every setting of the run."""
+    _, report, output_dir = demo_run
+    assert report["seed"] == 0
+    words = shlex.split(report["command"])
+    assert words[:2] == ["peft-perft", "demo"]
+    parser = argparse.ArgumentParser()
+    demo.add_cli_arguments(parser)
+    recorded = vars(parser.parse_args(words[2:]))
+    assert recorded["steps"] == STEPS and recorded["batch_size"] == 16 and recorded["seed"] == 0
+    assert recorded["output_dir"] == output_dir and recorded["variant"] == "R"
     for accuracies in (report["accuracy_before"], report["accuracy_after"]):
         assert set(accuracies) == {"all", "lower", "nines", "shout", "next"}
         assert all(0.0 <= value <= 1.0 for value in accuracies.values())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from datasets import Dataset
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -18,6 +19,8 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from peft_perft import PerftConfig
 from peft_perft.cli.inputs import InputError, require_dataset, require_model, require_moe_model, require_positive
 from peft_perft.evaluation import get_task
+
+from .output import require_usable_output_dir
 
 BUNDLED_DATASET = "bundled"
 SHOWN_CHARACTERS = 12
@@ -49,6 +52,7 @@ def validate_demo_args(args: argparse.Namespace) -> PerftConfig:
     require_model(args.model)
     require_dataset(args.dataset, builtin=(BUNDLED_DATASET,))
     require_moe_model(args.model)
+    require_usable_output_dir(Path(args.output_dir), args.overwrite)
     try:
         return PerftConfig(
             variant=args.variant, r=args.r, lora_alpha=args.lora_alpha, num_experts=args.num_experts, top_k=args.top_k

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +44,7 @@ from peft_perft.quantization import add_quantize_argument, load_quantized_base
 
 from .checks import BUNDLED_DATASET, check_data_fits, texts_to_check, validate_demo_args
 from .data import DEMO_TASKS, MAX_INPUT_LENGTH, demo_task_splits
+from .output import claim_output_dir
 
 BUNDLED_MODEL_DIR = str(Path(__file__).resolve().parent / "assets" / "demo-olmoe")
 """The bundled tiny OLMoE's folder, as a ``str``: every Hugging Face API takes it (TRL's ``SFTTrainer(model=...)``
@@ -88,6 +90,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="training examples per optimizer step")
     parser.add_argument(
         "--output-dir", type=Path, default=Path("perft-demo-output"), help="where the adapter, heatmaps and report go"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an --output-dir that already holds files, once this run has finished (default: refuse it)",
     )
     parser.add_argument(
         "--model", default=str(BUNDLED_MODEL_DIR), help="Hub model id or local path (default: the bundled OLMoE)"
@@ -142,8 +149,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """
     validate_demo_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with torch_threads(demo_threads(args, device)):
-        return _run_pipeline(args, device)
+    with torch_threads(demo_threads(args, device)), claim_output_dir(Path(args.output_dir), args.overwrite) as work:
+        return _run_pipeline(args, device, work)
 
 
 def demo_threads(args: argparse.Namespace, device: torch.device) -> int | None:
@@ -154,6 +161,17 @@ def demo_threads(args: argparse.Namespace, device: torch.device) -> int | None:
         return args.threads
     bundled = Path(args.model).resolve() == Path(BUNDLED_MODEL_DIR)
     return 1 if bundled and device.type == "cpu" else None
+
+
+def reproducing_command(args: argparse.Namespace) -> str:
+    """The ``peft-perft demo`` command line that repeats this run: every flag with the value it had (defaults too)."""
+    words = ["peft-perft", "demo"]
+    for name, value in vars(args).items():
+        if name == "command" or value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        words += [flag] if value is True else [flag, str(value)]
+    return shlex.join(words)
 
 
 @contextmanager
@@ -168,11 +186,12 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _run_pipeline(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def _run_pipeline(args: argparse.Namespace, device: torch.device, output_dir: Path) -> dict[str, Any]:
+    """Everything the demo does, writing into ``output_dir`` (the staging folder); the report names the paths the
+    files will have once the finished folder is moved to ``--output-dir``."""
     started = time.perf_counter()
     set_seed(args.seed)
-    output_dir = Path(args.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    final_dir = Path(args.output_dir).resolve()
     tokenizer = load_tokenizer(args.model)
     task = load_demo_task(args)
     if args.dataset != BUNDLED_DATASET:  # the bundled task is written in the bundled tokenizer's alphabet
@@ -199,6 +218,8 @@ def _run_pipeline(args: argparse.Namespace, device: torch.device) -> dict[str, A
     with datasets_progress_bars_off():
         heatmaps = write_heatmaps(peft_model, tokenizer, task.test, output_dir)
     report = {
+        "command": reproducing_command(args),
+        "seed": args.seed,
         "model": args.model,
         "dataset": args.dataset,
         "task": task.description,
@@ -218,10 +239,10 @@ def _run_pipeline(args: argparse.Namespace, device: torch.device) -> dict[str, A
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "device": str(device),
         "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
-        "adapter_dir": str(adapter_dir),
-        "heatmaps": [str(path) for path in heatmaps],
+        "adapter_dir": str(final_dir / ADAPTER_DIR_NAME),
+        "heatmaps": [str(final_dir / path.relative_to(output_dir)) for path in heatmaps],
         "reload_check": reload_check,
-        "report_path": str(output_dir / REPORT_FILE_NAME),
+        "report_path": str(final_dir / REPORT_FILE_NAME),
     }
     (output_dir / REPORT_FILE_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
