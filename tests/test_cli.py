@@ -174,3 +174,18 @@ def test_a_dense_model_is_refused_before_anything_loads(
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"peft-perft demo: error: --model {dense} is a dense 'llama' model"), error
     assert "\n" not in error and not (tmp_path / "out").exists()
+
+
+def test_a_logging_backend_that_is_not_installed_is_refused_before_anything_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers.integrations.integration_utils as integrations
+
+    monkeypatch.setattr(integrations, "get_available_reporting_integrations", lambda: [])  # as without tensorboard
+    assert main(["demo", "--report-to", "tensorboard", "--output-dir", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "peft-perft demo: error: --report-to tensorboard: the tensorboard package is not installed. Install it "
+        "(pip install tensorboard), or drop --report-to."
+    )
+    assert main(["demo", "--report-to", "tensorbord", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "--report-to tensorbord is not a logging backend the Trainer knows" in capsys.readouterr().err

@@ -53,12 +53,34 @@ def validate_demo_args(args: argparse.Namespace) -> PerftConfig:
     require_dataset(args.dataset, builtin=(BUNDLED_DATASET,))
     require_moe_model(args.model)
     require_usable_output_dir(Path(args.output_dir), args.overwrite)
+    require_report_backends(args.report_to)
     try:
         return PerftConfig(
             variant=args.variant, r=args.r, lora_alpha=args.lora_alpha, num_experts=args.num_experts, top_k=args.top_k
         )
     except ValueError as error:
         raise InputError(f"The adapter flags do not fit together: {error}") from None
+
+
+def require_report_backends(report_to: str) -> None:
+    """Each ``--report-to`` backend is one the Trainer knows and whose package is installed: found now, not after
+    the base model's evaluation, where the Trainer would fail."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    available = set(get_available_reporting_integrations())
+    for backend in (name.strip() for name in report_to.split(",")):
+        if backend in ("none", "all") or backend in available:
+            continue
+        if backend not in INTEGRATION_TO_CALLBACK:
+            known = ", ".join(sorted(INTEGRATION_TO_CALLBACK))
+            raise InputError(f"--report-to {backend} is not a logging backend the Trainer knows; choose from {known}.")
+        raise InputError(
+            f"--report-to {backend}: the {backend} package is not installed. Install it (pip install {backend}), or "
+            f"drop --report-to."
+        )
 
 
 def texts_to_check(train: Dataset, test: Dataset) -> dict[str, list[str]]:
