@@ -221,9 +221,12 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
     def _pending_in_dispatch(self) -> list[AdapterTerm]:
         """The E adapters the current experts call should add inside its grouped dispatch: none outside this
         block's forward, none where routing slots may point past the weighted experts, and all or none, since an
-        adapter that names a dispatch backend (instead of ``auto``) goes through that backend."""
+        adapter that names a dispatch backend (instead of ``auto``) goes through that backend and one split over
+        tensor-parallel ranks (a DTensor) through `tensor_parallel.TensorParallelExperts`."""
         names = self._experts_call_adapters
-        if self.spec.has_skip_slots or any(self.perft_configs[n].dispatch_backend != "auto" for n in names):
+        if self.spec.has_skip_slots or any(
+            self.perft_configs[n].dispatch_backend != "auto" or isinstance(self.perft_A[n], DTensor) for n in names
+        ):
             return []
         return [
             AdapterTerm(
