@@ -349,15 +349,7 @@ def offer_token_slices(block: nn.Module) -> None:
     if block.token_slice_terms is not None or block.spec.experts_name is None:
         return
     implementation = getattr(block.spec.experts_module(block.base_layer), _EXPERT_PARALLEL_ATTRIBUTE, None)
-    if implementation is None or implementation.tp_mesh.size() == 1:
-        return
-    missing = missing_token_row_details()
-    if missing:
-        warn_fallback_once(
-            TOKEN_ROWS,
-            "; ".join(missing),
-            "R, D and S stay replicated, every TP rank computing them on all the tokens its TP group shares",
-        )
+    if implementation is None or implementation.tp_mesh.size() == 1 or not token_rows_available():
         return
     block.token_slice_terms = implementation.dispatch.all_to_all.token_slice_terms = TokenSliceTerms(block)
 
@@ -372,6 +364,19 @@ TOKEN_ROW_DETAILS = {
 call dispatches and combines through these two methods, which read the TP mesh only for its size and otherwise cut
 the rows (``Replicate -> Shard(0)``) and all-gather them back (``Shard(0) -> Replicate``) as PERFT does around them.
 A textual check on purpose: any rewrite of those lines needs a new look before PERFT relies on them again."""
+
+
+def token_rows_available() -> bool:
+    """Whether the installed `AllToAllEP` is as `TokenSlicedAllToAll` relies on; if not, warn once per process that
+    R, D and S stay replicated."""
+    missing = missing_token_row_details()
+    if missing:
+        warn_fallback_once(
+            TOKEN_ROWS,
+            "; ".join(missing),
+            "R, D and S stay replicated, every TP rank computing them on all the tokens its TP group shares",
+        )
+    return not missing
 
 
 def missing_token_row_details() -> list[str]:
