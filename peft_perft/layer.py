@@ -124,7 +124,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         active = [] if self.disable_adapters else [name for name in self.active_adapters if name in self.perft_A]
         self.routing_records.clear()
         routed_by_base = [name for name in active if self.perft_configs[name].variant == "E"]
-        # R, D and S split over tensor-parallel ranks are added inside the experts' TP forward (see tensor_parallel).
+        # R, D and S split over tensor-parallel ranks are added by the experts' TP wrapper (see tensor_parallel).
         beside_block = [
             n for n in active if self.perft_configs[n].variant != "E" and not isinstance(self.perft_A[n], DTensor)
         ]

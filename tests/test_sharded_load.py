@@ -295,7 +295,7 @@ def test_sharded_run_matches_one_process(
         if "collectives" in run:
             assert_adds_no_collective_of_its_own(run["collectives"], family, variant)
         if layout in sharded_worker.TP_ALONE:
-            # unload() gives every experts module Transformers' TP forward back, and the base model's logits.
+            # unload() gives every experts module the forward it had before PERFT back, and the base model's logits.
             wrapped = 2 if split else 0
             assert run["unloaded"] == {"wrapped_before": wrapped, "wrapped_after": 0, "base_logits_again": True}
             assert_reload_matches_one_process(run["reloaded_logits"], bases[family], output)
