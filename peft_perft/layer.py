@@ -124,7 +124,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         active = [] if self.disable_adapters else [name for name in self.active_adapters if name in self.perft_A]
         self.routing_records.clear()
         routed_by_base = [name for name in active if self.perft_configs[name].variant == "E"]
-        # R, D and S split over tensor-parallel ranks are added inside the experts' TP forward (see tensor_parallel).
+        # R, D and S split over tensor-parallel ranks are added by the experts' TP wrapper (see tensor_parallel).
         beside_block = [
             n for n in active if self.perft_configs[n].variant != "E" and not isinstance(self.perft_A[n], DTensor)
         ]
@@ -221,9 +221,12 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
     def _pending_in_dispatch(self) -> list[AdapterTerm]:
         """The E adapters the current experts call should add inside its grouped dispatch: none outside this
         block's forward, none where routing slots may point past the weighted experts, and all or none, since an
-        adapter that names a dispatch backend (instead of ``auto``) goes through that backend."""
+        adapter that names a dispatch backend (instead of ``auto``) goes through that backend and one split over
+        tensor-parallel ranks (a DTensor) through `tensor_parallel.TensorParallelExperts`."""
         names = self._experts_call_adapters
-        if self.spec.has_skip_slots or any(self.perft_configs[n].dispatch_backend != "auto" for n in names):
+        if self.spec.has_skip_slots or any(
+            self.perft_configs[n].dispatch_backend != "auto" or isinstance(self.perft_A[n], DTensor) for n in names
+        ):
             return []
         return [
             AdapterTerm(

@@ -15,7 +15,7 @@ from .layer import MERGE_ERROR, PerftMoeBlock
 from .loading import check_adapter_fits
 from .quantization import keep_small_4bit_layers_unpacked
 from .sharding import distribute_adapter_state_dict, refuse_unsupported_layout, replicate_adapter
-from .tensor_parallel import release_tensor_parallel_experts
+from .tensor_parallel import attach_tensor_parallel_mesh, find_tensor_parallel_mesh, release_tensor_parallel_experts
 
 
 class PerftModel(BaseTuner):
@@ -41,6 +41,20 @@ class PerftModel(BaseTuner):
                 f"experts module with 3-D expert weights). PERFT adapts MoE models only; for a dense model use "
                 f"another PEFT method such as LoRA."
             )
+        tensor_parallel_mesh = find_tensor_parallel_mesh(model)
+        if tensor_parallel_mesh is not None:
+            attach_tensor_parallel_mesh(self._experts_modules(model), tensor_parallel_mesh)
+
+    def _experts_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The experts module of each MoE block found (inside PERFT's wrapper where an adapter is already there)."""
+        modules = []
+        for key, spec in self._moe_blocks.items():
+            block = model.get_submodule(key)
+            if isinstance(block, PerftMoeBlock):
+                block = block.base_layer
+            if spec.experts_name is not None:
+                modules.append(spec.experts_module(block))
+        return modules
 
     def _check_target_module_exists(self, peft_config: PerftConfig, key: str) -> Any:
         """Target only MoE blocks: all of them when target_modules is None, else those the patterns select."""
@@ -85,8 +99,8 @@ class PerftModel(BaseTuner):
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Put a module in place; used by unload() to restore the original block, without PERFT's experts hook."""
         if isinstance(child, PerftMoeBlock):
+            release_tensor_parallel_experts(child)  # first: it may wrap the forward the experts hook installed
             child.remove_experts_hook()
-            release_tensor_parallel_experts(child)
         setattr(parent, child_name, new_module)
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 import os
 from collections.abc import Callable, Iterator
@@ -39,7 +40,7 @@ from transformers.distributed.expert_parallel import AllToAllEP, AutoEP, EPImple
 
 from .dispatch import add_scaled
 from .loading import ADAPTER_KEY_MARKERS
-from .tensor_parallel import is_block_input_unchanged, split_over_tensor_parallel
+from .tensor_parallel import is_block_input_unchanged, split_over_tensor_parallel, warn_fallback_once
 
 _HOOKED = "__perft_sharding_hook__"
 # Transformers' Trainer registers its own gradient average for replicated parameters unless this flag is set.
@@ -348,8 +349,47 @@ def offer_token_slices(block: nn.Module) -> None:
     if block.token_slice_terms is not None or block.spec.experts_name is None:
         return
     implementation = getattr(block.spec.experts_module(block.base_layer), _EXPERT_PARALLEL_ATTRIBUTE, None)
-    if implementation is not None and implementation.tp_mesh.size() > 1:
-        block.token_slice_terms = implementation.dispatch.all_to_all.token_slice_terms = TokenSliceTerms(block)
+    if implementation is None or implementation.tp_mesh.size() == 1 or not token_rows_available():
+        return
+    block.token_slice_terms = implementation.dispatch.all_to_all.token_slice_terms = TokenSliceTerms(block)
+
+
+TOKEN_ROWS = "R, D and S on each TP rank's token rows under TP with EP (ep_implementation='perft')"
+TOKEN_ROW_DETAILS = {
+    "__call__": ("self._dispatch_tokens(", "self._combine_tokens("),
+    "_dispatch_tokens": ("if self.tp_mesh.size() > 1:", ".redistribute(self.tp_mesh, [Shard(0)])"),
+    "_combine_tokens": ("if self.tp_mesh.size() == 1:", "[Shard(0)]", ".full_tensor()"),
+}
+"""What `TokenSlicedAllToAll` relies on in Transformers' private `AllToAllEP`, as code each method contains: the
+call dispatches and combines through these two methods, which read the TP mesh only for its size and otherwise cut
+the rows (``Replicate -> Shard(0)``) and all-gather them back (``Shard(0) -> Replicate``) as PERFT does around them.
+A textual check on purpose: any rewrite of those lines needs a new look before PERFT relies on them again."""
+
+
+def token_rows_available() -> bool:
+    """Whether the installed `AllToAllEP` is as `TokenSlicedAllToAll` relies on; if not, warn once per process that
+    R, D and S stay replicated."""
+    missing = missing_token_row_details()
+    if missing:
+        warn_fallback_once(
+            TOKEN_ROWS,
+            "; ".join(missing),
+            "R, D and S stay replicated, every TP rank computing them on all the tokens its TP group shares",
+        )
+    return not missing
+
+
+def missing_token_row_details() -> list[str]:
+    """The details of `TOKEN_ROW_DETAILS` that the installed `AllToAllEP` does not have (empty: all there)."""
+    missing = []
+    for method, fragments in TOKEN_ROW_DETAILS.items():
+        function = getattr(AllToAllEP, method, None)
+        try:
+            source = inspect.getsource(function) if function is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        missing += [f"AllToAllEP.{method} containing {fragment!r}" for fragment in fragments if fragment not in source]
+    return missing
 
 
 class TokenSliceTerms:

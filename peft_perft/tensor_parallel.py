@@ -1,17 +1,17 @@
 """PERFT split over the ranks of Transformers' tensor parallelism instead of repeated on each.
 
-Under ``DistributedConfig(tp_size=...)`` (without expert parallelism) Transformers shards every expert's
-intermediate dimension over the TP ranks (``moe_tp_experts`` in the models' ``base_model_tp_plan``): each rank
-computes a partial output of all experts for all tokens of the batch the TP ranks share, and one all-reduce sums
-them; the experts' input and routing weights get the matching all-reduce of their gradients in backward.
+Under ``DistributedConfig(tp_size=...)`` without expert parallelism the ranks of a TP group share one batch and get
+the same MoE block output: since Transformers 5.25 the models' ``base_model_tp_plan`` leaves the experts whole on
+every rank (the ``moe_tp_experts`` style, which split each expert's intermediate dimension, is deprecated and
+only Llama 4's plan still names it; its output is then summed over the TP ranks, so it is whole too).
 
-An adapter expert ``B act(A h)`` splits the same way over its bottleneck: with ``A`` sharded on ``r`` (rows) and
-``B`` on ``r`` (columns), rank ``i`` computes ``B_i act(A_i h)`` and the sum over ranks is the whole term, as
-``act`` acts on each bottleneck unit alone. So each rank holds and computes ``r / tp`` of every adapter expert
-(``perft_A`` / ``perft_B`` are DTensors sharded on ``r`` over the TP mesh) and adds its partial term to the
-experts' partial output *before* their all-reduce: no extra collective in forward. The adapter reads the experts'
-input (and PERFT-E the routing weights) after the gradient all-reduces Transformers put there, so its partial
-input gradients are summed by those too.
+An adapter expert ``B act(A h)`` splits over its bottleneck: with ``A`` sharded on ``r`` (rows) and ``B`` on ``r``
+(columns), rank ``i`` computes ``B_i act(A_i h)`` and the sum over ranks is the whole term, as ``act`` acts on each
+bottleneck unit alone. So each rank holds and computes ``r / tp`` of every adapter expert (``perft_A`` /
+``perft_B`` are DTensors sharded on ``r`` over the TP mesh), and PERFT's wrapper of the experts' forward
+(`TensorParallelExperts`) adds the sum of the ranks' partial terms to the experts' output: one all-reduce of the
+(tokens x hidden) terms in forward, and one of their input's gradient in backward. Both are DTensor
+redistributions (public torch API), not Transformers' private autograd functions.
 
 PERFT-R's router stays replicated (it is tiny): every rank routes every token. Its top-k weights get partial
 gradients (each rank sees its share of the bottleneck), which one all-reduce of those (tokens x top-k) values sums
@@ -23,57 +23,118 @@ the same shards: each shard is created from global rank 0's values and its gradi
 data-parallel ranks after each backward (as `sharding.replicate_adapter` does for replicated tensors over all
 ranks).
 
-Where this cannot apply the adapter stays replicated, as before: ``r`` not divisible by ``tp_size`` (uneven
-shards, and no share at all where ``r < tp_size``), expert parallelism (``ep_size > 1``: the experts are then
-dispatched by EP, not split by TP, and the only collective over a TP group is the all-gather of disjoint token
-slices, which a partial term cannot join: with ``ep_implementation="perft"`` R, D and S are computed on each TP
-rank's token rows there instead, see ``sharding.TokenSlicedAllToAll`` and docs/big_models.md), blocks whose
-experts do not run under ``moe_tp_experts``, and PERFT-E on blocks that take its routing from the router's output
-(Llama 4, JetMoE).
+The one Transformers detail this relies on is private: the TP mesh, read from the model's ``_mesh_manager``
+(checked on Transformers `CHECKED_TRANSFORMERS_VERSION`). `find_tensor_parallel_mesh` reads it at
+`get_peft_model`; where it is not there the adapter stays replicated and `warn_fallback_once` says so.
+
+Where the split cannot apply the adapter stays replicated too: ``r`` not divisible by ``tp_size`` (uneven shards,
+and no share at all where ``r < tp_size``), expert parallelism (``ep_size > 1``: the experts are then dispatched by
+EP; with ``ep_implementation="perft"`` R, D and S are computed on each TP rank's token rows there instead, see
+``sharding.TokenSlicedAllToAll`` and docs/big_models.md), and PERFT-E on blocks that take its routing from the
+router's output (Llama 4, JetMoE).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
-from collections.abc import Callable
+import warnings
+from importlib.metadata import version
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-from transformers.distributed.parallel_utils import _AllReduceBackward
-from transformers.distributed.tensor_parallel import MoeExpertsParallel
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from .dispatch import add_scaled
 
 BOTTLENECK_PLACEMENTS = {"perft_A": Shard(1), "perft_B": Shard(2)}
 """Where ``r`` sits in the stacked adapter tensors: ``perft_A`` (N, r, D) and ``perft_B`` (N, D, r)."""
 
+CHECKED_TRANSFORMERS_VERSION = "5.25.0"
+"""The Transformers release whose private details PERFT's parallel code was last checked against."""
+
+TENSOR_PARALLEL_SPLIT = "the split of PERFT's adapter over tensor-parallel ranks"
+_MESH_ATTRIBUTE = "perft_tensor_parallel_mesh"
+_WARNED_FEATURES: set[str] = set()
+
+
+class UpstreamDetailWarning(UserWarning):
+    """A private detail of Transformers that a PERFT feature relies on is not as checked: the feature falls back."""
+
+
+def warn_fallback_once(feature: str, missing: str, fallback: str) -> None:
+    """Warn, once per process and feature, that ``feature`` falls back to ``fallback`` because ``missing`` (a
+    private Transformers detail) is not as it was on `CHECKED_TRANSFORMERS_VERSION`."""
+    if feature in _WARNED_FEATURES:
+        return
+    _WARNED_FEATURES.add(feature)
+    warnings.warn(
+        f"PERFT: {feature} relies on a private detail of Transformers, checked on transformers "
+        f"{CHECKED_TRANSFORMERS_VERSION}, which the installed transformers {version('transformers')} does not have "
+        f"as expected ({missing}). Falling back: {fallback}. Results stay correct; to get the feature back, use "
+        f"transformers {CHECKED_TRANSFORMERS_VERSION} or a PERFT release checked on yours.",
+        UpstreamDetailWarning,
+        stacklevel=2,
+    )
+
+
+def find_tensor_parallel_mesh(model: nn.Module) -> DeviceMesh | None:
+    """The TP mesh of a model Transformers sharded with ``tp_size > 1`` and no expert or pipeline parallelism (the
+    layouts where PERFT splits its adapter over TP), read from the model's private ``_mesh_manager``; None for
+    other models, and, with one warning, where that detail is not as checked."""
+    distributed = getattr(getattr(model, "config", None), "distributed_config", None)
+    if distributed is None or distributed.tp_size <= 1 or distributed.ep_size > 1 or distributed.pp_size > 1:
+        return None
+    mesh = _transformers_tensor_parallel_mesh(model)
+    if mesh is None or mesh.size() != distributed.tp_size:
+        warn_fallback_once(
+            TENSOR_PARALLEL_SPLIT,
+            f"model._mesh_manager.get_mesh('tp'), a DeviceMesh of tp_size={distributed.tp_size} ranks",
+            "the adapter stays replicated, every TP rank holding and computing all of it",
+        )
+        return None
+    return mesh
+
+
+def _transformers_tensor_parallel_mesh(model: nn.Module) -> DeviceMesh | None:
+    """``model._mesh_manager.get_mesh("tp")``, or None where Transformers has no such thing."""
+    get_mesh = getattr(getattr(model, "_mesh_manager", None), "get_mesh", None)
+    if get_mesh is None:
+        return None
+    try:
+        mesh = get_mesh("tp")
+    except (KeyError, ValueError, RuntimeError):
+        return None
+    return mesh if isinstance(mesh, DeviceMesh) else None
+
+
+def attach_tensor_parallel_mesh(experts_modules: list[nn.Module], mesh: DeviceMesh) -> None:
+    """Give each experts module the model's TP mesh, where `split_over_tensor_parallel` finds it for its block."""
+    for experts in experts_modules:
+        object.__setattr__(experts, _MESH_ATTRIBUTE, mesh)
+
 
 def split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
-    """Shard a new adapter's bottleneck over the TP ranks of the block's experts, when they run under
-    Transformers' ``moe_tp_experts`` and the layout allows it (see the module docstring); True when it did."""
+    """Shard a new adapter's bottleneck over the TP ranks of the block's experts, when `get_peft_model` found the
+    model's TP mesh and the layout allows it (see the module docstring); True when it did."""
     experts = _experts_of(block)
-    if experts is None:
+    mesh = None if experts is None else getattr(experts, _MESH_ATTRIBUTE, None)
+    if mesh is None or not _can_split(block, adapter_name, mesh):
         return False
-    tensor_parallel = TensorParallelExperts.of(experts) or _tensor_parallel_style(experts)
-    if tensor_parallel is None or not _can_split(block, experts, adapter_name, tensor_parallel.mesh):
-        return False
-    data_parallel = _data_parallel_groups(tensor_parallel.mesh)
+    data_parallel = _data_parallel_groups(mesh)
     for kind, placement in BOTTLENECK_PLACEMENTS.items():
         tensors = getattr(block, kind)
         whole = tensors[adapter_name]
         if data_parallel:  # each TP group scatters from its own first rank: give them all global rank 0's values
             dist.broadcast(whole.data, src=0)
         # Every rank built the whole tensor; rank 0's values are scattered, so all ranks agree whatever their seed.
-        split = nn.Parameter(distribute_tensor(whole.data, tensor_parallel.mesh, [placement]))
+        split = nn.Parameter(distribute_tensor(whole.data, mesh, [placement]))
         if data_parallel:
             split.register_post_accumulate_grad_hook(functools.partial(_average_shard, groups=data_parallel))
         tensors[adapter_name] = split
-    TensorParallelExperts.install(block, experts, tensor_parallel)
+    TensorParallelExperts.install(block, experts, mesh)
     return True
 
 
@@ -96,7 +157,7 @@ def is_block_input_unchanged(experts_input: torch.Tensor, block_input: torch.Ten
 
 
 def release_tensor_parallel_experts(block: nn.Module) -> None:
-    """Give the block's experts Transformers' TP forward back (on unload)."""
+    """Give the block's experts the forward they had before PERFT's TP wrapper back (on unload)."""
     experts = _experts_of(block)
     wrapper = None if experts is None else TensorParallelExperts.of(experts)
     if wrapper is not None and wrapper.block is block:
@@ -108,33 +169,8 @@ def _experts_of(block: nn.Module) -> nn.Module | None:
     return None if block.spec.experts_name is None else block.spec.experts_module(block.base_layer)
 
 
-class _TensorParallelStyle:
-    """What Transformers installed on a ``moe_tp_experts`` module: the style, its TP mesh, the experts' own
-    forward and the TP forward that wraps it."""
-
-    def __init__(self, style: MoeExpertsParallel, mesh: DeviceMesh, inner: Callable, outer: Callable) -> None:
-        self.style, self.mesh, self.inner, self.outer = style, mesh, inner, outer
-
-
-def _tensor_parallel_style(experts: nn.Module) -> _TensorParallelStyle | None:
-    """Transformers' ``moe_tp_experts`` forward on this module, read from the closure its ``install_forward``
-    made; None for any other forward (expert parallelism, no TP, another wrapper), which leaves PERFT replicated."""
-    forward = vars(experts).get("forward")
-    if forward is None or not inspect.isfunction(forward):
-        return None
-    captured = inspect.getclosurevars(forward).nonlocals
-    style, mesh, inner = captured.get("self"), captured.get("mesh"), captured.get("original_forward")
-    if not isinstance(style, MoeExpertsParallel) or not isinstance(mesh, DeviceMesh) or inner is None:
-        return None
-    return _TensorParallelStyle(style, mesh, inner, forward)
-
-
-def _can_split(block: nn.Module, experts: nn.Module, adapter_name: str, mesh: DeviceMesh) -> bool:
-    """The layouts where each TP rank can take ``r / tp`` of the adapter (its gradients averaged over the
-    data-parallel ranks, if any, as the replicated adapter's are)."""
-    distributed = getattr(getattr(experts, "config", None), "distributed_config", None)
-    if distributed is None or distributed.ep_size > 1 or distributed.pp_size > 1:
-        return False
+def _can_split(block: nn.Module, adapter_name: str, mesh: DeviceMesh) -> bool:
+    """The adapters each TP rank can take ``r / tp`` of."""
     config = block.perft_configs[adapter_name]
     if config.variant == "E" and block.spec.routes_from_router:
         return False
@@ -158,16 +194,31 @@ def _average_shard(parameter: nn.Parameter, groups: list[dist.ProcessGroup]) -> 
         dist.all_reduce(local, op=dist.ReduceOp.AVG, group=group)
 
 
+def gradient_summed_over(tensor: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """``tensor`` itself, whose gradient in backward is the sum of the ranks' (each rank's is partial)."""
+    if not (torch.is_grad_enabled() and tensor.requires_grad):
+        return tensor
+    replicated = DTensor.from_local(tensor, mesh, [Replicate()], run_check=False)
+    return replicated.to_local(grad_placements=[Partial()])
+
+
+def summed_over(partial: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """The sum over the ranks of their partial ``partial``; its gradient, whole on every rank, passes unchanged."""
+    summed = DTensor.from_local(partial, mesh, [Partial()], run_check=False).redistribute(mesh, [Replicate()])
+    return summed.to_local()
+
+
 class TensorParallelExperts:
-    """The forward of a ``moe_tp_experts`` module whose block holds TP-split adapters: Transformers' input
-    transform, the experts' own forward, each active adapter's partial term on this rank's bottleneck share, then
-    Transformers' all-reduce of the sum.
+    """The forward of an experts module whose block holds TP-split adapters: the experts' forward as it was (whole
+    on every rank), plus the sum over the TP ranks of each active adapter's partial term on this rank's bottleneck
+    share.
 
     A callable object rather than a closure, so that ``copy.deepcopy`` of a model rebinds it to the copies."""
 
-    def __init__(self, block: nn.Module, experts: nn.Module, tensor_parallel: _TensorParallelStyle) -> None:
-        self.block, self.experts, self.tensor_parallel = block, experts, tensor_parallel
-        self.mesh = tensor_parallel.mesh
+    def __init__(self, block: nn.Module, experts: nn.Module, mesh: DeviceMesh) -> None:
+        self.block, self.experts, self.mesh = block, experts, mesh
+        # The forward installed before this one (PERFT-E's in-dispatch wrapper, Transformers' TP forward), if any.
+        self.previous = vars(experts).get("forward")
         self.block_input: torch.Tensor | None = None
         self._block_input_copy: torch.Tensor | None = None
         self._handles = [
@@ -181,17 +232,23 @@ class TensorParallelExperts:
         return wrapper if isinstance(wrapper, cls) else None
 
     @classmethod
-    def install(
-        cls, block: nn.Module, experts: nn.Module, tensor_parallel: _TensorParallelStyle | TensorParallelExperts
-    ) -> None:
-        """Wrap Transformers' TP forward once per experts module (a later adapter finds the wrapper in place)."""
-        if not isinstance(tensor_parallel, cls):
-            experts.forward = cls(block, experts, tensor_parallel)
+    def install(cls, block: nn.Module, experts: nn.Module, mesh: DeviceMesh) -> None:
+        """Wrap the experts' forward once per experts module (a later adapter finds the wrapper in place)."""
+        if cls.of(experts) is None:
+            experts.forward = cls(block, experts, mesh)
 
     def uninstall(self) -> None:
         for handle in self._handles:
             handle.remove()
-        self.experts.forward = self.tensor_parallel.outer
+        if self.previous is None:
+            del self.experts.forward
+        else:
+            self.experts.forward = self.previous
+
+    def _experts_forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.previous is not None:
+            return self.previous(*args, **kwargs)
+        return type(self.experts).forward(self.experts, *args, **kwargs)
 
     def _record_block_input(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
         self.block_input = args[0] if args else kwargs["hidden_states"]
@@ -206,24 +263,24 @@ class TensorParallelExperts:
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         beside, routed = self._active_split_adapters()
+        output = self._experts_forward(hidden_states, *args, **kwargs)
         if not beside and not routed:
-            return self.tensor_parallel.outer(hidden_states, *args, **kwargs)
-        style, experts, configs = self.tensor_parallel.style, self.experts, self.block.perft_configs
-        (shared, *routing), kwargs = style.transform_inputs_pre_forward(
-            experts, (hidden_states, *args), kwargs, self.mesh
-        )
-        with style.context_around_forward(experts, self.mesh):
-            output = self.tensor_parallel.inner(shared, *routing, **kwargs)
-        terms = []
+            return output
+        configs, terms = self.block.perft_configs, []
         if beside:
-            router_input, adapter_input = self._adapter_inputs(hidden_states, shared)
+            router_input = self._router_input(hidden_states)
+            adapter_input = gradient_summed_over(router_input, self.mesh)
             terms += [(name, self._partial_term(name, router_input, adapter_input)) for name in beside]
         if routed:
-            tokens, expert_index, expert_weight = self.block.spec.read_experts_call((shared, *routing), kwargs)
+            tokens, expert_index, expert_weight = self.block.spec.read_experts_call((hidden_states, *args), kwargs)
+            tokens = gradient_summed_over(tokens, self.mesh)
+            expert_weight = gradient_summed_over(expert_weight, self.mesh)
             terms += [(name, self._partial_routed_term(name, tokens, expert_index, expert_weight)) for name in routed]
-        for name, delta in terms:
-            output = add_scaled(output, delta.to(output.dtype).view(output.shape), configs[name].scaling)
-        return style.transform_output_post_forward(experts, output, self.mesh)
+        (first, first_delta), *others = terms
+        partial = first_delta.to(output.dtype).view(output.shape) * configs[first].scaling
+        for name, delta in others:
+            partial = add_scaled(partial, delta.to(output.dtype).view(output.shape), configs[name].scaling)
+        return output + summed_over(partial, self.mesh)
 
     def _active_split_adapters(self) -> tuple[list[str], list[str]]:
         """The split adapters this call adds: R, D and S ones active in the block's current forward, and the E
@@ -247,26 +304,21 @@ class TensorParallelExperts:
             and is_split_over_tensor_parallel(block, name)
         ]
 
-    def _adapter_inputs(self, experts_input: torch.Tensor, shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block's input (T, D), as the router reads it and as the adapter experts read it.
-
-        The experts normally get the block's input itself, flattened; the adapter experts then read it after the
-        experts' gradient all-reduce (``shared``), which sums their partial input gradients too. Where the block
-        changed it first (Mixtral's router jitter scales it in place in training), the adapters read the copy of
-        the block's input taken before, with an all-reduce of its gradient of their own."""
+    def _router_input(self, experts_input: torch.Tensor) -> torch.Tensor:
+        """The block's input (T, D), as the router and the adapter experts read it: what the experts got, unless
+        the block changed it first (Mixtral's router jitter scales it in place in training), then the copy of the
+        block's input taken before."""
         block_input = self.block_input
         if is_block_input_unchanged(experts_input, block_input, self._block_input_version):
-            return experts_input, shared
+            return experts_input
         flat = block_input.reshape(-1, block_input.shape[-1])
-        if self._block_input_copy is not None:
-            flat = self._block_input_copy.reshape(flat.shape)
-        return flat, _AllReduceBackward.apply(flat, self.mesh.get_group())
+        return flat if self._block_input_copy is None else self._block_input_copy.reshape(flat.shape)
 
     def _partial_routed_term(
         self, name: str, tokens: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor
     ) -> torch.Tensor:
         """This rank's share of a PERFT-E adapter's (unscaled) term, with the base routing the experts received
-        (weights after their gradient all-reduce)."""
+        (the input's and weights' partial gradients summed over the TP ranks)."""
         block, config = self.block, self.block.perft_configs[name]
         lora_A, lora_B = block.perft_A[name].to_local(), block.perft_B[name].to_local()
         adapter_input = block._adapter_input(name, tokens)
@@ -275,11 +327,10 @@ class TensorParallelExperts:
     def _partial_term(self, name: str, router_input: torch.Tensor, adapter_input: torch.Tensor) -> torch.Tensor:
         """This rank's share of the adapter's (unscaled) term: ``sum B_i act(A_i h)`` over its bottleneck rows, the
         routing weights' partial gradients summed over the TP ranks."""
-        block = self.block
+        block, mesh = self.block, self.mesh
         lora = block.perft_A[name].to_local(), block.perft_B[name].to_local()
-        group = self.mesh.get_group()
 
         def summed_weight_gradients(index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return index, _AllReduceBackward.apply(weight, group)
+            return index, gradient_summed_over(weight, mesh)
 
         return block._block_delta(name, router_input, adapter_input, lora, summed_weight_gradients)

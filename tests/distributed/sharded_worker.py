@@ -11,7 +11,9 @@ ranks (``fsdp_size``) train on their slice of the global batch; the ranks of a T
 the logits before training, the adapter gradients of the first step, the adapter after STEPS SGD steps, and saves
 the adapter with ``is_main_process`` on rank 0 only (as the Trainer does); under ``tp`` it then unloads the adapter
 and loads the saved one onto the unloaded base (split over TP again). With ADAPTER it instead loads that saved
-adapter onto the sharded base and records logits.
+adapter onto the sharded base and records logits. Every case records the `UpstreamDetailWarning`s it gave; the
+layouts of FORCED_UPSTREAM_CHANGES run with a private Transformers detail PERFT relies on changed, as a new release
+might change it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import collections
 import contextlib
 import faulthandler
 import gc
+import warnings
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -30,11 +34,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
+from transformers.distributed.expert_parallel import AllToAllEP
 
 from peft_perft import PerftConfig
 from peft_perft.layer import PerftMoeBlock
-from peft_perft.sharding import gathered_adapter_state_dict
-from peft_perft.tensor_parallel import TensorParallelExperts
+from peft_perft.sharding import TOKEN_ROWS, gathered_adapter_state_dict
+from peft_perft.tensor_parallel import TENSOR_PARALLEL_SPLIT, TensorParallelExperts, UpstreamDetailWarning
 
 GLOBAL_BATCH = 4
 STEPS = 3
@@ -50,7 +55,12 @@ LAYOUTS = {
     "tp_fsdp": {"tp_size": 2, "fsdp_size": 2},
     "tp_fsdp_ep": {"tp_size": 2, "fsdp_size": 2, "ep_size": 4},
     "tp_fsdp_ep_sharded": {"tp_size": 2, "fsdp_size": 2, "ep_size": 4, "ep_implementation": "perft"},
+    # As "tp" and "tp_ep_sharded", with a private Transformers detail changed (FORCED_UPSTREAM_CHANGES).
+    "tp_without_mesh": {"tp_size": 2},
+    "tp_ep_sharded_rewritten_combine": {"tp_size": 2, "ep_size": 2, "ep_implementation": "perft"},
 }
+TP_ALONE = ("tp", "tp_without_mesh")
+"""The layouts whose runs also unload the adapter and load the saved one back."""
 CONFIGS = {
     "R": {"variant": "R", "r": 4, "num_experts": 4, "top_k": 2, "init_weights": False},
     "R_aux": {"variant": "R", "r": 4, "num_experts": 4, "top_k": 2, "init_weights": False},
@@ -216,10 +226,55 @@ def counting_gathers() -> Iterator[list[int]]:
         DTensor.full_tensor = original
 
 
+@contextlib.contextmanager
+def rewritten_combine_tokens() -> Iterator[None]:
+    """Transformers' `AllToAllEP._combine_tokens` replaced by code that does the same but is not the code PERFT's
+    token-row path was checked against."""
+    original = AllToAllEP._combine_tokens
+
+    def combine_tokens(self: AllToAllEP, expert_output: torch.Tensor, state: tuple) -> torch.Tensor:
+        return original(self, expert_output, state)
+
+    AllToAllEP._combine_tokens = combine_tokens
+    try:
+        yield
+    finally:
+        AllToAllEP._combine_tokens = original
+
+
+def without_mesh_manager(model: torch.nn.Module) -> None:
+    """The model's ``_mesh_manager``, where PERFT reads the TP mesh, gone as if Transformers had renamed it."""
+    model._mesh_manager = None
+
+
+FORCED_UPSTREAM_CHANGES = {"tp_without_mesh": TENSOR_PARALLEL_SPLIT, "tp_ep_sharded_rewritten_combine": TOKEN_ROWS}
+"""The layouts run with a private Transformers detail changed, and the PERFT feature that then falls back."""
+
+
 def run_case(layout: str, base: str, variant: str, output: str, adapter: str | None = None) -> None:
     """One run (see the module docstring), in a process group already set up unless LAYOUT is ``single``."""
     rank = dist.get_rank() if dist.is_initialized() else 0
+    rewritten = layout == "tp_ep_sharded_rewritten_combine"
+    with warnings.catch_warnings(record=True) as caught, rewritten_combine_tokens() if rewritten else nullcontext():
+        warnings.simplefilter("always")
+        record = record_case(layout, base, variant, output, adapter, rank)
+    upstream = [str(warning.message) for warning in caught if issubclass(warning.category, UpstreamDetailWarning)]
+    record["upstream_warnings"] = upstream
+    if rank == 0:
+        torch.save(record, output)
+    elif adapter is None:
+        torch.save(record, f"{output}.rank{rank}")
+    # Free the sharded tensors while the process group still exists (torch 2.13 + gloo can abort at exit otherwise).
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def record_case(layout: str, base: str, variant: str, output: str, adapter: str | None, rank: int) -> dict:
+    """The record of one run (see the module docstring)."""
     base_model = load_base(base, layout, variant)
+    if layout == "tp_without_mesh":
+        without_mesh_manager(base_model)
     tokens = batches()
     torch.manual_seed(rank)
     if adapter is not None:
@@ -229,7 +284,7 @@ def run_case(layout: str, base: str, variant: str, output: str, adapter: str | N
     else:
         # Only where needed: under FSDP a forward before get_peft_model would set up FSDP's unsharded parameters
         # while the base still requires gradients, and the frozen weights would then get gradients.
-        if layout == "tp":
+        if layout in TP_ALONE:
             with torch.no_grad():
                 base_logits = base_model(input_ids=tokens[0]).logits
         model = get_peft_model(base_model, PerftConfig(**CONFIGS[variant]))
@@ -244,21 +299,13 @@ def run_case(layout: str, base: str, variant: str, output: str, adapter: str | N
         with counting_gathers() as gathers:
             model.save_pretrained(f"{output}.adapter", is_main_process=rank == 0)
         record["gathers_during_save"] = gathers
-        if layout == "tp":
+        if layout in TP_ALONE:
             record["unloaded"], model = unloaded_record(model, tokens[0], base_logits)
             dist.barrier()  # rank 0 has written the adapter
             model = PeftModel.from_pretrained(model, f"{output}.adapter")
             with torch.no_grad():
                 record["reloaded_logits"] = model(input_ids=tokens[0]).logits
-    if rank == 0:
-        torch.save(record, output)
-    elif adapter is None:
-        torch.save(record, f"{output}.rank{rank}")
-    # Free the sharded tensors while the process group still exists (torch 2.13 + gloo can abort at exit otherwise).
-    del model, base_model
-    gc.collect()
-    if dist.is_initialized():
-        dist.barrier()
+    return record
 
 
 CASE_TIMEOUT_S = 150
