@@ -17,6 +17,8 @@ from peft_perft import PerftConfig, PerftMoeBlock, experts_dispatch
 
 NOT_FUSED = {
     "dbrx": "its experts are a plain module, not one of Transformers' experts-interface classes",
+    "ergo": "its experts subclass overrides the interface's forward (one route per row, a per-expert norm before "
+    "the weighted sum), which grouped_mm's rebuild would skip",
     "inkling_text": "its router has zero-compute slots past the weighted experts",
     "longcat_flash": "its router has zero-compute (identity) expert slots",
     "zaya": "its router has a skip slot past the weighted experts",
