@@ -50,6 +50,23 @@ def test_version(capsys: pytest.CaptureFixture) -> None:
     assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"peft-perft {peft_perft.__version__}"
 
 
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_version_and_help_import_neither_torch_nor_peft(flag: str) -> None:
+    """The console script's module answers these without the seconds-long import of peft, torch and transformers."""
+    script = (
+        "import json, sys, peft_perft_cli\n"
+        "try:\n"
+        "    peft_perft_cli.main([sys.argv[1]])\n"
+        "except SystemExit as exited:\n"
+        "    assert exited.code == 0, exited.code\n"
+        "print(json.dumps(sorted(set(sys.modules) & {'peft', 'peft_perft', 'torch', 'transformers'})))"
+    )
+    result = subprocess.run([sys.executable, "-c", script, flag], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+    assert "peft-perft" in result.stdout and ("COMMAND" in result.stdout or peft_perft.__version__ in result.stdout)
+
+
 def test_readme_demo_flags_fail_in_seconds_with_what_to_do(tmp_path: Path) -> None:
     output = tmp_path / "out"
     result = run_command("demo", "--variant", "E", "--r", "16", "--num-experts", "4", "--output-dir", str(output))
