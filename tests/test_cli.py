@@ -15,7 +15,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-from conftest import build_tiny
+from conftest import build_tiny, char_tokenizer
 from peft import get_peft_model
 
 import peft_perft
@@ -103,8 +103,10 @@ def test_every_input_mistake_is_one_line_before_anything_loads(
 ) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at start-up
     monkeypatch.delenv("PEFT_PERFT_DEBUG", raising=False)
-    model_dir = tmp_path / "model"
+    model_dir, weights_only_dir = tmp_path / "model", tmp_path / "weights-only"
     build_tiny().save_pretrained(model_dir)
+    char_tokenizer("abc").save_pretrained(model_dir)
+    build_tiny().save_pretrained(weights_only_dir)
     broken_adapter = tmp_path / "adapter"
     get_peft_model(build_tiny(), PerftConfig(r=2)).save_pretrained(broken_adapter)
     (broken_adapter / "adapter_config.json").write_text('{"peft_type": "PERFT", "r": ')
@@ -114,6 +116,10 @@ def test_every_input_mistake_is_one_line_before_anything_loads(
         ("demo", "--dataset", str(tmp_path / "missing.json")): "no such file or folder",
         ("demo", "--model", "someone/not-cached"): "not in the local Hub cache and HF_HUB_OFFLINE is set",
         ("eval", "--model", str(tmp_path), "--data-dir", str(FIXTURES)): "has no config.json",
+        ("eval", "--model", str(weights_only_dir), "--data-dir", str(FIXTURES)): "the model folder has no tokenizer",
+        ("eval", "--model", str(model_dir), "--tokenizer", str(tmp_path / "nothing"), "--data-dir", str(FIXTURES)): (
+            "no such folder"
+        ),
         ("eval", "--model", str(model_dir), "--adapter", str(broken_adapter), "--data-dir", str(FIXTURES)): (
             "adapter_config.json is not valid JSON"
         ),
