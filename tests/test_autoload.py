@@ -7,6 +7,7 @@ does), which once used up the hook so that the real import registered nothing.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.metadata
 import json
 import os
@@ -21,6 +22,7 @@ from conftest import build_tiny
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
+import peft_perft_autoload
 from peft_perft import PerftConfig
 
 PTH_NAME = "peft_perft-autoload.pth"
@@ -197,3 +199,18 @@ def test_every_import_route_registers_perft_after_probing(route: str, tmp_path: 
 def test_every_import_route_honours_the_off_switch(route: str, tmp_path: Path) -> None:
     _installed_pth()
     assert _run_route(route, tmp_path, autoload="0") is False
+
+
+def test_probing_leaves_the_hook_installed_and_nested_hooks_do_not_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup returns peft's real spec (wrapped) and keeps the finder; two such finders ask each other only once."""
+    outer, inner = peft_perft_autoload.PeftImportHook(), peft_perft_autoload.PeftImportHook()
+    monkeypatch.setattr(sys, "meta_path", [outer, inner, *sys.meta_path])
+    spec = outer.find_spec("peft")
+    assert spec is not None and spec.origin == importlib.util.find_spec("peft").origin
+    loader = spec.loader
+    while isinstance(loader, peft_perft_autoload._RegisteringLoader):
+        loader = loader.loader
+    assert isinstance(loader, importlib.machinery.SourceFileLoader)
+    assert spec.loader.is_package("peft")  # what peft's own loader answers
+    assert sys.meta_path[:2] == [outer, inner], "a lookup alone must not take the finder off"
+    assert outer.find_spec("torch") is None
