@@ -15,7 +15,7 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-from conftest import build_tiny
+from conftest import build_tiny, char_tokenizer
 from peft import get_peft_model
 
 import peft_perft
@@ -48,6 +48,23 @@ def test_version(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["--version"])
     assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"peft-perft {peft_perft.__version__}"
+
+
+@pytest.mark.parametrize("flag", ["--version", "--help"])
+def test_version_and_help_import_neither_torch_nor_peft(flag: str) -> None:
+    """The console script's module answers these without the seconds-long import of peft, torch and transformers."""
+    script = (
+        "import json, sys, peft_perft_cli\n"
+        "try:\n"
+        "    peft_perft_cli.main([sys.argv[1]])\n"
+        "except SystemExit as exited:\n"
+        "    assert exited.code == 0, exited.code\n"
+        "print(json.dumps(sorted(set(sys.modules) & {'peft', 'peft_perft', 'torch', 'transformers'})))"
+    )
+    result = subprocess.run([sys.executable, "-c", script, flag], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+    assert "peft-perft" in result.stdout and ("COMMAND" in result.stdout or peft_perft.__version__ in result.stdout)
 
 
 def test_readme_demo_flags_fail_in_seconds_with_what_to_do(tmp_path: Path) -> None:
@@ -86,8 +103,10 @@ def test_every_input_mistake_is_one_line_before_anything_loads(
 ) -> None:
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 at start-up
     monkeypatch.delenv("PEFT_PERFT_DEBUG", raising=False)
-    model_dir = tmp_path / "model"
+    model_dir, weights_only_dir = tmp_path / "model", tmp_path / "weights-only"
     build_tiny().save_pretrained(model_dir)
+    char_tokenizer("abc").save_pretrained(model_dir)
+    build_tiny().save_pretrained(weights_only_dir)
     broken_adapter = tmp_path / "adapter"
     get_peft_model(build_tiny(), PerftConfig(r=2)).save_pretrained(broken_adapter)
     (broken_adapter / "adapter_config.json").write_text('{"peft_type": "PERFT", "r": ')
@@ -97,6 +116,10 @@ def test_every_input_mistake_is_one_line_before_anything_loads(
         ("demo", "--dataset", str(tmp_path / "missing.json")): "no such file or folder",
         ("demo", "--model", "someone/not-cached"): "not in the local Hub cache and HF_HUB_OFFLINE is set",
         ("eval", "--model", str(tmp_path), "--data-dir", str(FIXTURES)): "has no config.json",
+        ("eval", "--model", str(weights_only_dir), "--data-dir", str(FIXTURES)): "the model folder has no tokenizer",
+        ("eval", "--model", str(model_dir), "--tokenizer", str(tmp_path / "nothing"), "--data-dir", str(FIXTURES)): (
+            "no such folder"
+        ),
         ("eval", "--model", str(model_dir), "--adapter", str(broken_adapter), "--data-dir", str(FIXTURES)): (
             "adapter_config.json is not valid JSON"
         ),

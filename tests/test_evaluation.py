@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from peft_perft.evaluation import (
     evaluate_task,
     extract_answer,
     is_correct,
+    load_model,
     load_task_records,
     resolve_tasks,
 )
@@ -389,6 +393,47 @@ def test_cli_loads_a_peft_adapter_on_top_of_the_base_model(tmp_path: Path) -> No
     assert base["tasks"]["boolq"]["correct"] == 1
     assert adapted["tasks"]["boolq"]["correct"] == 3
     assert adapted["adapter"] == str(tmp_path / "adapter")
+
+
+def test_cli_model_folder_without_tokenizer_fails_in_one_line_before_loading(tmp_path: Path) -> None:
+    """Weights without tokenizer files: one line naming the folder and --tokenizer, not an IndexError from generate."""
+    make_constant_model("true").save_pretrained(tmp_path / "model")
+    environment = {key: value for key, value in os.environ.items() if key != "PEFT_PERFT_DEBUG"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "peft_perft.cli",
+            "eval",
+            "--model",
+            str(tmp_path / "model"),
+            "--data-dir",
+            str(FIXTURES),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=environment,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("peft-perft eval")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"--model {tmp_path / 'model'}: the model folder has no tokenizer" in lines[0]
+    assert "--tokenizer" in lines[0]
+
+
+def test_cli_takes_the_tokenizer_from_its_own_flag(tmp_path: Path) -> None:
+    make_constant_model("true").save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    results = run_eval_cli(tmp_path / "model", tmp_path / "out", "--tokenizer", str(tmp_path / "tokenizer"))
+    assert results["tasks"]["boolq"] == {"correct": 3, "total": 4, "accuracy": 0.75}  # as with the tokenizer inside
+    assert results["tokenizer"] == str(tmp_path / "tokenizer")
+
+
+def test_load_model_refuses_a_folder_without_tokenizer(tmp_path: Path) -> None:
+    make_constant_model("true").save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        load_model(str(tmp_path / "model"), dtype="float32", device="cpu")
 
 
 @torch.no_grad()

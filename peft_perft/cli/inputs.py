@@ -17,6 +17,17 @@ CONFIG_FILE = "config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 DATA_PEEK_BYTES = 4096
 """How much of a local data file is read to tell an empty one, before ``datasets`` reads it all."""
+# A folder holding none of these has no tokenizer: Transformers then builds an empty one instead of failing, and the
+# run ends much later in an IndexError from inside generate.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "tekken.json",
+)
 
 
 class InputError(ValueError):
@@ -69,6 +80,22 @@ def require_moe_model(name: str, flag: str = "--model") -> None:
             f"MoE blocks of MoE models only. Pass an MoE model (OLMoE, Mixtral, Qwen-MoE, ...), or use LoRA for a "
             f"dense one."
         )
+
+
+def require_tokenizer(name: str, flag: str) -> None:
+    """A local folder with tokenizer files, or a Hub id whose tokenizer_config.json is cached or reachable."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not any((path / file).is_file() for file in TOKENIZER_FILES):
+            raise InputError(
+                f"{flag} {name}: the model folder has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}...). Pass the "
+                f"base model's tokenizer with --tokenizer (its folder or Hub id), or save it into the folder with "
+                f"tokenizer.save_pretrained('{name}')."
+            )
+        return
+    if looks_like_path(name):
+        raise InputError(f"{flag} {name}: no such folder. Give an existing tokenizer folder or a Hub model id.")
+    _require_on_hub(name, flag, "model", "tokenizer_config.json")
 
 
 def require_dataset(name: str, flag: str = "--dataset", builtin: tuple[str, ...] = ()) -> None:

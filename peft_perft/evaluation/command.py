@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from peft_perft.cli.inputs import InputError, require_adapter, require_dataset, require_model
+from peft_perft.cli.inputs import InputError, require_adapter, require_dataset, require_model, require_tokenizer
 from peft_perft.evaluation.answers import TASK_GROUPS, TASKS
 from peft_perft.evaluation.data import resolve_tasks
 from peft_perft.evaluation.runner import DTYPES, GenerationSettings, evaluate, load_model
@@ -25,6 +25,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--adapter",
         help="PERFT or other PEFT adapter to load on top: local folder or Hub id (default: none, the base model alone)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer folder or Hub id, for a --model folder saved without one (default: the one in --model)",
     )
     parser.add_argument(
         "--data-dir",
@@ -63,6 +67,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def validate_eval_args(args: argparse.Namespace) -> None:
     """Model, adapter, data and tasks exist and fit together, checked before the model is loaded."""
     require_model(args.model)
+    if args.tokenizer is None:
+        require_tokenizer(args.model, flag="--model")
+    else:
+        require_tokenizer(args.tokenizer, flag="--tokenizer")
     if args.adapter is not None:
         require_adapter(args.adapter)
     require_dataset(args.data_dir, flag="--data-dir")
@@ -80,10 +88,12 @@ def validate_eval_args(args: argparse.Namespace) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     """Check the inputs, load, evaluate, write the reports and print the Markdown table."""
     validate_eval_args(args)
-    model, tokenizer = load_model(args.model, args.adapter, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(
+        args.model, args.adapter, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer
+    )
     settings = GenerationSettings(args.batch_size, args.num_beams, args.max_new_tokens)
     report = evaluate(model, tokenizer, args.data_dir, args.tasks, settings, args.max_samples)
-    report.metadata.update(model=args.model, adapter=args.adapter, dtype=args.dtype)
+    report.metadata.update(model=args.model, adapter=args.adapter, tokenizer=args.tokenizer, dtype=args.dtype)
     paths = report.write(args.output_dir)
     print(report.to_markdown())
     print(f"Wrote {', '.join(str(path) for path in paths.values())}")

@@ -123,25 +123,47 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_model(
-    model_name_or_path: str, adapter: str | None = None, dtype: str = "auto", device: str = "auto"
+    model_name_or_path: str,
+    adapter: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    tokenizer: str | None = None,
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """Load a base model (and a PERFT or any PEFT adapter on top) with its tokenizer, ready for generation.
 
-    PERFT adapters load because importing this module imported `peft_perft`, which registers the method with peft.
+    ``tokenizer`` names the tokenizer's folder or Hub id when the model's own has none. PERFT adapters load because
+    importing this module imported `peft_perft`, which registers the method with peft.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {DTYPES}.")
     target = resolve_device(device)
+    loaded_tokenizer = load_tokenizer(tokenizer or model_name_or_path)  # first: it fails in a second, weights do not
     model = AutoModelForCausalLM.from_pretrained(
         model_name_or_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), device_map=str(target)
     )
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    return model.to(target).eval(), tokenizer
+    return model.to(target).eval(), loaded_tokenizer
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer at ``name_or_path``; an error where there is none.
+
+    Transformers builds an empty tokenizer for a folder without tokenizer files instead of failing, and generation
+    then dies in an IndexError far from the cause.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_ids):
+        raise ValueError(
+            f"{name_or_path} has no tokenizer (its vocabulary holds only special tokens): pass the base model's "
+            f"tokenizer (load_model(..., tokenizer=...); --tokenizer on the command line)."
+        )
+    return tokenizer
 
 
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
