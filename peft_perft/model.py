@@ -71,6 +71,26 @@ class PerftModel(BaseTuner):
             new_module.requires_grad_(False)
         setattr(parent, target_name, new_module)
 
+    def init_perft_weights(self, adapter_name: str | None = None) -> None:
+        """Initialise the adapter(s) as `get_peft_model` does on a real device, for a model prepared on meta.
+
+        Call it after the model is materialised (``to_empty``, with or without FSDP2's ``fully_shard``) and after
+        seeding as before ``get_peft_model``: blocks and adapters draw in the order get_peft_model creates them, so
+        the same random state gives the same adapter (sharded tensors keep their shard of rank 0's values)."""
+        names = [adapter_name] if adapter_name is not None else list(self.peft_config)
+        blocks = [module for module in self.model.modules() if isinstance(module, PerftMoeBlock)]
+        on_meta = [block.block_name for block in blocks if any(p.is_meta for p in block.parameters())]
+        if on_meta:
+            raise RuntimeError(
+                f"init_perft_weights found tensors still on the meta device in {len(on_meta)} PERFT block(s), the "
+                f"first {on_meta[0]!r}: materialise the model first (model.to_empty(device=...), then load the base "
+                f"weights), then initialise the adapter."
+            )
+        for name in names:
+            for block in blocks:
+                if name in block.perft_A:
+                    block.reset_parameters(name)
+
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: PerftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
