@@ -10,7 +10,7 @@ from conftest import build_tiny, tiny_olmoe_config
 from peft import LoraConfig, get_peft_model
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, OlmoeForCausalLM
 
-from peft_perft import PerftConfig
+from peft_perft import PerftConfig, PerftMoeBlock
 
 FLAGSHIPS = ["olmoe", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss", "qwen2_moe", "glm4_moe", "llama4_text"]
 LAYERS = 4
@@ -156,3 +156,30 @@ def test_init_on_a_model_still_on_meta_says_to_materialise_first() -> None:
     model = get_peft_model(base, PerftConfig(variant="S", r=4))
     with pytest.raises(RuntimeError, match=r"to_empty\(device=\.\.\.\)"):
         model.init_perft_weights()
+
+
+def test_torch_generic_reset_loop_initialises_every_adapter_of_a_materialised_model() -> None:
+    """torch's meta-device recipe, ``reset_parameters()`` on every module that has it after ``to_empty``, gives
+    every adapter of every block LoRA's init: A within the Kaiming-uniform bound, B = 0, the router drawn."""
+    base = build_tiny()
+    model = materialise_from_meta(PerftConfig(variant="R", r=4), dict(base.state_dict()))
+    model.add_adapter("second", PerftConfig(variant="S", r=4))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".perft_" in name:
+                parameter.fill_(float("nan"))
+    reset = [module for module in model.modules() if callable(getattr(module, "reset_parameters", None))]
+    assert sum(isinstance(module, PerftMoeBlock) for module in reset) == 2
+    for module in reset:
+        module.reset_parameters()
+    adapter = {name: p for name, p in model.named_parameters() if ".perft_" in name}
+    assert {name.rsplit(".", 1)[1] for name in adapter} == {"default", "second"}
+    bound = 1 / tiny_olmoe_config().hidden_size ** 0.5
+    for name, parameter in adapter.items():
+        assert not parameter.isnan().any(), name
+        if ".perft_A." in name:
+            assert 0 < parameter.abs().max() <= bound, name
+        elif ".perft_B." in name:
+            assert torch.count_nonzero(parameter) == 0, name
+        else:
+            assert 0 < parameter.std() < 0.05, name
