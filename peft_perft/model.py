@@ -11,6 +11,7 @@ from torch import nn
 
 from .architectures import MoeBlockSpec, find_moe_blocks
 from .config import PerftConfig
+from .dispatch import refusal
 from .layer import MERGE_ERROR, PerftMoeBlock
 from .loading import check_adapter_fits
 from .sharding import distribute_adapter_state_dict, refuse_unsupported_layout, replicate_adapter
@@ -91,6 +92,14 @@ class PerftModel(BaseTuner):
                 if name in block.perft_A:
                     block.reset_parameters(name)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft's cast of the new adapter (PeftModel calls it after injecting it); then, the adapter's dtype now
+        final, refuse a dispatch backend named in its config that can never run it, before any step."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        for module in self.model.modules():
+            if isinstance(module, PerftMoeBlock) and adapter_name in module.perft_A:
+                _refuse_unrunnable_backend(module, adapter_name)
+
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: PerftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
@@ -168,6 +177,20 @@ class PerftModel(BaseTuner):
             loss = config.router_aux_loss_coef * _switch_loss(records, attention_mask)
             total = loss if total is None else total + loss
         return total
+
+
+def _refuse_unrunnable_backend(block: PerftMoeBlock, adapter_name: str) -> None:
+    """A ValueError naming the block and the rule where the configured dispatch backend cannot run this adapter."""
+    config = block.perft_configs[adapter_name]
+    if config.variant not in ("R", "E"):  # D and S compute all their experts with two matmuls, no backend
+        return
+    reason = refusal(config.dispatch_backend, block.spec.hidden_size, block.perft_A[adapter_name].dtype)
+    if reason is not None:
+        raise ValueError(
+            f"PerftConfig(dispatch_backend={config.dispatch_backend!r}) cannot run PERFT-{config.variant} adapter "
+            f"{adapter_name!r} in block {block.block_name!r}: {reason}. Use dispatch_backend='auto', which falls "
+            f"back to a backend that can."
+        )
 
 
 def _text_config(model: nn.Module) -> Any:

@@ -4,6 +4,7 @@ each variant and each routed dispatch backend."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from conftest import build_tiny
 from peft import get_peft_model
 
-from peft_perft import PerftConfig, PerftMoeBlock
+from peft_perft import PerftConfig, PerftMoeBlock, dispatch
 
 MODES = ["bf16_model", "bf16_model_bf16_adapter", "fp32_autocast"]
 ADAPTER_DTYPE = {"bf16_model": torch.float32, "bf16_model_bf16_adapter": torch.bfloat16, "fp32_autocast": torch.float32}
@@ -97,3 +98,38 @@ def test_bf16_training_matches_fp32_within_bf16_rounding(variant: str, mode: str
 @pytest.mark.parametrize("variant", ["R", "E"])
 def test_bf16_training_matches_fp32_on_every_routed_backend(variant: str, backend: str, mode: str) -> None:
     check_against_fp32(variant, backend, mode)
+
+
+def unaligned_model(dtype: torch.dtype) -> torch.nn.Module:
+    """The tiny OLMoE with hidden size 36: rows of 72 bytes in bf16 (not 16-byte aligned), 144 in fp32 (aligned).
+    Its own experts run eagerly: Transformers' grouped_mm for them has the same alignment rule in bf16."""
+    model = build_tiny(hidden_size=36, num_attention_heads=3, num_key_value_heads=3).to(dtype)
+    model.set_experts_implementation("eager")
+    return model
+
+
+@pytest.mark.parametrize("variant", ["R", "E"])
+def test_grouped_mm_on_unaligned_bf16_rows_is_refused_at_get_peft_model(variant: str) -> None:
+    config = PerftConfig(variant=variant, r=4, dispatch_backend="grouped_mm")
+    with pytest.raises(ValueError, match=r"grouped_mm.*hidden size 36 in torch.bfloat16 is 72 bytes.*'auto'"):
+        get_peft_model(unaligned_model(torch.bfloat16), config, autocast_adapter_dtype=False)
+
+
+def test_grouped_mm_on_the_same_rows_in_fp32_is_accepted_and_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """peft's default upcast makes the adapter fp32, whose rows of hidden size 36 are aligned: grouped_mm runs."""
+    calls = []
+    grouped = dispatch._BACKENDS["grouped_mm"]
+    counting = dataclasses.replace(grouped, routed=lambda *args: calls.append(1) or grouped.routed(*args))
+    monkeypatch.setitem(dispatch._BACKENDS, "grouped_mm", counting)
+    model = get_peft_model(
+        unaligned_model(torch.bfloat16), PerftConfig(variant="E", r=4, dispatch_backend="grouped_mm")
+    )
+    input_ids = tokens()[0]
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    assert calls and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_megablocks_with_peft_s_fp32_adapter_is_refused_at_get_peft_model() -> None:
+    config = PerftConfig(variant="E", r=4, dispatch_backend="megablocks")
+    with pytest.raises(ValueError, match=r"bf16 only.*torch.float32.*autocast_adapter_dtype=False"):
+        get_peft_model(build_tiny().to(torch.bfloat16), config)
