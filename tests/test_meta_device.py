@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accelerate import init_empty_weights
 from conftest import build_tiny, tiny_olmoe_config
 from peft import LoraConfig, get_peft_model
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM, OlmoeForCausalLM
@@ -148,6 +149,34 @@ def test_default_init_after_materialising_leaves_the_base_output() -> None:
     input_ids = torch.arange(3, 17).view(2, 7)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=input_ids).logits, base(input_ids=input_ids).logits)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_accelerate_init_empty_weights_then_assigned_base_weights_gets_the_real_device_adapter(variant: str, tokens):
+    """Accelerate's flow: built under ``init_empty_weights`` (buffers real), adapted there, base weights loaded with
+    ``assign=True``; init_perft_weights gives the still-meta adapter memory and the real-device values."""
+    config = PerftConfig(variant=variant, r=4, init_weights=False)
+    real_base = build_tiny()
+    base_state = {key: tensor.clone() for key, tensor in real_base.state_dict().items()}
+    torch.manual_seed(3)
+    real = get_peft_model(real_base, config)
+    with init_empty_weights():
+        base = OlmoeForCausalLM(tiny_olmoe_config())
+    model = get_peft_model(base, config)
+    assert all(p.is_meta for name, p in model.named_parameters() if ".perft_" in name)
+    names = {key.replace(".base_layer.", "."): key for key in model.get_base_model().state_dict()}
+    wrapped = {names[key]: tensor for key, tensor in base_state.items()}
+    model.get_base_model().load_state_dict(wrapped, strict=False, assign=True)
+    torch.manual_seed(3)
+    model.init_perft_weights()
+    expected = {name: p for name, p in real.named_parameters() if p.requires_grad}
+    found = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert found.keys() == expected.keys()
+    assert all(torch.equal(found[name], parameter) for name, parameter in expected.items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens).logits, real(input_ids=tokens).logits, rtol=0, atol=0)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in found.values())
 
 
 def test_init_on_a_model_still_on_meta_says_to_materialise_first() -> None:
