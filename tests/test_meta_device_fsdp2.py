@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).parent / "distributed" / "meta_worker.py"
@@ -55,3 +56,7 @@ def test_meta_device_flow_on_two_ranks_equals_one_process(variant: str, runs: di
     assert any(".perft_A." in name for name in moved) and any(".perft_B." in name for name in moved)
     expected_file, found_file = (runs[mode] / f"{variant}.adapter" / "adapter_model.safetensors" for mode in runs)
     assert_same_tensors(load_file(found_file), load_file(expected_file), "saved adapter")
+    torch.testing.assert_close(found["reloaded_logits"], expected["reloaded_logits"], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        base_logits = build_tiny()(input_ids=torch.randint(3, 64, (4, 8), generator=torch.Generator().manual_seed(9)))
+    assert not torch.allclose(found["reloaded_logits"], base_logits.logits, atol=1e-4), "the adapter was not loaded"

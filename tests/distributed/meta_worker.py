@@ -5,7 +5,9 @@ Usage: python -m torch.distributed.run --nproc_per_node 2 meta_worker.py meta OU
 ``meta`` runs ``prepare_on_meta`` as docs/big_models.md gives it (read from that page) on the tiny OLMoE, each rank
 training on its half of every batch; ``reference`` builds the same model on the CPU and calls ``get_peft_model``
 after the same seed, on the whole batch. Both write, per variant, the initial adapter, the first forward's logits,
-the first step's adapter gradients, the adapter after the steps and a ``save_pretrained`` directory.
+the first step's adapter gradients, the adapter after the steps and a ``save_pretrained`` directory, then the
+logits of that saved adapter loaded back (``load_perft_adapter`` into a second model from the recipe, or
+``PeftModel.from_pretrained`` in one process).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -100,11 +103,31 @@ def run_case(mode: str, variant: str, output: Path) -> None:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     record["trained"] = {name: tensor.clone() for name, tensor in state.items() if ".perft_" in name}
     model.save_pretrained(output / f"{variant}.adapter", is_main_process=rank == 0)
+    del model, optimiser, state, output_step
+    record["reloaded_logits"] = reloaded_logits(mode, variant, output / f"{variant}.adapter", rank, per_rank)
     if rank == 0:
         torch.save(record, output / f"{variant}.pt")
     # Free the sharded tensors while the process group still exists (see tests/distributed/train_worker.py).
-    del model, optimiser, state, output_step
     gc.collect()
+
+
+def reloaded_logits(mode: str, variant: str, adapter: Path, rank: int, per_rank: int) -> torch.Tensor:
+    """The saved adapter loaded back: into a second model from the documented recipe (``load_perft_adapter``), or
+    with ``PeftModel.from_pretrained`` in one process; its logits on a fresh batch."""
+    batch = torch.randint(3, 64, (GLOBAL_BATCH, 8), generator=torch.Generator().manual_seed(9))
+    if mode == "reference":
+        model = PeftModel.from_pretrained(build_tiny(), adapter)
+    else:
+        if dist.get_world_size() > 1:
+            dist.barrier()  # rank 0 has written the file
+        model = build(mode, variant)
+        saved = load_file(adapter / "adapter_model.safetensors") if rank == 0 else {}
+        documented_recipe()["load_perft_adapter"](model, saved)
+    with torch.no_grad():
+        logits = gathered_rows(model(input_ids=batch[rank * per_rank : (rank + 1) * per_rank]).logits)
+    del model
+    gc.collect()
+    return logits
 
 
 def main(mode: str, output: str, variants: list[str]) -> None:
