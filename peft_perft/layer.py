@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.hooks import RemovableHandle
 
 from .architectures import MoeBlockSpec
@@ -84,12 +84,14 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
                 f"model's own routing cannot be reused. Use variant 'R', 'D' or 'S' for this model."
             )
         num_experts = config.resolved_num_experts(self.spec.num_experts)
-        device = _device_of(self.base_layer)
+        # peft's convention (as LoRA): the base weights' device, meta included, and floating dtype; peft then
+        # upcasts bf16/fp16 adapters to fp32 unless get_peft_model(..., autocast_adapter_dtype=False).
+        like_base = {"device": _device_of(self.base_layer), "dtype": _floating_dtype_of(self.base_layer)}
         hidden, rank = self.spec.hidden_size, config.r
-        self.perft_A[adapter_name] = nn.Parameter(torch.empty(num_experts, rank, hidden, device=device))
-        self.perft_B[adapter_name] = nn.Parameter(torch.empty(num_experts, hidden, rank, device=device))
+        self.perft_A[adapter_name] = nn.Parameter(torch.empty(num_experts, rank, hidden, **like_base))
+        self.perft_B[adapter_name] = nn.Parameter(torch.empty(num_experts, hidden, rank, **like_base))
         if config.variant == "R":
-            self.perft_router[adapter_name] = nn.Parameter(torch.empty(num_experts, hidden, device=device))
+            self.perft_router[adapter_name] = nn.Parameter(torch.empty(num_experts, hidden, **like_base))
         self.perft_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         self.perft_configs[adapter_name] = config
         if config.variant == "E" and self._experts_hook_handle is None:
@@ -99,18 +101,37 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()
-    def reset_parameters(self, adapter_name: str) -> None:
-        """A like LoRA's default (Kaiming-uniform per expert), B = 0, the router from a small normal."""
-        config = self.perft_configs[adapter_name]
-        for expert_A in self.perft_A[adapter_name]:
-            nn.init.kaiming_uniform_(expert_A, a=math.sqrt(5))
-        if config.init_weights:
-            nn.init.zeros_(self.perft_B[adapter_name])
-        else:
-            for expert_B in self.perft_B[adapter_name]:
-                nn.init.kaiming_uniform_(expert_B, a=math.sqrt(5))
-        if adapter_name in self.perft_router:
-            nn.init.normal_(self.perft_router[adapter_name], std=config.router_init_std)
+    def reset_parameters(self, adapter_name: str | None = None) -> None:
+        """A like LoRA's default (Kaiming-uniform per expert), B = 0, the router from a small normal; every adapter
+        of the block when no name is given (what torch's meta-device recipe calls after ``to_empty``).
+
+        The values are drawn whole in fp32 and rounded to the base weights' dtype, as LoRA's are, so a model
+        materialised from meta and initialised here gets the adapter it would have got on a real device from the
+        same random state, whatever dtype peft gave the adapter and however FSDP2 sharded it."""
+        for name in [adapter_name] if adapter_name is not None else list(self.perft_A):
+            config = self.perft_configs[name]
+            lora_A, lora_B = _fp32_like(self.perft_A[name]), _fp32_like(self.perft_B[name])
+            for expert_A in lora_A:
+                nn.init.kaiming_uniform_(expert_A, a=math.sqrt(5))
+            if config.init_weights:
+                nn.init.zeros_(lora_B)
+            else:
+                for expert_B in lora_B:
+                    nn.init.kaiming_uniform_(expert_B, a=math.sqrt(5))
+            self._assign(self.perft_A[name], lora_A)
+            self._assign(self.perft_B[name], lora_B)
+            if name in self.perft_router:
+                router = nn.init.normal_(_fp32_like(self.perft_router[name]), std=config.router_init_std)
+                self._assign(self.perft_router[name], router)
+
+    def _assign(self, parameter: torch.Tensor, values: torch.Tensor) -> None:
+        """Store whole fp32 values in a parameter, rounded through the base dtype; a sharded (DTensor) parameter
+        keeps its own shard of rank 0's values, so every rank holds the same adapter."""
+        values = values.to(_floating_dtype_of(self.base_layer)).to(parameter.dtype)
+        if isinstance(parameter, DTensor):
+            values = distribute_tensor(values, parameter.device_mesh, parameter.placements).to_local()
+            parameter = parameter.to_local()
+        parameter.copy_(values)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """PERFT cannot be merged: its experts sit beside the frozen ones and depend on routing."""
@@ -362,5 +383,18 @@ def _add_to_primary(output, delta: torch.Tensor, scaling: float):
 
 
 def _device_of(module: nn.Module) -> torch.device:
+    """The device of the module's weights, meta included: a model prepared on meta gets its adapter there, to be
+    materialised with it (``to_empty``) and initialised by ``reset_parameters``."""
     parameter = next(module.parameters(), None)
-    return parameter.device if parameter is not None and parameter.device.type != "meta" else torch.device("cpu")
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _floating_dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype of the module's first floating-point weight (quantized experts store integers), else the default."""
+    dtypes = (parameter.dtype for parameter in module.parameters() if parameter.dtype.is_floating_point)
+    return next(dtypes, torch.get_default_dtype())
+
+
+def _fp32_like(parameter: torch.Tensor) -> torch.Tensor:
+    """An uninitialised fp32 tensor of the parameter's whole (unsharded) shape, on its (local) device."""
+    return torch.empty(parameter.shape, dtype=torch.float32, device=parameter.device)

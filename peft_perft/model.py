@@ -11,6 +11,7 @@ from torch import nn
 
 from .architectures import MoeBlockSpec, find_moe_blocks
 from .config import PerftConfig
+from .dispatch import refusal
 from .layer import MERGE_ERROR, PerftMoeBlock
 from .loading import check_adapter_fits
 from .quantization import keep_small_4bit_layers_unpacked
@@ -86,6 +87,37 @@ class PerftModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         setattr(parent, target_name, new_module)
+
+    def init_perft_weights(self, adapter_name: str | None = None) -> None:
+        """Initialise the adapter(s) as `get_peft_model` does on a real device, for a model prepared on meta.
+
+        Call it once the base weights are real: after ``to_empty`` and loading them (FSDP2's flow, with or without
+        ``fully_shard``), or after loading them with ``assign=True`` into a model built under Accelerate's
+        ``init_empty_weights`` (adapter tensors still on meta then get memory on the base weights' device). Seed as
+        before ``get_peft_model``: blocks and adapters draw in the order get_peft_model creates them, so the same
+        random state gives the same adapter (sharded tensors keep their shard of rank 0's values)."""
+        names = [adapter_name] if adapter_name is not None else list(self.peft_config)
+        blocks = [module for module in self.model.modules() if isinstance(module, PerftMoeBlock)]
+        on_meta = [block.block_name for block in blocks if any(p.is_meta for p in block.base_layer.parameters())]
+        if on_meta:
+            raise RuntimeError(
+                f"init_perft_weights found base weights still on the meta device in {len(on_meta)} PERFT block(s), "
+                f"the first {on_meta[0]!r}: materialise the model first (model.to_empty(device=...), then load the "
+                f"base weights), then initialise the adapter."
+            )
+        for name in names:
+            for block in blocks:
+                if name in block.perft_A:
+                    _materialise_adapter(block, name)
+                    block.reset_parameters(name)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft's cast of the new adapter (PeftModel calls it after injecting it); then, the adapter's dtype now
+        final, refuse a dispatch backend named in its config that can never run it, before any step."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        for module in self.model.modules():
+            if isinstance(module, PerftMoeBlock) and adapter_name in module.perft_A:
+                _refuse_unrunnable_backend(module, adapter_name)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
@@ -164,6 +196,29 @@ class PerftModel(BaseTuner):
             loss = config.router_aux_loss_coef * _switch_loss(records, attention_mask)
             total = loss if total is None else total + loss
         return total
+
+
+def _materialise_adapter(block: PerftMoeBlock, adapter_name: str) -> None:
+    """Give the adapter's tensors that are still on meta (uninitialised) memory on the base weights' device."""
+    device = next(block.base_layer.parameters()).device
+    for tensors in (block.perft_A, block.perft_B, block.perft_router):
+        parameter = tensors.get(adapter_name)
+        if parameter is not None and parameter.is_meta:
+            tensors[adapter_name] = nn.Parameter(torch.empty_like(parameter, device=device), parameter.requires_grad)
+
+
+def _refuse_unrunnable_backend(block: PerftMoeBlock, adapter_name: str) -> None:
+    """A ValueError naming the block and the rule where the configured dispatch backend cannot run this adapter."""
+    config = block.perft_configs[adapter_name]
+    if config.variant not in ("R", "E"):  # D and S compute all their experts with two matmuls, no backend
+        return
+    reason = refusal(config.dispatch_backend, block.spec.hidden_size, block.perft_A[adapter_name].dtype)
+    if reason is not None:
+        raise ValueError(
+            f"PerftConfig(dispatch_backend={config.dispatch_backend!r}) cannot run PERFT-{config.variant} adapter "
+            f"{adapter_name!r} in block {block.block_name!r}: {reason}. Use dispatch_backend='auto', which falls "
+            f"back to a backend that can."
+        )
 
 
 def _text_config(model: nn.Module) -> Any:

@@ -30,6 +30,7 @@ import torch
 Activation = Callable[[torch.Tensor], torch.Tensor] | None
 RoutedFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Activation], torch.Tensor]
 SupportFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], bool]
+RefusalFn = Callable[[int, torch.dtype], str | None]
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,9 @@ class DispatchBackend:
     """A routed-adapter implementation and the test that says whether it can run on given inputs.
 
     ``preferred`` (optional) says whether ``auto`` should pick this backend for a call it supports, i.e. whether
-    it is expected to be the fastest there; ``None`` means always.
+    it is expected to be the fastest there; ``None`` means always. ``refuses`` (optional) gives, from the hidden
+    size and the adapter's dtype alone, why the backend can never run such an adapter (None where it may), so that
+    a backend named in the config is refused when the adapter is made rather than at its first step.
     """
 
     name: str
@@ -45,6 +48,7 @@ class DispatchBackend:
     supports: SupportFn
     priority: int
     preferred: SupportFn | None = None
+    refuses: RefusalFn | None = None
 
     def suits(self, hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
         """Whether ``auto`` takes this backend for these inputs: it can run them and is worth it there."""
@@ -63,11 +67,16 @@ _MAX_REMEMBERED = 4096
 
 
 def register_backend(
-    name: str, routed: RoutedFn, supports: SupportFn, priority: int, preferred: SupportFn | None = None
+    name: str,
+    routed: RoutedFn,
+    supports: SupportFn,
+    priority: int,
+    preferred: SupportFn | None = None,
+    refuses: RefusalFn | None = None,
 ) -> None:
     """Register a backend; ``auto`` tries backends by descending priority and takes the first that suits the call."""
     _BACKENDS[name] = DispatchBackend(
-        name=name, routed=routed, supports=supports, priority=priority, preferred=preferred
+        name=name, routed=routed, supports=supports, priority=priority, preferred=preferred, refuses=refuses
     )
     _BY_PRIORITY[:] = sorted(_BACKENDS.values(), key=lambda candidate: -candidate.priority)
     _AUTO_CHOICES.clear()
@@ -76,6 +85,13 @@ def register_backend(
 def available_backends() -> list[str]:
     """Names that ``PerftConfig(dispatch_backend=...)`` accepts, besides ``auto``."""
     return sorted(_BACKENDS)
+
+
+def refusal(name: str, hidden_size: int, dtype: torch.dtype) -> str | None:
+    """Why the named backend can never run an adapter of this hidden size and dtype; None for ``auto`` (it falls
+    back) and where the backend may run it (whether it does also depends on the device, known only at the call)."""
+    backend = _BACKENDS.get(name)
+    return None if backend is None or backend.refuses is None else backend.refuses(hidden_size, dtype)
 
 
 def select_backend(

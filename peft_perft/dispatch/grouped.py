@@ -109,9 +109,20 @@ def _supports(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Te
     return kernel_runs(hidden.device.type, hidden.dtype)
 
 
+def _refuses(hidden_size: int, dtype: torch.dtype) -> str | None:
+    """grouped_mm reads rows of the hidden size: they must be 16-byte aligned (the rank is padded, it cannot be)."""
+    row_bytes = hidden_size * dtype.itemsize
+    if row_bytes % _ALIGN_BYTES:
+        return (
+            f"grouped_mm needs rows aligned to {_ALIGN_BYTES} bytes, and a row of hidden size {hidden_size} in "
+            f"{dtype} is {row_bytes} bytes"
+        )
+    return None
+
+
 def _preferred(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
     """Worth sorting: enough tokens, and the dense backend would spend most of its work on unselected experts."""
     return sorting_pays_off(hidden, lora_A, expert_index)
 
 
-register_backend("grouped_mm", grouped_mm_routed, _supports, priority=20, preferred=_preferred)
+register_backend("grouped_mm", grouped_mm_routed, _supports, priority=20, preferred=_preferred, refuses=_refuses)

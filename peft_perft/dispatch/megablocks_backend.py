@@ -78,10 +78,22 @@ def _supports(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Te
     return _megablocks() is not None
 
 
+def _refuses(hidden_size: int, dtype: torch.dtype) -> str | None:
+    """grouped_gemm's ``gmm`` takes bf16 rows aligned to 16 bytes: the adapter's dtype, and its hidden size."""
+    if dtype != torch.bfloat16:
+        return (
+            f"MegaBlocks' grouped GEMM takes bf16 only and this adapter is {dtype} (peft upcasts adapters to float32 "
+            f"unless get_peft_model(..., autocast_adapter_dtype=False) on a bf16 model)"
+        )
+    if hidden_size % _RANK_MULTIPLE:
+        return f"MegaBlocks' grouped GEMM needs bf16 rows aligned to 16 bytes; hidden size {hidden_size} is not"
+    return None
+
+
 def _preferred(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
     """Where sorting pays off at all (the CPU-fitted cost model; not yet measured on a GPU); decode steps and
     small N / K go to cheaper backends."""
     return sorting_pays_off(hidden, lora_A, expert_index)
 
 
-register_backend("megablocks", megablocks_routed, _supports, priority=30, preferred=_preferred)
+register_backend("megablocks", megablocks_routed, _supports, priority=30, preferred=_preferred, refuses=_refuses)
