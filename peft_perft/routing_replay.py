@@ -12,6 +12,7 @@ releases), and GRPOTrainer passes no routing from generation to scoring. So `Rou
 routers: the base router's top-k experts (for routers that return ``(logits, top-k weights, top-k indices)``, the
 shape of OLMoE, Qwen2/3-MoE and Mixtral in Transformers 5) and each PERFT-R adapter's. PERFT-E needs nothing of its
 own: it reuses the routing the base passes to its experts, so it follows the replayed base routing.
+`add_routing_replay(trainer)` puts the switch into TRL's GRPOTrainer.
 
 Replay keeps the recorded *indices* and recomputes the *weights* from the current router, as Megatron-LM's router
 replay does: the update's gradient still reaches the routers and everything before them. The recording holds
@@ -26,9 +27,11 @@ is never scored).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -66,6 +69,17 @@ class RecordedRouting:
 
     def nbytes(self) -> int:
         return sum(value.numel() * value.element_size() for value in self.experts.values())
+
+    def packed(self) -> torch.Tensor:
+        """All routers' indices side by side, (B, S, sum of top-k), in one integer type: a per-sequence tensor that
+        a trainer's batch can carry through its shuffling and splitting."""
+        widest = max((value.dtype for value in self.experts.values()), key=lambda dtype: torch.iinfo(dtype).bits)
+        return torch.cat([value.to(widest) for value in self.experts.values()], dim=-1)
+
+    def unpacked(self, packed: torch.Tensor) -> RecordedRouting:
+        """The routing of `packed` rows laid out by this recording's routers (their order and top-k)."""
+        widths = [value.shape[-1] for value in self.experts.values()]
+        return RecordedRouting(dict(zip(self.experts, packed.split(widths, dim=-1), strict=True)))
 
     def agreement(self, other: RecordedRouting) -> float:
         """Share of (token, router) pairs whose set of experts is the same in both recordings, over the positions
@@ -262,3 +276,134 @@ def _index_dtype(num_experts: int) -> torch.dtype:
     if num_experts <= 256:
         return torch.uint8
     return torch.int16 if num_experts <= 2**15 else torch.int32
+
+
+ROUTING_COLUMN = "perft_routing_replay"
+"""The batch entry in which `add_routing_replay` carries each rollout's recorded routing through GRPOTrainer."""
+
+_MULTIMODAL_ARGUMENTS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+def add_routing_replay(trainer: Any, base: bool = True) -> RoutingReplay:
+    """Make TRL's ``GRPOTrainer`` (1.16) score every rollout with the routing it was generated with.
+
+    The routing recorded while ``generate`` runs rides in the rollout batch as the entry ``ROUTING_COLUMN``, so
+    TRL's shuffling and splitting into micro-batches keep it with its sequences; the old-policy and reference
+    log-probabilities and the update's forward (and its backward, where activation checkpointing recomputes the
+    blocks) replay it. This wraps five GRPOTrainer methods of this TRL release on the instance (it changes no
+    class): Transformers' own ``generate`` path only (not vLLM, continuous batching, tools or ``rollout_func``).
+    """
+    unsupported = [
+        name
+        for name, active in (
+            ("use_vllm", getattr(trainer, "use_vllm", False)),
+            ("use_transformers_continuous_batching", getattr(trainer, "use_transformers_continuous_batching", False)),
+            ("tools", getattr(trainer, "tools", None)),
+            ("rollout_func", getattr(trainer, "rollout_func", None)),
+        )
+        if active
+    ]
+    needed = ("_generate_single_turn", "_generate_and_score_completions", "_get_per_token_logps_and_entropies")
+    missing = [name for name in (*needed, "_compute_loss", "training_step") if not hasattr(trainer, name)]
+    if unsupported or missing:
+        raise ValueError(
+            f"add_routing_replay supports TRL 1.16's GRPOTrainer generating with Transformers' generate; this "
+            f"trainer has {unsupported or 'no'} unsupported options and lacks methods {missing or 'none'}. Record "
+            f"and replay in your own loop with RoutingReplay.record()/replay() instead."
+        )
+    replay = RoutingReplay(trainer.model, base=base)
+    _GRPOReplay(trainer, replay).install()
+    return replay
+
+
+class _GRPOReplay:
+    """The wrappers `add_routing_replay` puts on one GRPOTrainer: record at generation, replay at scoring."""
+
+    def __init__(self, trainer: Any, replay: RoutingReplay) -> None:
+        self.trainer = trainer
+        self.replay = replay
+        self.generated: RecordedRouting | None = None
+        self.layout: RecordedRouting | None = None  # the latest recording: the routers' order and widths
+        self.update_replay: ExitStack | None = None
+
+    def install(self) -> None:
+        wrappers: dict[str, Callable] = {
+            "_generate_single_turn": self._generate_single_turn,
+            "_generate_and_score_completions": self._generate_and_score_completions,
+            "_get_per_token_logps_and_entropies": self._per_token_logps,
+            "_compute_loss": self._compute_loss,
+            "training_step": self._training_step,
+        }
+        for name, wrapper in wrappers.items():
+            setattr(self.trainer, name, functools.partial(wrapper, getattr(self.trainer, name)))
+
+    def _generate_single_turn(self, original: Callable, *args, **kwargs):
+        with self.replay.record() as routing:
+            result = original(*args, **kwargs)
+        self.generated = self.layout = routing
+        return result
+
+    def _generate_and_score_completions(self, original: Callable, inputs):
+        self.generated = None
+        try:
+            output = original(inputs)
+            if self.generated is not None:
+                output[ROUTING_COLUMN] = self.generated.packed()
+        finally:
+            self.generated = None
+        return output
+
+    def _per_token_logps(self, original: Callable, model, input_ids, attention_mask, logits_to_keep, **kwargs):
+        """Old-policy and reference log-probabilities, scored micro-batch by micro-batch with the rollout's routing
+        (the update's own call already runs inside the replay `_compute_loss` opened)."""
+        if self.generated is None or self.replay._mode is not None:
+            return original(model, input_ids, attention_mask, logits_to_keep, **kwargs)
+        if any(kwargs.get(name) is not None for name in _MULTIMODAL_ARGUMENTS):
+            raise NotImplementedError("add_routing_replay covers text-only GRPO; this batch has multimodal inputs.")
+        size = kwargs.pop("batch_size", None) or input_ids.size(0)
+        results = []
+        for start in range(0, input_ids.size(0), size):
+            rows = slice(start, start + size)
+            with self.replay.replay(self.generated.rows(rows)):
+                results.append(original(model, input_ids[rows], attention_mask[rows], logits_to_keep, **kwargs))
+        log_probs, entropies, aux_losses = zip(*results, strict=True)
+        return (
+            torch.cat(log_probs),
+            None if entropies[0] is None else torch.cat(entropies),
+            None if aux_losses[0] is None else torch.stack(aux_losses).mean(),
+        )
+
+    def _compute_loss(self, original: Callable, model, inputs):
+        packed = inputs.get(ROUTING_COLUMN)
+        if packed is None:
+            return original(model, inputs)
+        routing = self.layout.unpacked(packed)
+        if not model.training:
+            with self.replay.replay(routing):
+                return original(model, inputs)
+        self._close_update_replay()
+        self.update_replay = ExitStack()
+        self.update_replay.enter_context(self.replay.replay(routing))  # closed after the backward, by training_step
+        return original(model, inputs)
+
+    def _training_step(self, original: Callable, *args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self._close_update_replay()
+
+    def _close_update_replay(self) -> None:
+        if self.update_replay is not None:
+            self.update_replay.close()
+            self.update_replay = None

@@ -1,6 +1,7 @@
 """TRL's GRPOTrainer, unchanged, trains every PERFT variant: one step moves the adapter by exactly the policy
 gradient recomputed here from the rollout TRL scored, the adapter saves and reloads, the base stays frozen, the
-routing monitor counts the update's forwards (not the generation's), and PERFT-R's aux loss reaches the loss."""
+routing monitor counts the update's forwards (not the generation's), and PERFT-R's aux loss reaches the loss. With
+add_routing_replay, GRPOTrainer scores every rollout with the routing it was generated with."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import torch
 from conftest import build_tiny, char_tokenizer
 from datasets import Dataset
 from peft import PeftModel
+from test_routing_replay import RoutingSpy
 from trl import GRPOConfig, GRPOTrainer
 
 from peft_perft import PerftConfig, PerftMoeBlock
 from peft_perft.monitor import add_routing_monitor
+from peft_perft.routing_replay import ROUTING_COLUMN, RecordedRouting, add_routing_replay
 
 CHARACTERS = string.ascii_lowercase + " =>"
 PROMPTS = ["abc =>", "moe =>", "peft =>", "xyz =>"]  # two lengths, so generation batches are left-padded
@@ -203,3 +206,66 @@ def test_perft_aux_loss_enters_the_grpo_loss(tmp_path: Path) -> None:
     assert logged and all(entry["perft_aux_loss"] > 0 for entry in logged)
     # The model's aux_loss carries PERFT's term divided by the model's coefficient (0.01), as for SFTTrainer.
     assert all(entry["aux_loss"] > entry["perft_aux_loss"] / 0.01 for entry in logged)
+
+
+def scored_routing(trainer: GRPOTrainer, replay: bool) -> tuple[list[dict], list[RecordedRouting]]:
+    """Train two micro-batches of one rollout (the second after an update moved the policy) and return the scored
+    batches with the routing each scoring forward used, read by hooks independent of the replay."""
+    if replay:
+        add_routing_replay(trainer)
+    spy = RoutingSpy(trainer.model)
+    batches, used = [], []
+    compute_loss = trainer._compute_loss
+
+    def recording(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+        loss = compute_loss(model, inputs)
+        batches.append({key: value.clone() for key, value in inputs.items() if isinstance(value, torch.Tensor)})
+        used.append(spy.indices(len(inputs["prompt_ids"])))
+        return loss
+
+    trainer._compute_loss = recording
+    trainer.train()
+    return batches, used
+
+
+def routing_agreement_on_real_tokens(used: RecordedRouting, reference: RecordedRouting, batch: dict) -> float:
+    """Share of (real token, router) pairs with the same experts, over the positions generation routed (the
+    rollout's last token is routed live) and the tokens the attention mask keeps."""
+    real = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)[:, :-1].bool()
+    same = total = 0
+    for key, index in used.experts.items():
+        ours = index[:, : real.shape[1]].sort(-1).values
+        theirs = reference.experts[key][:, : real.shape[1]].sort(-1).values
+        same += int(((ours == theirs).all(-1) & real).sum())
+        total += int(real.sum())
+    return same / total
+
+
+@pytest.mark.parametrize("variant", ["R", "E"])
+def test_grpo_with_routing_replay_scores_with_the_generation_routing(variant: str, tmp_path: Path) -> None:
+    """Two micro-batches per rollout (steps_per_generation=2): the second is scored after an update. With
+    add_routing_replay every scoring forward routes each real token as the model did at generation (recomputed
+    here on the starting weights); without it, the moved policy routes some tokens elsewhere."""
+    runs = {}
+    for replay in (False, True):
+        args = grpo_config(tmp_path / str(replay), max_steps=2, steps_per_generation=2, learning_rate=30.0)
+        trainer = grpo_trainer(args, perft_config(variant))
+        start = named_parameters(trainer.model, adapter=True)
+        runs[replay] = (trainer, start, *scored_routing(trainer, replay))
+    for replay, (trainer, start, batches, used) in runs.items():
+        assert len(batches) == 2 and (ROUTING_COLUMN in batches[0]) == replay
+        with torch.no_grad():
+            for name, parameter in trainer.model.named_parameters():
+                if name in start:
+                    parameter.copy_(start[name])
+            spy = RoutingSpy(trainer.model)
+            agreements = []
+            for batch, scored in zip(batches, used, strict=True):
+                input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+                attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+                trainer.model(input_ids=input_ids, attention_mask=attention_mask)
+                agreements.append(routing_agreement_on_real_tokens(scored, spy.indices(len(input_ids)), batch))
+        if replay:
+            assert agreements == [1.0, 1.0]
+        else:
+            assert agreements[0] == 1.0 and agreements[1] < 0.99, "the update did not move the routing: no test"
