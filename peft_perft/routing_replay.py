@@ -115,6 +115,7 @@ class RoutingReplay:
     def __init__(self, model: nn.Module, base: bool = True) -> None:
         root = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.blocks = {name: module for name, module in root.named_modules() if isinstance(module, PerftMoeBlock)}
+        self._names = {id(module): name for name, module in self.blocks.items()}
         if not self.blocks:
             raise ValueError(
                 f"RoutingReplay found no PERFT-adapted MoE block in {type(root).__name__}: wrap the model with "
@@ -178,6 +179,11 @@ class RoutingReplay:
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs.get("inputs_embeds")
+        if tokens is None:
+            raise ValueError(
+                f"RoutingReplay needs input_ids or inputs_embeds in the call of {type(module).__name__} to tell "
+                f"which positions of which sequences a forward covers."
+            )
         batch, positions = tokens.shape[:2]
         if self._mode == "replay" and batch != self._routing.batch_size:
             raise ValueError(
@@ -191,7 +197,7 @@ class RoutingReplay:
         self, block: PerftMoeBlock, adapter_name: str, router_logits: torch.Tensor, routing: tuple[torch.Tensor, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """PERFT-R's hook (called by the block with the router's logits and its live top-k choice)."""
-        key = (self._name_of(block), adapter_name)
+        key = (self._names[id(block)], adapter_name)
         index, weight = routing
         if self._mode == "record":
             self._keep(key, index, block.perft_configs[adapter_name].resolved_num_experts(0))
@@ -233,9 +239,6 @@ class RoutingReplay:
         forced[:, : recorded.shape[1]] = recorded.to(device=live.device, dtype=live.dtype)
         return forced.reshape(live.shape)
 
-    def _name_of(self, block: PerftMoeBlock) -> str:
-        return next(name for name, module in self.blocks.items() if module is block)
-
 
 def _router_output(output, key: RouterKey) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if (
@@ -260,9 +263,10 @@ def _softmax_top_k_weight(logits: torch.Tensor, index: torch.Tensor, renormalise
 def _weight_rule(logits: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, key: RouterKey) -> bool:
     """Whether the router renormalises its top-k softmax weights, found by reproducing its own live weights; a
     router that computes them otherwise (sigmoid, bias, groups) is refused rather than replayed wrongly."""
+    tolerance = max(1e-3, 2 * torch.finfo(weight.dtype).eps)  # the router rounds its weights to its dtype
     for renormalise in (False, True):
         candidate = _softmax_top_k_weight(logits.detach(), index, renormalise).to(weight.dtype)
-        if torch.allclose(candidate, weight.detach(), rtol=1e-3, atol=1e-6):
+        if torch.allclose(candidate, weight.detach(), rtol=tolerance, atol=1e-6):
             return renormalise
     raise TypeError(
         f"RoutingReplay cannot replay the base router of {key[0]!r}: its top-k weights are not the softmax of its "
