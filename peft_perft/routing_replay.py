@@ -121,6 +121,13 @@ class RoutingReplay:
                 f"RoutingReplay found no PERFT-adapted MoE block in {type(root).__name__}: wrap the model with "
                 f"get_peft_model(model, PerftConfig(...)) (or load an adapter) first."
             )
+        unsupported = [name for name, block in self.blocks.items() if not _base_router_replayable(block)]
+        if base and unsupported:
+            raise ValueError(
+                f"RoutingReplay cannot replay the base routers of {unsupported}: their routing reaches the experts "
+                f"other than as (logits, top-k weights, top-k indices) from the router (Llama 4, JetMoE, or experts "
+                f"whose call does not carry it). Use RoutingReplay(model, base=False) to replay PERFT-R's only."
+            )
         self.root = root
         self.base = base
         self._mode: str | None = None
@@ -161,7 +168,7 @@ class RoutingReplay:
         self._handles.append(self.root.register_forward_pre_hook(self._start_forward, with_kwargs=True))
         for name, block in self.blocks.items():
             block.routing_replay = self._perft_routing
-            if self.base and block.spec.experts_routable and not block.spec.routes_from_router:
+            if self.base:
                 router = block.base_layer.get_submodule(block.spec.router_name)
                 self._handles.append(router.register_forward_hook(self._base_router_hook((name, BASE_ROUTER))))
         try:
@@ -238,6 +245,10 @@ class RoutingReplay:
         forced = live.reshape(batch, positions, -1).clone()
         forced[:, : recorded.shape[1]] = recorded.to(device=live.device, dtype=live.dtype)
         return forced.reshape(live.shape)
+
+
+def _base_router_replayable(block: PerftMoeBlock) -> bool:
+    return block.spec.experts_routable and not block.spec.routes_from_router
 
 
 def _router_output(output, key: RouterKey) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
