@@ -72,6 +72,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self._base_routing_seen: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self._experts_hook_handle: RemovableHandle | None = None
         self.token_slice_terms: TokenSliceTerms | None = None  # set by sharding under TP with EP
+        self.routing_replay: Callable | None = None  # set by routing_replay.RoutingReplay while it records/replays
         self.block_name = type(base_layer).__name__
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
@@ -291,7 +292,10 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         if config.variant != "R":
             return as_dtype(always_on_experts(adapter_input, lora_A, lora_B, _activation(config)), flat.dtype)
         router_logits = as_dtype(F.linear(router_input, self.perft_router[adapter_name]), torch.float32)
-        record = RoutingRecord(*_top_k_routing(router_logits, config), router_logits=router_logits)
+        routing = _top_k_routing(router_logits, config)
+        if self.routing_replay is not None:
+            routing = self.routing_replay(self, adapter_name, router_logits, routing)
+        record = RoutingRecord(*routing, router_logits=router_logits)
         self.routing_records[adapter_name] = record
         expert_index, top_weight = record.expert_index, as_dtype(record.expert_weight, lora_A.dtype)
         if local_routing is not None:

@@ -53,7 +53,10 @@ class RoutingMonitor:
     Args:
         model: a PERFT model (a `PeftModel`, possibly wrapped for distributed training).
         track_base: also count the base model's own routing.
-        training_only: count only forward passes made in training mode (skip evaluation inside training).
+        training_only: count only the forward passes that train: in training mode with autograd on. Evaluation
+            inside training is skipped, and so is generation inside RL trainers (TRL's GRPOTrainer generates
+            without gradients while the model stays in training mode), whose tokens the update's own forward
+            scores again.
         reduce_across_processes: sum the counts over all processes at each read (every rank must call `read`).
         measure_drift: take the PERFT-R router weights at `attach` as the reference for ``drift``.
     """
@@ -80,6 +83,7 @@ class RoutingMonitor:
         self._router_start: dict[tuple[str, str], torch.Tensor] = {}
         self._latest_drift: dict[tuple[str, str], float] = {}
         self._attention_mask: torch.Tensor | None = None
+        self._counting = True
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _plan_counters(self, track_base: bool) -> list[_Counter]:
@@ -135,13 +139,15 @@ class RoutingMonitor:
                     self._router_start[(counter.adapter, counter.layer.name)] = weight.detach().clone()
 
     def _remember_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # Decided before the forward: the counting hook itself runs without gradients.
+        self._counting = not self.training_only or (module.training and torch.is_grad_enabled())
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         self._attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     @torch.no_grad()
     def _count_forward(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> None:
         """Add this forward's routing to the device counts (no host synchronisation)."""
-        if self.training_only and not module.training:
+        if not self._counting:
             return
         for counter in self._counters:
             routing = self._routing_of(counter)
