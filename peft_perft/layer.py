@@ -26,10 +26,10 @@ from torch.utils.hooks import RemovableHandle
 from .architectures import MoeBlockSpec
 from .config import PerftConfig
 from .dispatch import add_scaled, always_on_experts, as_dtype, routed_experts
-from .experts_dispatch import AdapterTerm
-from .experts_dispatch import install as install_in_dispatch
-from .experts_dispatch import uninstall as uninstall_in_dispatch
-from .sharding import TokenSliceTerms, shard_adapter
+from .dispatch.in_experts import AdapterTerm
+from .dispatch.in_experts import install as install_in_dispatch
+from .dispatch.in_experts import uninstall as uninstall_in_dispatch
+from .parallel.sharding import TokenSliceTerms, shard_adapter
 
 
 @dataclass

@@ -13,9 +13,9 @@ from .architectures import MoeBlockSpec, find_moe_blocks
 from .config import PerftConfig
 from .layer import MERGE_ERROR, PerftMoeBlock
 from .loading import check_adapter_fits
+from .parallel.sharding import distribute_adapter_state_dict, refuse_unsupported_layout, replicate_adapter
+from .parallel.tensor_parallel import release_tensor_parallel_experts
 from .quantization import keep_small_4bit_layers_unpacked
-from .sharding import distribute_adapter_state_dict, refuse_unsupported_layout, replicate_adapter
-from .tensor_parallel import release_tensor_parallel_experts
 
 
 class PerftModel(BaseTuner):

@@ -33,8 +33,8 @@ from transformers.distributed import DistributedConfig
 
 from peft_perft import PerftConfig
 from peft_perft.layer import PerftMoeBlock
-from peft_perft.sharding import gathered_adapter_state_dict
-from peft_perft.tensor_parallel import TensorParallelExperts
+from peft_perft.parallel.sharding import gathered_adapter_state_dict
+from peft_perft.parallel.tensor_parallel import TensorParallelExperts
 
 GLOBAL_BATCH = 4
 STEPS = 3

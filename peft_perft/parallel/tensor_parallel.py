@@ -47,7 +47,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from transformers.distributed.parallel_utils import _AllReduceBackward
 from transformers.distributed.tensor_parallel import MoeExpertsParallel
 
-from .dispatch import add_scaled
+from ..dispatch import add_scaled
 
 BOTTLENECK_PLACEMENTS = {"perft_A": Shard(1), "perft_B": Shard(2)}
 """Where ``r`` sits in the stacked adapter tensors: ``perft_A`` (N, r, D) and ``perft_B`` (N, D, r)."""

@@ -37,8 +37,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from transformers.distributed.expert_parallel import AllToAllEP, AutoEP, EPImplementation, EPImplementationInterface
 
-from .dispatch import add_scaled
-from .loading import ADAPTER_KEY_MARKERS
+from ..dispatch import add_scaled
+from ..loading import ADAPTER_KEY_MARKERS
 from .tensor_parallel import is_block_input_unchanged, split_over_tensor_parallel
 
 _HOOKED = "__perft_sharding_hook__"
@@ -206,7 +206,7 @@ def _unmanaged_trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _holds_perft_adapter(model: PeftModel) -> bool:
-    from .config import PerftConfig
+    from ..config import PerftConfig
 
     return any(isinstance(config, PerftConfig) for config in getattr(model, "peft_config", {}).values())
 

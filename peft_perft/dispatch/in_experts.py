@@ -28,10 +28,10 @@ import torch
 from torch import nn
 from transformers.integrations import moe as transformers_moe
 
-from .dispatch import as_dtype
-from .dispatch.gather import decode_sized
-from .dispatch.grouped import GroupedLinear, aligned, kernel_runs
-from .dispatch.sorting import pad_rank
+from . import as_dtype
+from .gather import decode_sized
+from .grouped import GroupedLinear, aligned, kernel_runs
+from .sorting import pad_rank
 
 FUSED_IMPLEMENTATION = "grouped_mm"
 """The Transformers experts implementation whose permutation PERFT-E shares."""
