@@ -29,7 +29,8 @@ from .dispatch import add_scaled, always_on_experts, as_dtype, routed_experts
 from .dispatch.in_experts import AdapterTerm
 from .dispatch.in_experts import install as install_in_dispatch
 from .dispatch.in_experts import uninstall as uninstall_in_dispatch
-from .parallel.sharding import TokenSliceTerms, shard_adapter
+from .parallel import place as shard_adapter
+from .parallel.token_slices import TokenSliceTerms
 
 
 @dataclass
@@ -71,7 +72,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self._experts_call_adapters: list[str] = []
         self._base_routing_seen: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self._experts_hook_handle: RemovableHandle | None = None
-        self.token_slice_terms: TokenSliceTerms | None = None  # set by sharding under TP with EP
+        self.token_slice_terms: TokenSliceTerms | None = None  # set by parallel.place under TP with EP
         self.block_name = type(base_layer).__name__
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
@@ -128,7 +129,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         beside_block = [
             n for n in active if self.perft_configs[n].variant != "E" and not isinstance(self.perft_A[n], DTensor)
         ]
-        # Under TP with EP the experts' dispatch may add them on this rank's token rows (sharding.TokenSliceTerms):
+        # Under TP with EP the experts' dispatch may add them on this rank's token rows (parallel.token_slices):
         # offered to it, and those it did not take are added here after the base.
         slices = self.token_slice_terms if beside_block else None
         deltas = self._block_deltas(beside_block, hidden_states) if slices is None else []

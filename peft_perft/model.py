@@ -13,8 +13,8 @@ from .architectures import MoeBlockSpec, find_moe_blocks
 from .config import PerftConfig
 from .layer import MERGE_ERROR, PerftMoeBlock
 from .loading import check_adapter_fits
-from .parallel.sharding import distribute_adapter_state_dict, refuse_unsupported_layout, replicate_adapter
-from .parallel.tensor_parallel import release_tensor_parallel_experts
+from .parallel import distribute_adapter_state_dict, refuse_unsupported_layout, replicate_adapter
+from .parallel import release as release_tensor_parallel_experts
 from .quantization import keep_small_4bit_layers_unpacked
 
 
@@ -97,7 +97,8 @@ class PerftModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: PerftConfig, adapter_name: str) -> None:
         """Attach the aux-loss hook to the model itself, so every call path (PeftModel, TRL, direct) gets it; on a
-        model sharded at load time, make the new adapter replicated with averaged gradients (see `sharding`)."""
+        model sharded at load time, make the new adapter replicated with averaged gradients (see
+        `parallel.replication`)."""
         if getattr(self, "_aux_loss_hook", None) is None:
             self._aux_loss_hook = model.register_forward_hook(self._add_router_aux_loss, with_kwargs=True)
         replicate_adapter(model)

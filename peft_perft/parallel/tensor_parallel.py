@@ -20,14 +20,14 @@ every rank from the replicated router) is counted once.
 
 With data parallelism beside TP (``fsdp_size`` / ``dp_replicate_size``) the TP groups of different batches hold
 the same shards: each shard is created from global rank 0's values and its gradient averaged over the
-data-parallel ranks after each backward (as `sharding.replicate_adapter` does for replicated tensors over all
+data-parallel ranks after each backward (as `replication.replicate_adapter` does for replicated tensors over all
 ranks).
 
 Where this cannot apply the adapter stays replicated, as before: ``r`` not divisible by ``tp_size`` (uneven
 shards, and no share at all where ``r < tp_size``), expert parallelism (``ep_size > 1``: the experts are then
 dispatched by EP, not split by TP, and the only collective over a TP group is the all-gather of disjoint token
 slices, which a partial term cannot join: with ``ep_implementation="perft"`` R, D and S are computed on each TP
-rank's token rows there instead, see ``sharding.TokenSlicedAllToAll`` and docs/big_models.md), blocks whose
+rank's token rows there instead, see ``token_slices.TokenSlicedAllToAll`` and docs/big_models.md), blocks whose
 experts do not run under ``moe_tp_experts``, and PERFT-E on blocks that take its routing from the router's output
 (Llama 4, JetMoE).
 """
@@ -152,7 +152,7 @@ def _data_parallel_groups(mesh: DeviceMesh) -> list[dist.ProcessGroup]:
 
 def _average_shard(parameter: nn.Parameter, groups: list[dist.ProcessGroup]) -> None:
     """Average this rank's shard of the gradient over the ranks that hold the same shard on other batches (after
-    each backward, which is also right under gradient accumulation, see ``sharding.replicate_adapter``)."""
+    each backward, which is also right under gradient accumulation, see ``replication.replicate_adapter``)."""
     local = parameter.grad.to_local()
     for group in groups:
         dist.all_reduce(local, op=dist.ReduceOp.AVG, group=group)

@@ -33,7 +33,7 @@ from transformers.distributed import DistributedConfig
 
 from peft_perft import PerftConfig
 from peft_perft.layer import PerftMoeBlock
-from peft_perft.parallel.sharding import gathered_adapter_state_dict
+from peft_perft.parallel.saving import gathered_adapter_state_dict
 from peft_perft.parallel.tensor_parallel import TensorParallelExperts
 
 GLOBAL_BATCH = 4
