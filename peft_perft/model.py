@@ -9,12 +9,11 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
+from . import parallel
 from .architectures import MoeBlockSpec, find_moe_blocks
 from .config import PerftConfig
 from .layer import MERGE_ERROR, PerftMoeBlock
 from .loading import check_adapter_fits
-from .parallel import distribute_adapter_state_dict, refuse_unsupported_layout, replicate_adapter
-from .parallel import release as release_tensor_parallel_experts
 from .quantization import keep_small_4bit_layers_unpacked
 
 
@@ -31,7 +30,7 @@ class PerftModel(BaseTuner):
 
     def _prepare_model(self, peft_config: PerftConfig, model: nn.Module) -> None:
         """Find the MoE blocks once per adapter; a model without any gets an error that names its type."""
-        refuse_unsupported_layout(model)
+        parallel.refuse_unsupported_layout(model)
         keep_small_4bit_layers_unpacked(model)
         self._moe_blocks: dict[str, MoeBlockSpec] = find_moe_blocks(model)
         if not self._moe_blocks:
@@ -60,15 +59,18 @@ class PerftModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        """Add the adapter to an existing PERFT wrapper, or wrap the MoE block."""
+        """Add the adapter to an existing PERFT wrapper, or wrap the MoE block; then let the distributed layouts
+        place it (`parallel.place`: sharded with the experts, or replicated)."""
         if isinstance(target, PerftMoeBlock):
             target.update_layer(adapter_name, peft_config)
+            parallel.place(target, adapter_name)
             return
         spec = self._moe_blocks.get(current_key)
         if spec is None:
             raise ValueError(f"Module {current_key!r} is not an MoE block; PERFT can only adapt MoE blocks.")
         new_module = PerftMoeBlock(target, adapter_name, peft_config, spec)
         new_module.block_name = current_key
+        parallel.place(new_module, adapter_name)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         setattr(parent, target_name, new_module)
@@ -80,13 +82,13 @@ class PerftModel(BaseTuner):
         """Map checkpoint keys to the model (peft's way), then refuse an adapter that does not fit before loading."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         check_adapter_fits(model, adapter_name, remapped)
-        return distribute_adapter_state_dict(model, remapped)
+        return parallel.distribute_adapter_state_dict(model, remapped)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Put a module in place; used by unload() to restore the original block, without PERFT's experts hook."""
         if isinstance(child, PerftMoeBlock):
             child.remove_experts_hook()
-            release_tensor_parallel_experts(child)
+            parallel.release(child)
         setattr(parent, child_name, new_module)
 
     def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
@@ -101,7 +103,7 @@ class PerftModel(BaseTuner):
         `parallel.replication`)."""
         if getattr(self, "_aux_loss_hook", None) is None:
             self._aux_loss_hook = model.register_forward_hook(self._add_router_aux_loss, with_kwargs=True)
-        replicate_adapter(model)
+        parallel.replicate_adapter(model)
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         """Remove the aux-loss hook along with the adapters, so the returned model is the original one."""

@@ -14,13 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 from transformers.distributed.expert_parallel import AutoEP, EPImplementation, EPImplementationInterface
 
-from ..dispatch import add_scaled
+from ..terms import AdapterTensors, add_term, no_record
 from .token_slices import TokenSlicedAllToAll, TokenSliceTerms
 
 EXPERT_PARALLEL_NAME = "perft"
+OWNER = "expert_parallel"
+"""The block's ``term_owners`` entry of a PERFT-E adapter sharded here: its term is added inside the dispatch."""
 _EXPERT_PARALLEL_ATTRIBUTE = "perft_expert_parallel"
 
 
@@ -63,17 +65,15 @@ class PerftExpertParallel(EPImplementation):
         if block is None or not block._experts_call_adapters:
             return output
         off_rank = local_index >= self.num_local_experts
-        index = local_index.masked_fill(off_rank, 0)
+        routing = (local_index.masked_fill(off_rank, 0), weights.masked_fill(off_rank, 0.0))
         for name in block._experts_call_adapters:
-            lora_A, lora_B = block.perft_A[name], block.perft_B[name]
-            if not isinstance(lora_A, DTensor):
+            if block.term_owners.get(name) != OWNER:
                 continue
-            lora_A, lora_B = lora_A.to_local(), lora_B.to_local()
-            config = block.perft_configs[name]
-            adapter_weights = weights.masked_fill(off_rank, 0.0).to(lora_A.dtype)
-            adapter_input = block._adapter_input(name, tokens)
-            delta = block._routed(config, adapter_input, lora_A, lora_B, index, adapter_weights)
-            output = add_scaled(output, delta.to(output.dtype), config.scaling)
+            lora_A, lora_B, _ = block.adapter_tensors(name)
+            local = AdapterTensors(lora_A.to_local(), lora_B.to_local())
+            # The routing record is the block's (global expert ids), kept by its experts hook.
+            delta = block.adapter_term(name, tokens, tensors=local, routing=routing, record=no_record)
+            output = add_term(output, delta, block.perft_configs[name].scaling)
         return output
 
 
@@ -101,9 +101,12 @@ def shard_routed_adapter(block: nn.Module, adapter_name: str) -> bool:
     for tensors in (block.perft_A, block.perft_B):
         full = tensors[adapter_name]
         # Every rank built the full tensor; rank 0's values are distributed, so all ranks agree whatever their seed.
-        sharded = nn.Parameter(distribute_tensor(full.data, implementation.ep_mesh, [Shard(0)]))
+        sharded = nn.Parameter(
+            distribute_tensor(full.data, implementation.ep_mesh, [Shard(0)]), requires_grad=full.requires_grad
+        )
         sharded.register_hook(functools.partial(_mean_over_batches, dp_size=distributed.dp_size))
         tensors[adapter_name] = sharded
+    block.term_owners[adapter_name] = OWNER
     implementation.block = block
     return True
 

@@ -43,14 +43,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 from transformers.distributed.parallel_utils import _AllReduceBackward
 from transformers.distributed.tensor_parallel import MoeExpertsParallel
 
-from ..dispatch import add_scaled
+from ..terms import AdapterTensors, add_term, no_record
 
 BOTTLENECK_PLACEMENTS = {"perft_A": Shard(1), "perft_B": Shard(2)}
 """Where ``r`` sits in the stacked adapter tensors: ``perft_A`` (N, r, D) and ``perft_B`` (N, D, r)."""
+OWNER = "tensor_parallel"
+"""The block's ``term_owners`` entry of an adapter split here: its term is added inside `TensorParallelExperts`."""
 
 
 def split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
@@ -69,18 +71,20 @@ def split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
         if data_parallel:  # each TP group scatters from its own first rank: give them all global rank 0's values
             dist.broadcast(whole.data, src=0)
         # Every rank built the whole tensor; rank 0's values are scattered, so all ranks agree whatever their seed.
-        split = nn.Parameter(distribute_tensor(whole.data, tensor_parallel.mesh, [placement]))
+        split = nn.Parameter(
+            distribute_tensor(whole.data, tensor_parallel.mesh, [placement]), requires_grad=whole.requires_grad
+        )
         if data_parallel:
             split.register_post_accumulate_grad_hook(functools.partial(_average_shard, groups=data_parallel))
         tensors[adapter_name] = split
+    block.term_owners[adapter_name] = OWNER
     TensorParallelExperts.install(block, experts, tensor_parallel)
     return True
 
 
 def is_split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
-    """Whether an adapter of a block whose experts run `TensorParallelExperts` is computed inside it (its tensors
-    are then DTensors on the TP mesh: expert parallelism, the other reason for a DTensor, excludes this)."""
-    return isinstance(block.perft_A[adapter_name], DTensor)
+    """Whether an adapter of a block whose experts run `TensorParallelExperts` is computed inside it."""
+    return block.term_owners.get(adapter_name) == OWNER
 
 
 def is_block_input_unchanged(experts_input: torch.Tensor, block_input: torch.Tensor, version: int) -> bool:
@@ -222,7 +226,7 @@ class TensorParallelExperts:
             tokens, expert_index, expert_weight = self.block.spec.read_experts_call((shared, *routing), kwargs)
             terms += [(name, self._partial_routed_term(name, tokens, expert_index, expert_weight)) for name in routed]
         for name, delta in terms:
-            output = add_scaled(output, delta.to(output.dtype).view(output.shape), configs[name].scaling)
+            output = add_term(output, delta, configs[name].scaling)
         return style.transform_output_post_forward(experts, output, self.mesh)
 
     def _active_split_adapters(self) -> tuple[list[str], list[str]]:
@@ -237,14 +241,10 @@ class TensorParallelExperts:
     def _beside_adapters(self) -> list[str]:
         """The split R, D and S adapters active in the block."""
         block = self.block
-        if block.disable_adapters:
-            return []
         return [
             name
-            for name in block.active_adapters
-            if name in block.perft_A
-            and block.perft_configs[name].variant != "E"
-            and is_split_over_tensor_parallel(block, name)
+            for name in block.active_perft_adapters()
+            if block.perft_configs[name].variant != "E" and is_split_over_tensor_parallel(block, name)
         ]
 
     def _adapter_inputs(self, experts_input: torch.Tensor, shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,20 +266,27 @@ class TensorParallelExperts:
         self, name: str, tokens: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor
     ) -> torch.Tensor:
         """This rank's share of a PERFT-E adapter's (unscaled) term, with the base routing the experts received
-        (weights after their gradient all-reduce)."""
-        block, config = self.block, self.block.perft_configs[name]
-        lora_A, lora_B = block.perft_A[name].to_local(), block.perft_B[name].to_local()
-        adapter_input = block._adapter_input(name, tokens)
-        return block._routed(config, adapter_input, lora_A, lora_B, expert_index, expert_weight.to(lora_A.dtype))
+        (weights after their gradient all-reduce; the block's experts hook records that routing)."""
+        routing = (expert_index, expert_weight)
+        return self.block.adapter_term(name, tokens, tensors=self._local(name), routing=routing, record=no_record)
 
     def _partial_term(self, name: str, router_input: torch.Tensor, adapter_input: torch.Tensor) -> torch.Tensor:
         """This rank's share of the adapter's (unscaled) term: ``sum B_i act(A_i h)`` over its bottleneck rows, the
         routing weights' partial gradients summed over the TP ranks."""
-        block = self.block
-        lora = block.perft_A[name].to_local(), block.perft_B[name].to_local()
         group = self.mesh.get_group()
 
         def summed_weight_gradients(index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return index, _AllReduceBackward.apply(weight, group)
 
-        return block._block_delta(name, router_input, adapter_input, lora, summed_weight_gradients)
+        return self.block.adapter_term(
+            name,
+            adapter_input,
+            tensors=self._local(name),
+            router_input=router_input,
+            local_routing=summed_weight_gradients,
+        )
+
+    def _local(self, name: str) -> AdapterTensors:
+        """This rank's slices of the adapter's experts (``r / tp`` of each bottleneck) and its replicated router."""
+        lora_A, lora_B, router = self.block.adapter_tensors(name)
+        return AdapterTensors(lora_A.to_local(), lora_B.to_local(), router)

@@ -12,7 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from transformers.distributed.expert_parallel import AllToAllEP
 
-from ..dispatch import add_scaled
+from ..terms import AdapterTensors, add_term
 from .tensor_parallel import is_block_input_unchanged
 
 
@@ -62,13 +62,18 @@ class TokenSliceTerms:
         group's sum once `replicate_adapter` has averaged them over all ranks."""
         block = self.block
         for name in names:
-            config = block.perft_configs[name]
-            lora = tuple(_ScaledGradient.apply(t, tp_size) for t in (block.perft_A[name], block.perft_B[name]))
-            router_input = hidden_states if config.variant == "R" else input_rows
-            delta = block._block_delta(
-                name, router_input, input_rows, lora, lambda index, weight: (rows(index), rows(weight))
+            lora_A, lora_B, router = block.adapter_tensors(name)
+            scaled = AdapterTensors(
+                _ScaledGradient.apply(lora_A, tp_size), _ScaledGradient.apply(lora_B, tp_size), router
             )
-            output = add_scaled(output, delta.to(output.dtype), config.scaling)
+            delta = block.adapter_term(
+                name,
+                input_rows,
+                tensors=scaled,
+                router_input=hidden_states,
+                local_routing=lambda index, weight: (rows(index), rows(weight)),
+            )
+            output = add_term(output, delta, block.perft_configs[name].scaling)
         return output
 
 
