@@ -152,10 +152,9 @@ def grouped_experts_with_adapters(
     token_of_pair = order // top_k
     rows = hidden_states.index_select(0, token_of_pair)
     pair_output = _base_pairs(experts, rows, expert_ids, offsets)
+    sorted_pairs = _SortedPairs(hidden_states, rows, token_of_pair, offsets, empty)
     for term in terms:
-        pairs = functools.partial(
-            _adapter_pairs, hidden_states, rows, token_of_pair, offsets, empty, scaling=term.scaling
-        )
+        pairs = functools.partial(sorted_pairs.adapter_pairs, scaling=term.scaling)
         delta = term.delta(hidden_states, routing=(top_k_index, top_k_weights), experts=pairs)
         pair_output = pair_output + as_dtype(delta, pair_output.dtype)
     pair_weight = top_k_weights.reshape(-1).index_select(0, order)
@@ -185,32 +184,40 @@ def _base_pairs(
     return experts.post_expert_norm(output) if experts.has_post_expert_norm else output
 
 
-def _adapter_pairs(
-    hidden_states: torch.Tensor,
-    rows: torch.Tensor,
-    token_of_pair: torch.Tensor,
-    offsets: torch.Tensor,
-    empty: torch.Tensor,
-    adapter_input: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    expert_index: torch.Tensor,
-    expert_weight: torch.Tensor,
-    activation: Callable[[torch.Tensor], torch.Tensor] | None,
-    *,
-    scaling: float,
-) -> torch.Tensor:
-    """``scaling * B_e act(A_e h)`` per sorted pair as two grouped GEMMs, the rank padded for the kernel: the routed
-    experts of `terms.adapter_delta` on the pairs already sorted (the routing is the base's, and its weights multiply
-    base and adapter together afterwards). The scaling multiplies the r-wide bottleneck, not the D-wide output, so
-    neither pass multiplies T*K D-wide rows."""
-    # Without dropout or a dtype change the adapter reads the experts' own gathered rows: no second gather of T*K
-    # D-wide rows, nor its scatter back in the backward.
-    adapter_rows = rows if adapter_input is hidden_states else adapter_input.index_select(0, token_of_pair)
-    lora_A, lora_B = pad_rank(lora_A, lora_B, _ALIGN_BYTES // lora_A.element_size())
-    down = GroupedLinear.apply(adapter_rows, aligned(lora_A), offsets, empty)
-    if activation is not None:
-        down = activation(down)
-    if scaling != 1:
-        down = down * scaling
-    return GroupedLinear.apply(down, aligned(lora_B), offsets, empty)
+@dataclass(frozen=True)
+class _SortedPairs:
+    """The (token, expert) pairs of one experts call, sorted by expert: the token rows the experts gathered
+    (``rows``, from ``hidden_states``), each pair's token, and the grouped GEMMs' group ends and empty groups."""
+
+    hidden_states: torch.Tensor
+    rows: torch.Tensor
+    token_of_pair: torch.Tensor
+    offsets: torch.Tensor
+    empty: torch.Tensor
+
+    def adapter_pairs(
+        self,
+        adapter_input: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        expert_index: torch.Tensor,
+        expert_weight: torch.Tensor,
+        activation: Callable[[torch.Tensor], torch.Tensor] | None,
+        *,
+        scaling: float,
+    ) -> torch.Tensor:
+        """``scaling * B_e act(A_e h)`` per sorted pair as two grouped GEMMs, the rank padded for the kernel: the
+        routed experts of `terms.adapter_delta` on the pairs already sorted (the routing is the base's, and its
+        weights multiply base and adapter together afterwards). The scaling multiplies the r-wide bottleneck, not
+        the D-wide output, so neither pass multiplies T*K D-wide rows."""
+        # Without dropout or a dtype change the adapter reads the experts' own gathered rows: no second gather of
+        # T*K D-wide rows, nor its scatter back in the backward.
+        same_rows = adapter_input is self.hidden_states
+        adapter_rows = self.rows if same_rows else adapter_input.index_select(0, self.token_of_pair)
+        lora_A, lora_B = pad_rank(lora_A, lora_B, _ALIGN_BYTES // lora_A.element_size())
+        down = GroupedLinear.apply(adapter_rows, aligned(lora_A), self.offsets, self.empty)
+        if activation is not None:
+            down = activation(down)
+        if scaling != 1:
+            down = down * scaling
+        return GroupedLinear.apply(down, aligned(lora_B), self.offsets, self.empty)
