@@ -199,6 +199,11 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             self._experts_hook_handle = None
             uninstall_in_dispatch(self.spec.experts_module(self.base_layer))
 
+    def routed_adapters_owned_by(self, owner: str) -> list[str]:
+        """The E adapters the current experts call adds (none outside this block's forward) whose term the parallel
+        layout ``owner`` computes inside that call."""
+        return [name for name in self._experts_call_adapters if self.term_owners.get(name) == owner]
+
     def _pending_in_dispatch(self) -> list[AdapterTerm]:
         """The E adapters the current experts call should add inside its grouped dispatch: none outside this
         block's forward, none where routing slots may point past the weighted experts, and all or none, since an

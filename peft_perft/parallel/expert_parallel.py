@@ -62,13 +62,12 @@ class PerftExpertParallel(EPImplementation):
         marks them so, with weight 0) and add nothing."""
         output = self.experts_forward(tokens, local_index, weights, **kwargs)
         block = self.block
-        if block is None or not block._experts_call_adapters:
+        names = [] if block is None else block.routed_adapters_owned_by(OWNER)
+        if not names:
             return output
         off_rank = local_index >= self.num_local_experts
         routing = (local_index.masked_fill(off_rank, 0), weights.masked_fill(off_rank, 0.0))
-        for name in block._experts_call_adapters:
-            if block.term_owners.get(name) != OWNER:
-                continue
+        for name in names:
             lora_A, lora_B, _ = block.adapter_tensors(name)
             local = AdapterTensors(lora_A.to_local(), lora_B.to_local())
             # The routing record is the block's (global expert ids), kept by its experts hook.

@@ -233,7 +233,7 @@ class TensorParallelExperts:
         """The split adapters this call adds: R, D and S ones active in the block's current forward, and the E
         ones the block queued for this experts call (which its experts hook then skips)."""
         block = self.block
-        routed = [name for name in block._experts_call_adapters if is_split_over_tensor_parallel(block, name)]
+        routed = block.routed_adapters_owned_by(OWNER)
         if self.block_input is None:
             return [], routed
         return self._beside_adapters(), routed
