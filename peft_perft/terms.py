@@ -4,10 +4,11 @@ The one-process block, the tensor-parallel split, expert parallelism, the token 
 experts' in-dispatch path differ only in what they hand it: this rank's slices of ``A`` / ``B``, the rows of the
 routing it keeps with their gradient reduction (``local_routing``), where the routing comes from, and (in the
 experts' own dispatch) how the routed experts are computed. Routing, top-k, dropout and the dtype casts are here
-alone; the scaling is applied where the term is added (`add_term`), which saves a kernel per block and token.
+alone; the scaling is applied where the term is added (`add_term`), which saves a kernel per block and token (the
+in-dispatch path scales the bottleneck of its own routed computation instead).
 
-Paths call it as ``terms.adapter_delta`` (an attribute of this module, not a name imported from it), so a test
-that replaces it sees every path change.
+Every path reaches it through the block's ``adapter_term``, which calls it as ``terms.adapter_delta`` (an attribute
+of this module, not a name imported from it), so a test that replaces it sees every path change.
 """
 
 from __future__ import annotations
