@@ -9,7 +9,6 @@ so their term must equal the one-process term exactly as written out by hand.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -128,39 +127,22 @@ def test_in_dispatch_path_adds_the_shared_term(monkeypatch: pytest.MonkeyPatch, 
     torch.testing.assert_close(silenced, base, rtol=1e-5, atol=1e-5)
 
 
-class _OneRankStyle:
-    """Stands in for Transformers' ``moe_tp_experts`` style on a one-rank TP mesh, where its input and output
-    transforms are identities (a shard is the whole tensor, an all-reduce a copy)."""
-
-    def transform_inputs_pre_forward(self, module: nn.Module, args: tuple, kwargs: dict, mesh: DeviceMesh):
-        return args, kwargs
-
-    @contextlib.contextmanager
-    def context_around_forward(self, module: nn.Module, mesh: DeviceMesh) -> Iterator[None]:
-        yield
-
-    def transform_output_post_forward(self, module: nn.Module, output: torch.Tensor, mesh: DeviceMesh):
-        return output
-
-
 def split_over_one_rank(model: nn.Module, mesh: DeviceMesh) -> None:
     """Each block's default adapter split on its bottleneck over a one-rank TP mesh and computed by
-    `TensorParallelExperts`, as `tensor_parallel.split_over_tensor_parallel` lays it out under ``tp_size``."""
+    `TensorParallelExperts`, by the very code that does it under ``tp_size`` once `parallel.prepare` found
+    Transformers' TP mesh: the mesh on the experts modules, then `split_over_tensor_parallel`."""
     for block in (module for module in model.modules() if isinstance(module, PerftMoeBlock)):
         experts = block.spec.experts_module(block.base_layer)
-        for kind, placement in tensor_parallel.BOTTLENECK_PLACEMENTS.items():
-            whole = getattr(block, kind)["default"]
-            getattr(block, kind)["default"] = nn.Parameter(distribute_tensor(whole.data, mesh, [placement]))
-        block.term_owners["default"] = tensor_parallel.OWNER
-        own_forward = type(experts).forward.__get__(experts)
-        style = tensor_parallel._TensorParallelStyle(_OneRankStyle(), mesh, own_forward, own_forward)
-        tensor_parallel.TensorParallelExperts.install(block, experts, style)
+        tensor_parallel.attach_tensor_parallel_mesh([experts], mesh)
+        assert tensor_parallel.split_over_tensor_parallel(block, "default")
+        assert isinstance(block.perft_A["default"], DTensor)
+        assert tensor_parallel.TensorParallelExperts.of(experts) is not None
 
 
 @pytest.mark.parametrize("variant", ["R", "S", "E"])
 def test_tensor_parallel_split_adds_the_shared_term(variant: str, one_rank_mesh: DeviceMesh, silence) -> None:
-    """`TensorParallelExperts` adds each split adapter's partial term inside the experts' TP forward: on one rank
-    the whole term, so the logits are the one-process model's."""
+    """`TensorParallelExperts` adds the sum over the TP ranks of each split adapter's partial term to the experts'
+    output: on one rank the whole term, so the logits are the one-process model's."""
     torch.manual_seed(0)
     config = PerftConfig(r=4, lora_alpha=8, init_weights=False, **CONFIGS[variant])
     model = get_peft_model(tiny_model("olmoe"), config).eval()
