@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from olmoe_step import Trainer, model_config, variants  # noqa: E402
 
+from peft_perft import terms  # noqa: E402
 from peft_perft.layer import PerftMoeBlock  # noqa: E402
 
 NAMES = ["frozen", "perft-r", "perft-e"]
@@ -36,12 +37,12 @@ PROMPT_TOKENS, NEW_TOKENS = 32, 32
 @contextlib.contextmanager
 def zero_dispatch() -> Iterator[None]:
     """Replace the routed dispatch by zeros for the duration (a probe, not a mode of the package)."""
-    shipped = PerftMoeBlock.__dict__["_routed"]
-    PerftMoeBlock._routed = staticmethod(lambda config, adapter_input, *rest: torch.zeros_like(adapter_input))
+    shipped = terms.routed_experts
+    terms.routed_experts = lambda adapter_input, *rest: torch.zeros_like(adapter_input)
     try:
         yield
     finally:
-        PerftMoeBlock._routed = shipped
+        terms.routed_experts = shipped
 
 
 def time_block_forwards(model: torch.nn.Module, sinks: dict[str, list[float]]) -> None:

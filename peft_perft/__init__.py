@@ -16,7 +16,7 @@ from .hub import install_hub_hooks  # noqa: E402
 from .layer import PerftMoeBlock  # noqa: E402
 from .loading import install_loading_guard  # noqa: E402
 from .model import PerftModel  # noqa: E402
-from .sharding import install_sharding_hooks  # noqa: E402
+from .parallel import install_sharding_hooks  # noqa: E402
 
 __all__ = ["PerftConfig", "PerftModel", "PerftMoeBlock", "__version__"]
 __version__ = "0.1.0"

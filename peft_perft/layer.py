@@ -2,11 +2,14 @@
 
 Per adapter the layer stores stacked tensors ``perft_A`` (N, r, D), ``perft_B`` (N, D, r) and, for PERFT-R,
 ``perft_router`` (N, D). R, D and S add their output to the block's output; E adds ``g_i dE_i(h)`` inside the
-experts call (inside their grouped_mm dispatch where it can, see ``experts_dispatch``; else right after the experts'
-forward or through a forward hook), so it uses exactly the indices and weights the base experts receive and never
-runs the base router a second time. Where the experts' call does not carry the routing (Llama 4, JetMoE), a
+experts call (inside their grouped_mm dispatch where it can, see ``dispatch.in_experts``; else right after the
+experts' forward or through a forward hook), so it uses exactly the indices and weights the base experts receive and
+never runs the base router a second time. Where the experts' call does not carry the routing (Llama 4, JetMoE), a
 hook on the base router reads it from the router's output and E is added to the block's output. Either way, an
 active E adapter whose hook did not run during the block's forward is an error, never a silent no-op.
+
+Each term is computed by `terms.adapter_delta`. This module knows nothing of sharding: `parallel.place` may hand
+an adapter's term to a distributed layout (``term_owners``), which then computes it with the same function.
 """
 
 from __future__ import annotations
@@ -14,42 +17,30 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.hooks import RemovableHandle
 
+from . import terms
 from .architectures import MoeBlockSpec
 from .config import PerftConfig
-from .dispatch import add_scaled, always_on_experts, as_dtype, routed_experts
-from .experts_dispatch import AdapterTerm
-from .experts_dispatch import install as install_in_dispatch
-from .experts_dispatch import uninstall as uninstall_in_dispatch
-from .sharding import TokenSliceTerms, shard_adapter
+from .dispatch import RoutedFn
+from .dispatch.in_experts import AdapterTerm
+from .dispatch.in_experts import install as install_in_dispatch
+from .dispatch.in_experts import uninstall as uninstall_in_dispatch
+from .terms import AdapterTensors, LocalRouting, Record, Routing, RoutingRecord, add_term, detached
 
 
-@dataclass
-class RoutingRecord:
-    """The routing an adapted block used in its last forward: what the aux loss and the monitor read.
+class TermOffer(Protocol):
+    """Someone who may add some of the block's R, D and S terms inside the base call (TP with EP adds them on its
+    token rows): offered the names and the base's input before it, asked after it which ones are left."""
 
-    ``expert_index`` and ``expert_weight`` (T, K) are the experts each token went to; ``router_logits`` (T, N) are
-    PERFT-R's router outputs (None for E, whose base router is frozen).
-    """
+    def offer(self, names: list[str], experts_input: torch.Tensor) -> None: ...
 
-    expert_index: torch.Tensor
-    expert_weight: torch.Tensor
-    router_logits: torch.Tensor | None = None
-
-    @property
-    def router_probs(self) -> torch.Tensor | None:
-        """PERFT-R's full softmax (T, N) in fp32, computed when read (by the aux loss), not on every decode step."""
-        if self.router_logits is None:
-            return None
-        return torch.softmax(self.router_logits, dim=-1, dtype=torch.float32)
+    def left(self) -> list[str]: ...
 
 
 class PerftMoeBlock(nn.Module, BaseTunerLayer):
@@ -71,8 +62,10 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self._experts_call_adapters: list[str] = []
         self._base_routing_seen: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self._experts_hook_handle: RemovableHandle | None = None
-        self.token_slice_terms: TokenSliceTerms | None = None  # set by sharding under TP with EP
-        self.routing_replay: Callable | None = None  # set by routing_replay.RoutingReplay while it records/replays
+        self.term_owners: dict[str, str] = {}  # adapter -> the parallel layout that adds its term (else: this block)
+        self.token_slice_terms: TermOffer | None = None  # set by parallel.place under TP with EP
+        # set by routing_replay.RoutingReplay while it records/replays: PERFT-R's top-k goes through it
+        self.routing_replay: Callable | None = None
         self.block_name = type(base_layer).__name__
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
@@ -98,7 +91,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         if config.variant == "E" and self._experts_hook_handle is None:
             self._experts_hook_handle = self._register_base_routing_hook()
         self.reset_parameters(adapter_name)
-        shard_adapter(self, adapter_name)
+        self.term_owners.pop(adapter_name, None)  # the block's until parallel.place hands it to a layout
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()
@@ -127,11 +120,10 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
 
     def _assign(self, parameter: torch.Tensor, values: torch.Tensor) -> None:
         """Store whole fp32 values in a parameter, rounded through the base dtype; a sharded (DTensor) parameter
-        keeps its own shard of rank 0's values, so every rank holds the same adapter."""
+        keeps its own shard of rank 0's values (`local_shard`), so every rank holds the same adapter."""
         values = values.to(_floating_dtype_of(self.base_layer)).to(parameter.dtype)
-        if isinstance(parameter, DTensor):
-            values = distribute_tensor(values, parameter.device_mesh, parameter.placements).to_local()
-            parameter = parameter.to_local()
+        if hasattr(parameter, "device_mesh"):  # a DTensor: the parallel code cuts this rank's shard
+            values, parameter = PerftMoeBlock.local_shard(values, parameter), parameter.to_local()
         parameter.copy_(values)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -143,34 +135,35 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         """Run the frozen block, with E adapters inside the experts call and R/D/S adapters added to its output."""
-        active = [] if self.disable_adapters else [name for name in self.active_adapters if name in self.perft_A]
+        active = self.active_perft_adapters()
         self.routing_records.clear()
         routed_by_base = [name for name in active if self.perft_configs[name].variant == "E"]
-        # R, D and S split over tensor-parallel ranks are added by the experts' TP wrapper (see tensor_parallel).
-        beside_block = [
-            n for n in active if self.perft_configs[n].variant != "E" and not isinstance(self.perft_A[n], DTensor)
-        ]
-        # Under TP with EP the experts' dispatch may add them on this rank's token rows (sharding.TokenSliceTerms):
-        # offered to it, and those it did not take are added here after the base.
-        slices = self.token_slice_terms if beside_block else None
-        deltas = self._block_deltas(beside_block, hidden_states) if slices is None else []
+        beside_block = [n for n in active if self.perft_configs[n].variant != "E" and n not in self.term_owners]
+        # Someone inside the base call may add some of them (TP with EP: on its token rows): offered to it, and
+        # those it did not take are added here after the base.
+        offer = self.token_slice_terms if beside_block else None
+        deltas = self._block_deltas(beside_block, hidden_states) if offer is None else []
         # Some blocks scale their input in place (Mixtral's router jitter); keep the adapters' input intact.
         base_input = hidden_states.clone() if beside_block and self.training else hidden_states
-        if slices is not None:
-            slices.offer(beside_block, base_input)
+        if offer is not None:
+            offer.offer(beside_block, base_input)
         output = self._run_base(routed_by_base, base_input, *args, **kwargs)
-        if slices is not None:
-            deltas = self._block_deltas(slices.left(), hidden_states)
+        if offer is not None:
+            deltas = self._block_deltas(offer.left(), hidden_states)
         for delta, scaling in deltas:
-            output = _add_to_primary(output, delta, scaling)
+            output = add_term(output, delta, scaling)
         return output
+
+    def active_perft_adapters(self) -> list[str]:
+        """The adapters of this block that take part in its forward."""
+        return [] if self.disable_adapters else [name for name in self.active_adapters if name in self.perft_A]
 
     def _block_deltas(self, names: list[str], hidden_states: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
         """Each named R, D or S adapter's term on the block's (flattened) input, with the scaling to add it by."""
         if not names:
             return []
         flat = hidden_states.reshape(-1, self.spec.hidden_size)
-        return [(self._block_delta(name, flat), self.perft_configs[name].scaling) for name in names]
+        return [(self.adapter_term(name, flat), self.perft_configs[name].scaling) for name in names]
 
     def _run_base(self, routed_by_base: list[str], hidden_states: torch.Tensor, *args, **kwargs):
         """Call the frozen block; its experts hook adds the E adapters named here, for this call only (or its router
@@ -188,7 +181,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             raise RuntimeError(self._hook_did_not_run(routed_by_base))
         if routed_by_base and self.spec.routes_from_router:
             flat = hidden_states.reshape(-1, self.spec.hidden_size)
-            output = self._add_router_routed_experts(routed_by_base, flat, output, *self._base_routing_seen[-1])
+            output = self._add_routed_terms(routed_by_base, flat, self._base_routing_seen[-1], output)
         return output
 
     def _register_base_routing_hook(self) -> RemovableHandle:
@@ -214,18 +207,6 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         if self._experts_call_adapters:
             self._base_routing_seen.append(self.spec.router_routing(output, self.spec.top_k))
 
-    def _add_router_routed_experts(
-        self, adapter_names: list[str], flat: torch.Tensor, output, expert_index: torch.Tensor, weight: torch.Tensor
-    ):
-        """Add ``sum_k g_k dE_k(h)`` of the E adapters to the block output, with the routing its router returned."""
-        for name in adapter_names:
-            config, lora_A, lora_B = self.perft_configs[name], self.perft_A[name], self.perft_B[name]
-            self.routing_records[name] = RoutingRecord(_detached(expert_index), _detached(weight))
-            adapter_input = self._adapter_input(name, flat)
-            delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, as_dtype(weight, lora_A.dtype))
-            output = _add_to_primary(output, as_dtype(delta, flat.dtype), config.scaling)
-        return output
-
     def _attach_to_experts(self) -> RemovableHandle:
         """Compute PERFT-E inside the experts' own grouped dispatch where they have one, with the forward hook as
         the fallback that adds whatever that dispatch did not (other implementations, experts without one)."""
@@ -240,68 +221,34 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             self._experts_hook_handle = None
             uninstall_in_dispatch(self.spec.experts_module(self.base_layer))
 
+    def routed_adapters_owned_by(self, owner: str) -> list[str]:
+        """The E adapters the current experts call adds (none outside this block's forward) whose term the parallel
+        layout ``owner`` computes inside that call."""
+        return [name for name in self._experts_call_adapters if self.term_owners.get(name) == owner]
+
     def _pending_in_dispatch(self) -> list[AdapterTerm]:
         """The E adapters the current experts call should add inside its grouped dispatch: none outside this
         block's forward, none where routing slots may point past the weighted experts, and all or none, since an
-        adapter that names a dispatch backend (instead of ``auto``) goes through that backend and one split over
-        tensor-parallel ranks (a DTensor) through `tensor_parallel.TensorParallelExperts`."""
+        adapter that names a dispatch backend (instead of ``auto``) goes through that backend and one a parallel
+        layout owns (``term_owners``: split over tensor-parallel ranks, say) through that layout."""
         names = self._experts_call_adapters
         if self.spec.has_skip_slots or any(
-            self.perft_configs[n].dispatch_backend != "auto" or isinstance(self.perft_A[n], DTensor) for n in names
+            self.perft_configs[n].dispatch_backend != "auto" or n in self.term_owners for n in names
         ):
             return []
         return [
             AdapterTerm(
-                name=name,
                 lora_A=self.perft_A[name],
-                lora_B=self.perft_B[name],
                 scaling=self.perft_configs[name].scaling,
-                activation=_activation(self.perft_configs[name]),
-                prepare_input=functools.partial(self._adapter_input, name),
+                delta=functools.partial(self.adapter_term, name),
             )
-            for name in self._experts_call_adapters
+            for name in names
         ]
 
-    def _done_in_dispatch(self, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> None:
-        """The experts' dispatch added the pending adapters: record their routing, leave nothing for the hook."""
-        for name in self._experts_call_adapters:
-            self.routing_records[name] = RoutingRecord(_detached(expert_index), _detached(expert_weight))
+    def _done_in_dispatch(self) -> None:
+        """The experts' dispatch added the pending adapters (and recorded their routing): leave nothing for the hook."""
         self._experts_call_adapters.clear()
         self._base_routing_seen.append(None)
-
-    def _block_delta(
-        self,
-        adapter_name: str,
-        flat: torch.Tensor,
-        adapter_flat: torch.Tensor | None = None,
-        lora: tuple[torch.Tensor, torch.Tensor] | None = None,
-        local_routing: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-    ) -> torch.Tensor:
-        """Output of an R, D or S adapter for flattened block inputs (T, D), before its scaling (which the
-        addition to the block output applies, saving a kernel per block and token).
-
-        Tensor parallelism computes one rank's share with the same code: ``lora`` is that rank's slice of the
-        bottleneck (or the whole adapter on its token rows), ``adapter_flat`` the input the adapter experts read
-        (``flat`` feeds the router), and ``local_routing`` maps the router's (indices, weights) to what they use
-        (the weights' partial gradients summed over the ranks, or the rows of ``adapter_flat``)."""
-        config = self.perft_configs[adapter_name]
-        lora_A, lora_B = lora or (self.perft_A[adapter_name], self.perft_B[adapter_name])
-        router_input = as_dtype(flat, lora_A.dtype)
-        expert_input = router_input if adapter_flat is None else as_dtype(adapter_flat, lora_A.dtype)
-        adapter_input = self._dropout(adapter_name, expert_input)
-        if config.variant != "R":
-            return as_dtype(always_on_experts(adapter_input, lora_A, lora_B, _activation(config)), flat.dtype)
-        router_logits = as_dtype(F.linear(router_input, self.perft_router[adapter_name]), torch.float32)
-        routing = _top_k_routing(router_logits, config)
-        if self.routing_replay is not None:
-            routing = self.routing_replay(self, adapter_name, router_logits, routing)
-        record = RoutingRecord(*routing, router_logits=router_logits)
-        self.routing_records[adapter_name] = record
-        expert_index, top_weight = record.expert_index, as_dtype(record.expert_weight, lora_A.dtype)
-        if local_routing is not None:
-            expert_index, top_weight = local_routing(expert_index, top_weight)
-        delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, top_weight)
-        return as_dtype(delta, flat.dtype)
 
     def _add_routed_experts(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
         """Inside this block's forward, add ``sum_i g_i dE_i(h)`` of the pending E adapters with the routing the
@@ -310,40 +257,68 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         if not self._experts_call_adapters:
             return None
         hidden, expert_index, expert_weight = self.spec.read_experts_call(args, kwargs)
-        total = output
-        for name in self._experts_call_adapters:
-            config, lora_A, lora_B = self.perft_configs[name], self.perft_A[name], self.perft_B[name]
-            self.routing_records[name] = RoutingRecord(_detached(expert_index), _detached(expert_weight))
-            if isinstance(lora_A, DTensor):  # sharded like the experts: added inside their expert-parallel dispatch
-                continue
-            adapter_input = self._adapter_input(name, hidden)
-            weight = as_dtype(expert_weight, lora_A.dtype)
-            delta = self._routed(config, adapter_input, lora_A, lora_B, expert_index, weight)
-            total = add_scaled(total, as_dtype(delta, output.dtype).view(output.shape), config.scaling)
+        total = self._add_routed_terms(self._experts_call_adapters, hidden, (expert_index, expert_weight), output)
         self._experts_call_adapters.clear()
         self._base_routing_seen.append(None)
         return total
 
-    def _adapter_input(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
-        """An E adapter's input: the experts' hidden states in the adapter's dtype, with its dropout."""
-        return self._dropout(adapter_name, as_dtype(hidden, self.perft_A[adapter_name].dtype))
+    def _add_routed_terms(self, adapter_names: list[str], hidden: torch.Tensor, routing: Routing, output):
+        """Add ``sum_k g_k dE_k(h)`` of the E adapters, with the base routing, to ``output`` (the experts' or the
+        block's); one a parallel layout owns was added inside the experts call, only its routing is recorded."""
+        for name in adapter_names:
+            if name in self.term_owners:
+                self.routing_records[name] = RoutingRecord(*(detached(tensor) for tensor in routing))
+                continue
+            output = add_term(
+                output, self.adapter_term(name, hidden, routing=routing), self.perft_configs[name].scaling
+            )
+        return output
 
-    def _dropout(self, adapter_name: str, adapter_input: torch.Tensor) -> torch.Tensor:
+    def adapter_term(
+        self,
+        adapter_name: str,
+        adapter_input: torch.Tensor,
+        *,
+        tensors: AdapterTensors | None = None,
+        router_input: torch.Tensor | None = None,
+        routing: Routing | None = None,
+        local_routing: LocalRouting | None = None,
+        experts: RoutedFn | None = None,
+        record: Record | None = None,
+    ) -> torch.Tensor:
+        """One adapter's unscaled term (`terms.adapter_delta`) with this block's tensors, dropout and routing
+        records; a parallel layout passes its slices (``tensors``), its routing rows (``local_routing``) and, where
+        the block records the routing itself, ``record=terms.no_record``."""
+        return terms.adapter_delta(
+            self.perft_configs[adapter_name],
+            tensors or self.adapter_tensors(adapter_name),
+            adapter_input,
+            dropout=self._dropout(adapter_name),
+            record=record or functools.partial(self.routing_records.__setitem__, adapter_name),
+            router_input=router_input,
+            routing=routing,
+            local_routing=local_routing,
+            experts=experts,
+            replay=None if self.routing_replay is None else functools.partial(self.routing_replay, self, adapter_name),
+        )
+
+    def adapter_tensors(self, adapter_name: str) -> AdapterTensors:
+        """The adapter's stacked experts and router, as this block holds them (DTensors where a layout shards them)."""
+        return AdapterTensors(
+            self.perft_A[adapter_name], self.perft_B[adapter_name], self.perft_router.get(adapter_name)
+        )
+
+    def _dropout(self, adapter_name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The adapter's dropout, skipped outside training where it is the identity anyway."""
-        return self.perft_dropout[adapter_name](adapter_input) if self.training else adapter_input
+        return self.perft_dropout[adapter_name] if self.training else _identity
 
     @staticmethod
-    def _routed(
-        config: PerftConfig,
-        adapter_input: torch.Tensor,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        expert_index: torch.Tensor,
-        expert_weight: torch.Tensor,
-    ) -> torch.Tensor:
-        """Routed experts (unscaled) through the configured dispatch backend."""
-        return routed_experts(
-            adapter_input, lora_A, lora_B, expert_index, expert_weight, _activation(config), config.dispatch_backend
+    def local_shard(values: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of whole ``values`` for a sharded (DTensor) parameter; `parallel.install_sharding_hooks`
+        puts the distributed implementation here, as this module imports nothing distributed."""
+        raise RuntimeError(
+            f"PERFT: cannot initialise a sharded ({type(parameter).__name__}) adapter parameter without "
+            "peft_perft.parallel's hooks; import peft_perft (which installs them) instead of peft_perft.layer alone."
         )
 
     def __repr__(self) -> str:
@@ -358,32 +333,8 @@ MERGE_ERROR = (
 )
 
 
-def _top_k_routing(router_logits: torch.Tensor, config: PerftConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """PERFT-R's (indices, weights) (T, K): the top-k experts by router probability, their probabilities
-    renormalised to sum 1 (the softmax of their logits, as softmax is monotonic) or left as they are."""
-    if config.normalize_top_k:
-        top_logits, top_index = router_logits.topk(config.resolved_top_k(), dim=-1)
-        return top_index, torch.softmax(top_logits, dim=-1)
-    top_weight, top_index = torch.softmax(router_logits, dim=-1).topk(config.resolved_top_k(), dim=-1)
-    return top_index, top_weight
-
-
-def _detached(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor cut from autograd for the routing records; itself where autograd does not track it (a decode
-    step), which saves an op per block."""
-    return tensor.detach() if tensor.requires_grad else tensor
-
-
-def _activation(config: PerftConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    return F.silu if config.adapter_type == "parallel_adapter" else None
-
-
-def _add_to_primary(output, delta: torch.Tensor, scaling: float):
-    """Add the scaled adapter output (T, D) to the block's hidden states, in the shape the block returns them
-    ((B, S, D), or (T, D) as Llama 4 does), also when the block returns a tuple."""
-    if isinstance(output, tuple):
-        return (add_scaled(output[0], delta.view(output[0].shape), scaling), *output[1:])
-    return add_scaled(output, delta.view(output.shape), scaling)
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -9,14 +9,13 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
+from . import parallel
 from .architectures import MoeBlockSpec, find_moe_blocks
 from .config import PerftConfig
 from .dispatch import refusal
 from .layer import MERGE_ERROR, PerftMoeBlock
 from .loading import check_adapter_fits
 from .quantization import keep_small_4bit_layers_unpacked
-from .sharding import distribute_adapter_state_dict, refuse_unsupported_layout, replicate_adapter
-from .tensor_parallel import attach_tensor_parallel_mesh, find_tensor_parallel_mesh, release_tensor_parallel_experts
 
 
 class PerftModel(BaseTuner):
@@ -32,7 +31,7 @@ class PerftModel(BaseTuner):
 
     def _prepare_model(self, peft_config: PerftConfig, model: nn.Module) -> None:
         """Find the MoE blocks once per adapter; a model without any gets an error that names its type."""
-        refuse_unsupported_layout(model)
+        parallel.refuse_unsupported_layout(model)
         keep_small_4bit_layers_unpacked(model)
         self._moe_blocks: dict[str, MoeBlockSpec] = find_moe_blocks(model)
         if not self._moe_blocks:
@@ -42,9 +41,7 @@ class PerftModel(BaseTuner):
                 f"experts module with 3-D expert weights). PERFT adapts MoE models only; for a dense model use "
                 f"another PEFT method such as LoRA."
             )
-        tensor_parallel_mesh = find_tensor_parallel_mesh(model)
-        if tensor_parallel_mesh is not None:
-            attach_tensor_parallel_mesh(self._experts_modules(model), tensor_parallel_mesh)
+        parallel.prepare(model, self._experts_modules(model))
 
     def _experts_modules(self, model: nn.Module) -> list[nn.Module]:
         """The experts module of each MoE block found (inside PERFT's wrapper where an adapter is already there)."""
@@ -75,15 +72,18 @@ class PerftModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        """Add the adapter to an existing PERFT wrapper, or wrap the MoE block."""
+        """Add the adapter to an existing PERFT wrapper, or wrap the MoE block; then let the distributed layouts
+        place it (`parallel.place`: sharded with the experts, or replicated)."""
         if isinstance(target, PerftMoeBlock):
             target.update_layer(adapter_name, peft_config)
+            parallel.place(target, adapter_name)
             return
         spec = self._moe_blocks.get(current_key)
         if spec is None:
             raise ValueError(f"Module {current_key!r} is not an MoE block; PERFT can only adapt MoE blocks.")
         new_module = PerftMoeBlock(target, adapter_name, peft_config, spec)
         new_module.block_name = current_key
+        parallel.place(new_module, adapter_name)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         setattr(parent, target_name, new_module)
@@ -126,12 +126,12 @@ class PerftModel(BaseTuner):
         """Map checkpoint keys to the model (peft's way), then refuse an adapter that does not fit before loading."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         check_adapter_fits(model, adapter_name, remapped)
-        return distribute_adapter_state_dict(model, remapped)
+        return parallel.distribute_adapter_state_dict(model, remapped)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Put a module in place; used by unload() to restore the original block, without PERFT's experts hook."""
         if isinstance(child, PerftMoeBlock):
-            release_tensor_parallel_experts(child)  # first: it may wrap the forward the experts hook installed
+            parallel.release(child)  # first: the TP wrapper may wrap the forward the experts hook installed
             child.remove_experts_hook()
         setattr(parent, child_name, new_module)
 
@@ -143,10 +143,11 @@ class PerftModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: PerftConfig, adapter_name: str) -> None:
         """Attach the aux-loss hook to the model itself, so every call path (PeftModel, TRL, direct) gets it; on a
-        model sharded at load time, make the new adapter replicated with averaged gradients (see `sharding`)."""
+        model sharded at load time, make the new adapter replicated with averaged gradients (see
+        `parallel.replication`)."""
         if getattr(self, "_aux_loss_hook", None) is None:
             self._aux_loss_hook = model.register_forward_hook(self._add_router_aux_loss, with_kwargs=True)
-        replicate_adapter(model)
+        parallel.replicate_adapter(model)
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         """Remove the aux-loss hook along with the adapters, so the returned model is the original one."""

@@ -13,7 +13,8 @@ import torch
 from peft import get_peft_model
 from test_architectures import COVERED, PERFT_E_UNAVAILABLE, _input_ids, _single_thread, tiny_model  # noqa: F401
 
-from peft_perft import PerftConfig, PerftMoeBlock, experts_dispatch
+from peft_perft import PerftConfig, PerftMoeBlock
+from peft_perft.dispatch import in_experts as experts_dispatch
 
 NOT_FUSED = {
     "dbrx": "its experts are a plain module, not one of Transformers' experts-interface classes",

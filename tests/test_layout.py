@@ -25,6 +25,11 @@ def module_name(path: Path) -> str:
 
 def imported_modules(path: Path) -> set[str]:
     """Absolute names of the peft_perft modules one file imports (relative imports resolved)."""
+    return {name for name in all_imports(path) if name == "peft_perft" or name.startswith("peft_perft.")}
+
+
+def all_imports(path: Path) -> set[str]:
+    """Absolute names of every module one file imports, peft_perft's and others' (relative imports resolved)."""
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -35,7 +40,7 @@ def imported_modules(path: Path) -> set[str]:
             module = node.module if node.level == 0 else ".".join(filter(None, [base, node.module]))
             names.add(module)
             names |= {f"{module}.{alias.name}" for alias in node.names if f"{module}.{alias.name}" in ALL_MODULES}
-    return {name for name in names if name == "peft_perft" or name.startswith("peft_perft.")}
+    return names
 
 
 ALL_MODULES = {module_name(path) for path in PACKAGE.rglob("*.py")}
@@ -70,6 +75,60 @@ def test_tools_use_each_other_through_public_faces(tool: str) -> None:
             if other and other != tool and name != f"peft_perft.{other}":
                 reaching_in.append(f"{path.relative_to(PACKAGE)} imports {name}")
     assert not reaching_in, "\n".join(reaching_in)
+
+
+DISTRIBUTED = ("peft_perft.parallel", "torch.distributed", "transformers.distributed")
+"""The distributed code: PERFT's layouts, and the engines they build on."""
+
+
+def path_of(module: str) -> Path:
+    relative = Path(*module.split(".")[1:])
+    package = PACKAGE / relative / "__init__.py"
+    return package if package.exists() else (PACKAGE / relative).with_suffix(".py")
+
+
+def reached_from(module: str) -> set[str]:
+    """The peft_perft modules ``module`` imports, directly or through others (a subpackage's ``__init__``
+    included; not the package root, which wires everything together and which Python runs before any of them)."""
+    reached, pending = set(), [module]
+    while pending:
+        current = pending.pop()
+        if current in reached or current not in ALL_MODULES or current == "peft_perft":
+            continue
+        reached.add(current)
+        pending += imported_modules(path_of(current))
+        pending += [current.rsplit(".", 1)[0]] if current.count(".") > 1 else []
+    return reached
+
+
+def is_distributed(module: str) -> bool:
+    return any(module == name or module.startswith(f"{name}.") for name in DISTRIBUTED)
+
+
+def test_the_block_imports_nothing_distributed() -> None:
+    """The core block (`layer.py`) and everything it imports read as one process: the parallel layouts wrap it."""
+    reached = reached_from("peft_perft.layer")
+    distributed = sorted(
+        f"{module} imports {name}"
+        for module in reached
+        for name in all_imports(path_of(module))
+        if is_distributed(name)
+    )
+    assert not distributed, "\n".join(distributed)
+    assert {"peft_perft.terms", "peft_perft.dispatch", "peft_perft.dispatch.in_experts"} <= reached
+
+
+def test_only_the_tuner_reaches_the_parallel_layouts() -> None:
+    """`parallel` depends on the core; of the core, only the tuner model (which places each adapter) and the
+    package's ``__init__`` (which installs the save and expert-parallel hooks) import it."""
+    importers = {
+        module_name(path)
+        for path in CORE_MODULES
+        if module_name(path).split(".")[1] != "parallel"
+        and any(name.startswith("peft_perft.parallel") for name in imported_modules(path))
+    }
+    assert importers == {"peft_perft.model"}
+    assert "peft_perft.parallel" in imported_modules(PACKAGE / "__init__.py")
 
 
 def test_the_checks_see_real_imports() -> None:

@@ -19,8 +19,9 @@ from torch.distributed.tensor import DTensor
 from transformers.distributed import DistributedConfig
 from transformers.distributed.expert_parallel import AllToAllEP
 
-from peft_perft import PerftConfig, sharding, tensor_parallel
-from peft_perft.tensor_parallel import (
+from peft_perft import PerftConfig
+from peft_perft.parallel import tensor_parallel, token_slices
+from peft_perft.parallel.tensor_parallel import (
     CHECKED_TRANSFORMERS_VERSION,
     TENSOR_PARALLEL_SPLIT,
     UpstreamDetailWarning,
@@ -48,7 +49,7 @@ def nothing_warned_yet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_all_to_all_ep_has_the_token_row_details_checked_on_transformers_5_25() -> None:
     assert CHECKED_TRANSFORMERS_VERSION == "5.25.0"
-    missing = sharding.missing_token_row_details()
+    missing = token_slices.missing_token_row_details()
     assert missing == [], (
         f"TokenSlicedAllToAll was checked against AllToAllEP of transformers {CHECKED_TRANSFORMERS_VERSION}; the "
         f"installed {version('transformers')} changed {missing}: re-check it, then update the details and the version"
@@ -66,10 +67,10 @@ def test_a_rewritten_combine_tokens_is_warned_once_and_token_rows_fall_back(
     monkeypatch.setattr(AllToAllEP, "_combine_tokens", rewritten_combine_tokens)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        available = [sharding.token_rows_available() for _ in range(2)]
+        available = [token_slices.token_rows_available() for _ in range(2)]
     assert available == [False, False]
     [message] = upstream_warnings(caught)
-    assert_names_feature_and_releases(message, sharding.TOKEN_ROWS, "AllToAllEP._combine_tokens")
+    assert_names_feature_and_releases(message, token_slices.TOKEN_ROWS, "AllToAllEP._combine_tokens")
     assert "AllToAllEP._dispatch_tokens" not in message  # only what changed
 
 

@@ -62,10 +62,7 @@ def _layer_index(module_name: str, ordinal: int) -> int:
 
 def active_perft_adapters(layer: AdaptedLayer) -> list[str]:
     """Adapters of this block that run in its forward."""
-    block = layer.block
-    if block.disable_adapters:
-        return []
-    return [name for name in block.active_adapters if name in block.perft_configs]
+    return layer.block.active_perft_adapters()
 
 
 class BaseRoutingTap:

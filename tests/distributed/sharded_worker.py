@@ -38,8 +38,9 @@ from transformers.distributed.expert_parallel import AllToAllEP
 
 from peft_perft import PerftConfig
 from peft_perft.layer import PerftMoeBlock
-from peft_perft.sharding import TOKEN_ROWS, gathered_adapter_state_dict
-from peft_perft.tensor_parallel import TENSOR_PARALLEL_SPLIT, TensorParallelExperts, UpstreamDetailWarning
+from peft_perft.parallel.saving import gathered_adapter_state_dict
+from peft_perft.parallel.tensor_parallel import TENSOR_PARALLEL_SPLIT, TensorParallelExperts, UpstreamDetailWarning
+from peft_perft.parallel.token_slices import TOKEN_ROWS
 
 GLOBAL_BATCH = 4
 STEPS = 3

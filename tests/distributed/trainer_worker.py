@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from lifecycle import leave_process_group, run_failing_on_hang
 
-from peft_perft.sharding import gathered_adapter_state_dict
+from peft_perft.parallel.saving import gathered_adapter_state_dict
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "examples"))
 import sft_perft  # noqa: E402

@@ -20,7 +20,7 @@ every rank from the replicated router) is counted once.
 
 With data parallelism beside TP (``fsdp_size`` / ``dp_replicate_size``) the TP groups of different batches hold
 the same shards: each shard is created from global rank 0's values and its gradient averaged over the
-data-parallel ranks after each backward (as `sharding.replicate_adapter` does for replicated tensors over all
+data-parallel ranks after each backward (as `replication.replicate_adapter` does for replicated tensors over all
 ranks).
 
 The one Transformers detail this relies on is private: the TP mesh, read from the model's ``_mesh_manager``
@@ -30,7 +30,7 @@ The one Transformers detail this relies on is private: the TP mesh, read from th
 Where the split cannot apply the adapter stays replicated too: ``r`` not divisible by ``tp_size`` (uneven shards,
 and no share at all where ``r < tp_size``), expert parallelism (``ep_size > 1``: the experts are then dispatched by
 EP; with ``ep_implementation="perft"`` R, D and S are computed on each TP rank's token rows there instead, see
-``sharding.TokenSlicedAllToAll`` and docs/big_models.md), and PERFT-E on blocks that take its routing from the
+``token_slices.TokenSlicedAllToAll`` and docs/big_models.md), and PERFT-E on blocks that take its routing from the
 router's output (Llama 4, JetMoE).
 """
 
@@ -47,10 +47,13 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-from .dispatch import add_scaled
+from ..dispatch import as_dtype
+from ..terms import AdapterTensors, add_term, no_record
 
 BOTTLENECK_PLACEMENTS = {"perft_A": Shard(1), "perft_B": Shard(2)}
 """Where ``r`` sits in the stacked adapter tensors: ``perft_A`` (N, r, D) and ``perft_B`` (N, D, r)."""
+OWNER = "tensor_parallel"
+"""The block's ``term_owners`` entry of an adapter split here: its term is added inside `TensorParallelExperts`."""
 
 CHECKED_TRANSFORMERS_VERSION = "5.25.0"
 """The Transformers release whose private details PERFT's parallel code was last checked against."""
@@ -130,18 +133,18 @@ def split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
         if data_parallel:  # each TP group scatters from its own first rank: give them all global rank 0's values
             dist.broadcast(whole.data, src=0)
         # Every rank built the whole tensor; rank 0's values are scattered, so all ranks agree whatever their seed.
-        split = nn.Parameter(distribute_tensor(whole.data, mesh, [placement]))
+        split = nn.Parameter(distribute_tensor(whole.data, mesh, [placement]), requires_grad=whole.requires_grad)
         if data_parallel:
             split.register_post_accumulate_grad_hook(functools.partial(_average_shard, groups=data_parallel))
         tensors[adapter_name] = split
+    block.term_owners[adapter_name] = OWNER
     TensorParallelExperts.install(block, experts, mesh)
     return True
 
 
 def is_split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
-    """Whether an adapter of a block whose experts run `TensorParallelExperts` is computed inside it (its tensors
-    are then DTensors on the TP mesh: expert parallelism, the other reason for a DTensor, excludes this)."""
-    return isinstance(block.perft_A[adapter_name], DTensor)
+    """Whether an adapter of a block whose experts run `TensorParallelExperts` is computed inside it."""
+    return block.term_owners.get(adapter_name) == OWNER
 
 
 def is_block_input_unchanged(experts_input: torch.Tensor, block_input: torch.Tensor, version: int) -> bool:
@@ -188,7 +191,7 @@ def _data_parallel_groups(mesh: DeviceMesh) -> list[dist.ProcessGroup]:
 
 def _average_shard(parameter: nn.Parameter, groups: list[dist.ProcessGroup]) -> None:
     """Average this rank's shard of the gradient over the ranks that hold the same shard on other batches (after
-    each backward, which is also right under gradient accumulation, see ``sharding.replicate_adapter``)."""
+    each backward, which is also right under gradient accumulation, see ``replication.replicate_adapter``)."""
     local = parameter.grad.to_local()
     for group in groups:
         dist.all_reduce(local, op=dist.ReduceOp.AVG, group=group)
@@ -277,16 +280,16 @@ class TensorParallelExperts:
             expert_weight = gradient_summed_over(expert_weight, self.mesh)
             terms += [(name, self._partial_routed_term(name, tokens, expert_index, expert_weight)) for name in routed]
         (first, first_delta), *others = terms
-        partial = first_delta.to(output.dtype).view(output.shape) * configs[first].scaling
+        partial = as_dtype(first_delta, output.dtype).view(output.shape) * configs[first].scaling
         for name, delta in others:
-            partial = add_scaled(partial, delta.to(output.dtype).view(output.shape), configs[name].scaling)
+            partial = add_term(partial, delta, configs[name].scaling)
         return output + summed_over(partial, self.mesh)
 
     def _active_split_adapters(self) -> tuple[list[str], list[str]]:
         """The split adapters this call adds: R, D and S ones active in the block's current forward, and the E
         ones the block queued for this experts call (which its experts hook then skips)."""
         block = self.block
-        routed = [name for name in block._experts_call_adapters if is_split_over_tensor_parallel(block, name)]
+        routed = block.routed_adapters_owned_by(OWNER)
         if self.block_input is None:
             return [], routed
         return self._beside_adapters(), routed
@@ -294,14 +297,10 @@ class TensorParallelExperts:
     def _beside_adapters(self) -> list[str]:
         """The split R, D and S adapters active in the block."""
         block = self.block
-        if block.disable_adapters:
-            return []
         return [
             name
-            for name in block.active_adapters
-            if name in block.perft_A
-            and block.perft_configs[name].variant != "E"
-            and is_split_over_tensor_parallel(block, name)
+            for name in block.active_perft_adapters()
+            if block.perft_configs[name].variant != "E" and is_split_over_tensor_parallel(block, name)
         ]
 
     def _router_input(self, experts_input: torch.Tensor) -> torch.Tensor:
@@ -318,19 +317,28 @@ class TensorParallelExperts:
         self, name: str, tokens: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor
     ) -> torch.Tensor:
         """This rank's share of a PERFT-E adapter's (unscaled) term, with the base routing the experts received
-        (the input's and weights' partial gradients summed over the TP ranks)."""
-        block, config = self.block, self.block.perft_configs[name]
-        lora_A, lora_B = block.perft_A[name].to_local(), block.perft_B[name].to_local()
-        adapter_input = block._adapter_input(name, tokens)
-        return block._routed(config, adapter_input, lora_A, lora_B, expert_index, expert_weight.to(lora_A.dtype))
+        (the input's and weights' partial gradients summed over the TP ranks; the block's experts hook records
+        that routing)."""
+        routing = (expert_index, expert_weight)
+        return self.block.adapter_term(name, tokens, tensors=self._local(name), routing=routing, record=no_record)
 
     def _partial_term(self, name: str, router_input: torch.Tensor, adapter_input: torch.Tensor) -> torch.Tensor:
         """This rank's share of the adapter's (unscaled) term: ``sum B_i act(A_i h)`` over its bottleneck rows, the
         routing weights' partial gradients summed over the TP ranks."""
-        block, mesh = self.block, self.mesh
-        lora = block.perft_A[name].to_local(), block.perft_B[name].to_local()
+        mesh = self.mesh
 
         def summed_weight_gradients(index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return index, gradient_summed_over(weight, mesh)
 
-        return block._block_delta(name, router_input, adapter_input, lora, summed_weight_gradients)
+        return self.block.adapter_term(
+            name,
+            adapter_input,
+            tensors=self._local(name),
+            router_input=router_input,
+            local_routing=summed_weight_gradients,
+        )
+
+    def _local(self, name: str) -> AdapterTensors:
+        """This rank's slices of the adapter's experts (``r / tp`` of each bottleneck) and its replicated router."""
+        lora_A, lora_B, router = self.block.adapter_tensors(name)
+        return AdapterTensors(lora_A.to_local(), lora_B.to_local(), router)

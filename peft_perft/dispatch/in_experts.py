@@ -21,6 +21,7 @@ module whose forward cannot be replaced (one already wrapped at instance level) 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,10 +29,10 @@ import torch
 from torch import nn
 from transformers.integrations import moe as transformers_moe
 
-from .dispatch import as_dtype
-from .dispatch.gather import decode_sized
-from .dispatch.grouped import GroupedLinear, aligned, kernel_runs
-from .dispatch.sorting import pad_rank
+from . import as_dtype
+from .gather import decode_sized
+from .grouped import GroupedLinear, aligned, kernel_runs
+from .sorting import pad_rank
 
 FUSED_IMPLEMENTATION = "grouped_mm"
 """The Transformers experts implementation whose permutation PERFT-E shares."""
@@ -41,21 +42,19 @@ _ALIGN_BYTES = 16
 
 @dataclass(frozen=True)
 class AdapterTerm:
-    """One pending PERFT-E adapter for an experts call: its stacked experts, scaling and input transform."""
+    """One pending PERFT-E adapter for an experts call: its stacked ``A`` (which says whether the kernel fits), its
+    scaling, and its term (the block's ``adapter_term``, `terms.adapter_delta` with the adapter's tensors, dropout
+    and routing record), which this path calls with the routing and its own computation of the routed experts."""
 
-    name: str
     lora_A: torch.Tensor
-    lora_B: torch.Tensor
     scaling: float
-    activation: Callable[[torch.Tensor], torch.Tensor] | None
-    prepare_input: Callable[[torch.Tensor], torch.Tensor]
-    """Dropout and dtype cast of the adapter input (the token rows, T x D), as the hook applies them."""
+    delta: Callable[..., torch.Tensor]
 
 
 PendingTerms = Callable[[], Sequence[AdapterTerm]]
 """The block's callback: the E adapters still to add in this call (empty outside the block's forward)."""
-MarkDone = Callable[[torch.Tensor, torch.Tensor], None]
-"""The block's callback once they were added here: record the routing (indices, weights) and clear the queue."""
+MarkDone = Callable[[], None]
+"""The block's callback once they were added here (their terms recorded the routing): clear the queue."""
 AddPending = Callable[[nn.Module, tuple, dict, torch.Tensor], torch.Tensor | None]
 """The block's callback after any other experts call: add the pending adapters to the output (None: nothing to add)."""
 
@@ -85,7 +84,7 @@ class ForwardWithAdapters:
             terms = self.pending()
             if terms and _can_fuse_terms(experts, args[0], terms):
                 output = grouped_experts_with_adapters(experts, *args, terms)
-                self.mark_done(args[1], args[2])
+                self.mark_done()
                 return output
         output = type(experts).forward(experts, *args, **kwargs)
         added = self.add_pending(experts, args, kwargs, output)
@@ -153,12 +152,11 @@ def grouped_experts_with_adapters(
     token_of_pair = order // top_k
     rows = hidden_states.index_select(0, token_of_pair)
     pair_output = _base_pairs(experts, rows, expert_ids, offsets)
+    sorted_pairs = _SortedPairs(hidden_states, rows, token_of_pair, offsets, empty)
     for term in terms:
-        adapter_input = term.prepare_input(hidden_states)
-        # Without dropout or a dtype change the adapter reads the experts' own gathered rows: no second gather of
-        # T*K D-wide rows, nor its scatter back in the backward.
-        adapter_rows = rows if adapter_input is hidden_states else adapter_input.index_select(0, token_of_pair)
-        pair_output = pair_output + as_dtype(_adapter_pairs(term, adapter_rows, offsets, empty), pair_output.dtype)
+        pairs = functools.partial(sorted_pairs.adapter_pairs, scaling=term.scaling)
+        delta = term.delta(hidden_states, routing=(top_k_index, top_k_weights), experts=pairs)
+        pair_output = pair_output + as_dtype(delta, pair_output.dtype)
     pair_weight = top_k_weights.reshape(-1).index_select(0, order)
     weighted = pair_output * pair_weight.unsqueeze(-1)
     inverse = torch.empty_like(order)
@@ -186,13 +184,40 @@ def _base_pairs(
     return experts.post_expert_norm(output) if experts.has_post_expert_norm else output
 
 
-def _adapter_pairs(term: AdapterTerm, rows: torch.Tensor, offsets: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
-    """``scaling * B_e act(A_e h)`` per sorted pair as two grouped GEMMs, the rank padded for the kernel. The
-    scaling multiplies the r-wide bottleneck, not the D-wide output, so neither pass multiplies T*K D-wide rows."""
-    lora_A, lora_B = pad_rank(term.lora_A, term.lora_B, _ALIGN_BYTES // term.lora_A.element_size())
-    down = GroupedLinear.apply(rows, aligned(lora_A), offsets, empty)
-    if term.activation is not None:
-        down = term.activation(down)
-    if term.scaling != 1:
-        down = down * term.scaling
-    return GroupedLinear.apply(down, aligned(lora_B), offsets, empty)
+@dataclass(frozen=True)
+class _SortedPairs:
+    """The (token, expert) pairs of one experts call, sorted by expert: the token rows the experts gathered
+    (``rows``, from ``hidden_states``), each pair's token, and the grouped GEMMs' group ends and empty groups."""
+
+    hidden_states: torch.Tensor
+    rows: torch.Tensor
+    token_of_pair: torch.Tensor
+    offsets: torch.Tensor
+    empty: torch.Tensor
+
+    def adapter_pairs(
+        self,
+        adapter_input: torch.Tensor,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        expert_index: torch.Tensor,
+        expert_weight: torch.Tensor,
+        activation: Callable[[torch.Tensor], torch.Tensor] | None,
+        *,
+        scaling: float,
+    ) -> torch.Tensor:
+        """``scaling * B_e act(A_e h)`` per sorted pair as two grouped GEMMs, the rank padded for the kernel: the
+        routed experts of `terms.adapter_delta` on the pairs already sorted (the routing is the base's, and its
+        weights multiply base and adapter together afterwards). The scaling multiplies the r-wide bottleneck, not
+        the D-wide output, so neither pass multiplies T*K D-wide rows."""
+        # Without dropout or a dtype change the adapter reads the experts' own gathered rows: no second gather of
+        # T*K D-wide rows, nor its scatter back in the backward.
+        same_rows = adapter_input is self.hidden_states
+        adapter_rows = self.rows if same_rows else adapter_input.index_select(0, self.token_of_pair)
+        lora_A, lora_B = pad_rank(lora_A, lora_B, _ALIGN_BYTES // lora_A.element_size())
+        down = GroupedLinear.apply(adapter_rows, aligned(lora_A), self.offsets, self.empty)
+        if activation is not None:
+            down = activation(down)
+        if scaling != 1:
+            down = down * scaling
+        return GroupedLinear.apply(down, aligned(lora_B), self.offsets, self.empty)

@@ -1,0 +1,72 @@
+"""PERFT on models that Transformers sharded at load time (``from_pretrained(distributed_config=...)``) or that the
+user sharded with FSDP2 after `get_peft_model`.
+
+The distributed layouts wrap the core block (`peft_perft.layer`), which imports none of them; one module per job:
+
+- `saving`: gather only the adapter on save (and the ZeRO-3 check-in), lay a loaded one out as the model's;
+- `replication`: the adapter the same on every rank, its gradients averaged;
+- `expert_parallel`: PERFT-E sharded like the experts (``ep_implementation="perft"``);
+- `token_slices`: R, D and S on each TP rank's token rows under TP with EP;
+- `tensor_parallel`: any variant split on its bottleneck over the TP ranks, in PERFT's wrapper of the experts.
+
+`model.PerftModel` calls the verbs below, as peft calls its dispatchers: `prepare` once it found the MoE blocks,
+`place` after each new adapter,
+`replicate_adapter` after injection, `distribute_adapter_state_dict` on load, `release` on unload.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..layer import PerftMoeBlock
+from .expert_parallel import install_expert_parallel, offer_token_slices, shard_routed_adapter
+from .replication import local_shard, refuse_unsupported_layout, replicate_adapter
+from .saving import distribute_adapter_state_dict, install_save_hook
+from .tensor_parallel import (
+    attach_tensor_parallel_mesh,
+    find_tensor_parallel_mesh,
+    release_tensor_parallel_experts,
+    split_over_tensor_parallel,
+)
+
+__all__ = [
+    "distribute_adapter_state_dict",
+    "install_sharding_hooks",
+    "place",
+    "prepare",
+    "refuse_unsupported_layout",
+    "release",
+    "replicate_adapter",
+]
+
+
+def install_sharding_hooks() -> None:
+    """Make `PeftModel.save_pretrained` gather only the adapter on sharded PERFT models, register
+    `PerftExpertParallel` with Transformers, and let the block initialise sharded (DTensor) adapters (idempotent)."""
+    install_expert_parallel()
+    install_save_hook()
+    PerftMoeBlock.local_shard = staticmethod(local_shard)
+
+
+def prepare(model: nn.Module, experts_modules: list[nn.Module]) -> None:
+    """Give the experts modules the model's TP mesh where PERFT can split its adapter over it (read from
+    Transformers' private mesh manager, with one warning where that is not as checked)."""
+    mesh = find_tensor_parallel_mesh(model)
+    if mesh is not None:
+        attach_tensor_parallel_mesh(experts_modules, mesh)
+
+
+def place(block: nn.Module, adapter_name: str) -> None:
+    """Lay a new adapter's tensors out as the engines shard its block: PERFT-E like the experts under expert
+    parallelism (`PerftExpertParallel`), any variant on its bottleneck under tensor parallelism
+    (`tensor_parallel`); replicated where neither applies."""
+    variant = block.perft_configs[adapter_name].variant
+    if variant == "E" and shard_routed_adapter(block, adapter_name):
+        return
+    if not split_over_tensor_parallel(block, adapter_name) and variant != "E":
+        offer_token_slices(block)
+
+
+def release(block: nn.Module) -> None:
+    """Give the block's experts back what the layouts wrapped them in (on unload)."""
+    release_tensor_parallel_experts(block)
