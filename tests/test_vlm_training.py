@@ -83,3 +83,15 @@ def test_the_collator_masks_everything_but_the_answer() -> None:
         assert labels[labels != -100].tolist() == answer
     assert batch["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 2]]
     assert (batch["mm_token_type_ids"] == (batch["input_ids"] == 3)).all()
+
+
+def test_evaluation_refuses_an_image_text_only_model_as_documented(tmp_path: Path) -> None:
+    """docs/evaluation.md says that `peft-perft eval` loads causal LMs only: an image-text-only MoE checkpoint is
+    refused by Transformers' causal-LM auto class, naming its config class, before anything is evaluated."""
+    from peft_perft.evaluation import load_model
+
+    example = load_example()
+    example.tiny_qwen3_vl_moe().save_pretrained(tmp_path)
+    example.tiny_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="Unrecognized configuration class .*Qwen3VLMoeConfig"):
+        load_model(str(tmp_path), device="cpu")
