@@ -201,7 +201,8 @@ def routing_trace(
     """Run ``model`` once on ``inputs`` and record, per token and adapted layer, which experts handled it.
 
     ``inputs`` is a prompt, a list of prompts (both need ``tokenizer``), or a mapping with ``input_ids`` (and
-    optionally ``attention_mask``) as a tensor or nested lists. The model runs in eval mode; its mode is
+    optionally ``attention_mask``) as a tensor or nested lists; its other tensors (a vision-language model's
+    ``pixel_values``, ``image_grid_thw``, ...) are passed to the model too. The model runs in eval mode; its mode is
     restored afterwards. ``adapter_names`` limits the trace to some of the active adapters.
     """
     root, layers = find_adapted_layers(model)
@@ -236,7 +237,13 @@ def _as_batch(inputs: Any, tokenizer: Any, model: nn.Module) -> dict[str, torch.
     mask = inputs.get("attention_mask")
     attention_mask = torch.ones_like(input_ids) if mask is None else torch.as_tensor(mask).reshape(input_ids.shape)
     device = next(model.parameters()).device
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    # Other model inputs (pixel_values, image_grid_thw, mm_token_type_ids of a vision-language model) pass through.
+    extra = {
+        name: value.to(device)
+        for name, value in inputs.items()
+        if name not in ("input_ids", "attention_mask", "labels") and isinstance(value, torch.Tensor)
+    }
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), **extra}
 
 
 def _trace_rows(
