@@ -115,10 +115,10 @@ CONFIG_FIXES: dict[str, dict] = {
     },
     "glm4v_moe": {"head_dim": 128},
     "glm4v_moe_text": {"head_dim": 128},
-    "glm5_next": {"index_topk": 16},
-    "glm5_next_text": {"index_topk": 16},
-    "hy_v4_vl": {"qk_rope_head_dim": 64},
-    "hy_v4_vl_text": {"qk_rope_head_dim": 64},
+    "glm5_next": {"index_topk": 16, "qk_rope_head_dim": 0},
+    "glm5_next_text": {"index_topk": 16, "qk_rope_head_dim": 0},
+    "hy_v4_vl": {"rope_parameters": {"rope_theta": 1e4, "rope_type": "default", "mrope_section": [1, 1, 0]}},
+    "hy_v4_vl_text": {"rope_parameters": {"rope_theta": 1e4, "rope_type": "default", "mrope_section": [1, 1, 0]}},
     "vitpose": {"num_experts": TINY_EXPERTS},
     "vitpose_backbone": {
         "num_experts": TINY_EXPERTS,
@@ -132,23 +132,23 @@ CONFIG_FIXES: dict[str, dict] = {
 """What the generic shrinking cannot infer, per model type (merged over the causal-LM walk's fixes)."""
 
 TOWER_FIXES: dict[str, dict[str, dict]] = {
-    "muse_spark": {"vision_config": {"num_hidden_layers": 4, "depths": [1, 1, 1, 1]}},
-    "nemotron_h_omni": {"vision_config": {"video_temporal_patch_size": 2}},
+    "muse_spark": {
+        "vision_config": {"num_hidden_layers": 4, "depths": [1, 1, 1, 1], "hidden_sizes": [8, 8, 16, 32]},
+        "audio_config": {"num_hidden_layers": 4, "depths": [1, 1, 1, 1], "hidden_sizes": [8, 8, 16, 32]},
+    },
+    "nemotron_h_omni": {
+        "vision_config": {"video_temporal_patch_size": 2},
+        "": {"vision_hidden_size": TINY_HIDDEN, "projector_hidden_size": TINY_HIDDEN},
+    },
 }
-"""Per tower (sub-config) settings beyond TOWER_SIZES."""
+"""Per tower (sub-config) settings beyond TOWER_SIZES; key "" holds settings of the composite config itself."""
 
 PENDING: dict[str, str] = {
     "deepseek_ocr2": "its vision tower nests further encoder configs (SAM, CLIP) that this walk does not shrink: the "
     "default sizes do not fit a CI runner's memory",
-    "glm5_next": "its tiny config still fails the config's own validation (sparse-attention indexer sizes)",
-    "glm5_next_text": "its tiny config still fails the config's own validation (sparse-attention indexer sizes)",
-    "hy_v4_vl": "its rotary split (multimodal RoPE sections over the latent-attention head) is not sized yet",
-    "hy_v4_vl_text": "its rotary split (multimodal RoPE sections over the latent-attention head) is not sized yet",
     "inkling_mm_model": "its towers nest configs this walk does not shrink (23 GB at default size) and its modeling "
     "code imports scipy, which the test environment does not install",
-    "muse_spark": "its vision tower's per-stage lists (patch sizes, widths, depths) are not shrunk yet",
     "nemo_speechlm": "its Parakeet audio encoder is not shrunk by this walk (730M parameters at tiny text size)",
-    "nemotron_h_omni": "its audio encoder config (Parakeet) lacks the projection size the omni model reads",
     "qwen3_omni_moe": "the full omni model nests talker and code-to-wave configs this walk does not shrink; its "
     "thinker (qwen3_omni_moe_thinker) is covered",
     "unlimited_ocr": "its vision tower nests encoder configs this walk does not shrink (398M parameters at tiny "
@@ -165,6 +165,7 @@ NOT_ROUTED: dict[str, str] = {
 """Model types that declare experts but have no routed MoE block: every variant must be refused."""
 
 PERFT_E_UNAVAILABLE: dict[str, str] = {
+    "muse_spark": "its experts work at a width of their own behind a latent projection, not at the block's hidden size",
     "muse_spark_text": "its experts work at a width of their own behind a latent projection, not at the block's "
     "hidden size",
 }
@@ -222,8 +223,11 @@ def tiny_config(model_type: str) -> PretrainedConfig:
     subs = _sub_config_classes(config_class)
     if "text_config" not in subs:
         return config_class(**_shrunk_settings(config_class, config_class(), fixes))
-    settings = {}
+    settings = dict(TOWER_FIXES.get(model_type, {}).get("", {}))
+    default = config_class()
     for key, sub_class in subs.items():
+        if getattr(default, key, None) is None:
+            continue  # an optional tower (an omni model's audio encoder) that the default model leaves out
         if key == "text_config":
             sub_settings = _shrunk_settings(sub_class, sub_class(), fixes)
         else:
