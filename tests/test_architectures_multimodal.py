@@ -78,12 +78,17 @@ TOWER_SIZES = {
     "projector_output_dim": TINY_HIDDEN,
     "vision_output_dim": TINY_HIDDEN,
     "downsample_hidden_size": 16,
+    "mlp_dim": 32,
+    "output_channels": 32,
+    "vocab_size": 64,
+    "max_position_embeddings": 64,
 }
 """Vision and audio towers: one narrow layer (widths that feed the language model match its hidden size)."""
 
 CONFIG_FIXES: dict[str, dict] = {
     # ERNIE-4.5-VL's experts come in two groups, text and vision, each with its own expert width.
     "ernie4_5_vl_moe": {"moe_intermediate_size": [16, 8], "head_dim": 128},
+    "deepseek_ocr2": {"mlp_layer_types": ["dense", "sparse"]},
     "step3p7": {"mlp_layer_types": ["dense", "sparse"], "sliding_window": 4},
     "nllb-moe": {
         "vocab_size": 64,
@@ -136,6 +141,10 @@ TOWER_FIXES: dict[str, dict[str, dict]] = {
         "vision_config": {"num_hidden_layers": 4, "depths": [1, 1, 1, 1], "hidden_sizes": [8, 8, 16, 32]},
         "audio_config": {"num_hidden_layers": 4, "depths": [1, 1, 1, 1], "hidden_sizes": [8, 8, 16, 32]},
     },
+    "nemo_speechlm": {
+        "word_timestamp_config": {"blank_token_id": 63},
+        "audio_config": {"diarization_config": {"head_config": {"audio_hidden_size": TINY_HIDDEN}}},
+    },
     "nemotron_h_omni": {
         "vision_config": {"video_temporal_patch_size": 2},
         "": {"vision_hidden_size": TINY_HIDDEN, "projector_hidden_size": TINY_HIDDEN},
@@ -144,16 +153,12 @@ TOWER_FIXES: dict[str, dict[str, dict]] = {
 """Per tower (sub-config) settings beyond TOWER_SIZES; key "" holds settings of the composite config itself."""
 
 PENDING: dict[str, str] = {
-    "deepseek_ocr2": "its vision tower nests further encoder configs (SAM, CLIP) that this walk does not shrink: the "
-    "default sizes do not fit a CI runner's memory",
-    "inkling_mm_model": "its towers nest configs this walk does not shrink (23 GB at default size) and its modeling "
-    "code imports scipy, which the test environment does not install",
-    "nemo_speechlm": "its Parakeet audio encoder is not shrunk by this walk (730M parameters at tiny text size)",
-    "qwen3_omni_moe": "the full omni model nests talker and code-to-wave configs this walk does not shrink; its "
-    "thinker (qwen3_omni_moe_thinker) is covered",
-    "unlimited_ocr": "its vision tower nests encoder configs this walk does not shrink (398M parameters at tiny "
-    "text size)",
+    "inkling_mm_model": "a size this walk does not shrink still asks for 23 GB at the shrunk config, and its "
+    "modeling code imports scipy, which the test environment does not install",
+    "qwen3_omni_moe": "the full omni model nests its thinker, talker and code-to-wave configs one level deeper than "
+    "this walk shrinks; its thinker (qwen3_omni_moe_thinker) is covered",
 }
+
 """MoE model types whose tiny model is not built here yet, each with what stops it (rendered in the matrix)."""
 
 NOT_ROUTED: dict[str, str] = {
@@ -209,10 +214,14 @@ def moe_cases() -> dict[str, tuple[str, str]]:
 
 
 def _tower_settings(config_class: type, default: PretrainedConfig, fixes: dict) -> dict:
+    """TOWER_SIZES where the tower has them, applied to the towers nested in it too (an OCR model's SAM encoder)."""
     values = default.to_dict()
     settings = {name: value for name, value in TOWER_SIZES.items() if name in values}
     settings.update({name: {} for name in ("per_layer_config",) if name in values})
-    return {**settings, **fixes}
+    for key, sub_class in _sub_config_classes(config_class).items():
+        if getattr(default, key, None) is not None:
+            settings[key] = _tower_settings(sub_class, sub_class(), fixes.get(key, {}))
+    return {**settings, **{name: value for name, value in fixes.items() if not isinstance(value, dict)}}
 
 
 @functools.cache
