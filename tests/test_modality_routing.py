@@ -113,3 +113,37 @@ def test_modality_picture_is_drawn(traced: dict, tmp_path: Path) -> None:
     load = modality_load(traced["trace"], {traced["model"].config.image_token_id: "image"}, num_experts=4)
     path = draw_modality_load(load, tmp_path / "modality.png", "tiny Qwen3-VL-MoE", "2 image-text examples.")
     assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_encoder_decoder_models_are_refused_by_the_trace() -> None:
+    """Switch Transformers' encoder and decoder blocks route different sequences: the trace says it cannot split
+    them instead of pairing decoder routing with encoder tokens."""
+    from test_architectures_multimodal import tiny_model
+
+    model = get_peft_model(tiny_model("switch_transformers"), PerftConfig(variant="R", r=4, num_experts=3, top_k=2))
+    ids = torch.randint(3, 64, (1, 5))
+    with pytest.raises(ValueError, match="encoder-decoder model .*not supported yet"):
+        routing_trace(model, {"input_ids": ids, "decoder_input_ids": ids[:, :3]})
+
+
+def test_trace_reads_the_routing_from_the_router_where_the_experts_call_lacks_it() -> None:
+    """Llama 4's experts are called without the routing: the trace takes the base routing from the router's output,
+    and it equals the top-k of the router's logits on each block's input."""
+    from test_architectures import tiny_model
+
+    model = get_peft_model(tiny_model("llama4"), PerftConfig(variant="R", r=4, num_experts=3, top_k=2))
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, PerftMoeBlock)}
+    inputs = {}
+    handles = [
+        block.register_forward_pre_hook(lambda module, args, name=name: inputs.__setitem__(name, args[0]))
+        for name, block in blocks.items()
+    ]
+    ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(2))
+    trace = routing_trace(model, {"input_ids": ids})
+    for handle in handles:
+        handle.remove()
+    for layer, (name, block) in enumerate(blocks.items()):
+        logits = inputs[name].reshape(-1, 32) @ block.base_layer.router.weight.t()
+        expected = logits.topk(2, dim=-1).indices.sort(dim=-1).values.tolist()
+        rows = [row for row in trace.rows if row["layer"] == layer]
+        assert [sorted(row["base_experts"]) for row in rows] == expected

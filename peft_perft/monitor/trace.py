@@ -69,7 +69,7 @@ def active_perft_adapters(layer: AdaptedLayer) -> list[str]:
 
 
 class BaseRoutingTap:
-    """Forward hooks on the frozen experts modules that keep the routing they received in the last forward.
+    """Forward hooks on the frozen experts modules (or routers) that keep the routing of the last forward.
 
     Reads the (indices, weights) the base router already passed to its experts; the router itself is never
     called again and no output is changed. Blocks whose experts are not called with the routing are skipped.
@@ -82,6 +82,10 @@ class BaseRoutingTap:
 
     def attach(self) -> BaseRoutingTap:
         for layer in self.layers:
+            if layer.block.spec.routes_from_router:
+                router = layer.block.base_layer.get_submodule(layer.block.spec.router_name)
+                self._handles.append(router.register_forward_hook(partial(self._record_router, layer)))
+                continue
             experts = layer.block.spec.experts_module(layer.block.base_layer)
             hook = partial(self._record, layer)
             self._handles.append(experts.register_forward_hook(hook, with_kwargs=True))
@@ -95,6 +99,13 @@ class BaseRoutingTap:
 
     def _record(self, layer: AdaptedLayer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         _, expert_index, expert_weight = layer.block.spec.read_experts_call(args, kwargs)
+        self.latest[layer.name] = (expert_index.detach(), expert_weight.detach())
+
+    def _record_router(self, layer: AdaptedLayer, module: nn.Module, args: tuple, output: Any) -> None:
+        """Where the experts' call does not carry the routing (Llama 4, JetMoE, Switch Transformers), the router's
+        output does: read it the way PERFT-E reads it."""
+        spec = layer.block.spec
+        expert_index, expert_weight = spec.router_routing(output, spec.top_k)
         self.latest[layer.name] = (expert_index.detach(), expert_weight.detach())
 
 
@@ -206,6 +217,12 @@ def routing_trace(
     restored afterwards. ``adapter_names`` limits the trace to some of the active adapters.
     """
     root, layers = find_adapted_layers(model)
+    if getattr(getattr(root, "config", None), "is_encoder_decoder", False):
+        raise ValueError(
+            f"routing_trace reads one token sequence per example, but {type(root).__name__} is an encoder-decoder "
+            f"model whose encoder and decoder blocks see different sequences; tracing it is not supported yet. Use "
+            f"RoutingMonitor (per-layer counts) for its routing."
+        )
     batch = _as_batch(inputs, tokenizer, model)
     was_training = model.training
     tap = BaseRoutingTap(layers).attach()
