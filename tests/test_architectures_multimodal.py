@@ -420,3 +420,25 @@ def test_switch_transformers_perft_e_reads_the_top1_routing_and_its_capacity():
     dropped = block.routing_records["default"].expert_weight == 0
     assert dropped.any() and not dropped.all(), "the capacity must drop some tokens and keep others"
     assert len(set(index.flatten().tolist())) > 1
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ernie_vl_vision_expert_group_trains_on_image_tokens(variant: str):
+    """ERNIE-4.5-VL routes image tokens to its vision expert group (narrower experts) and text tokens to its text
+    group: with tokens of both kinds, both groups' adapters get gradients, and the reload reproduces the output."""
+    inputs = {**_inputs(_pristine_model("ernie4_5_vl_moe"))}
+    inputs["moe_mm_token_type_ids"] = (torch.arange(6) >= 3).long().expand(2, 6)  # the last three tokens: image
+    peft_model = get_peft_model(tiny_model("ernie4_5_vl_moe"), _perft_config(variant))
+    groups = {name.rsplit(".", 1)[-1] for name, m in peft_model.named_modules() if isinstance(m, PerftMoeBlock)}
+    assert groups == {"text_moe", "vision_moe"}
+    peft_model.train()
+    _output(peft_model, inputs).pow(2).mean().backward()
+    for group in groups:
+        grads = [p.grad for n, p in peft_model.named_parameters() if f".{group}." in n and ".perft_" in n]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), f"{group} adapters got no gradient"
+    peft_model.eval()
+    adapted = _no_grad_output(peft_model, inputs)
+    with tempfile.TemporaryDirectory() as directory:
+        peft_model.save_pretrained(directory)
+        reloaded = PeftModel.from_pretrained(tiny_model("ernie4_5_vl_moe"), directory).eval()
+    torch.testing.assert_close(_no_grad_output(reloaded, inputs), adapted, rtol=1e-5, atol=1e-5)
