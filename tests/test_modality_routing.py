@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import Qwen2VLImageProcessorPil
 
 from peft_perft import PerftConfig, PerftMoeBlock
-from peft_perft.monitor import ModalityLoad, draw_modality_load, modality_load, routing_trace
+from peft_perft.monitor import ModalityLoad, draw_modality_load, modality_load, routing_trace, stack_load
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "vlm_perft.py"
 IMAGE_SIDE = 64  # 4 x 4 patches of 16 pixels, merged 2 x 2: four image tokens per image
@@ -115,15 +115,38 @@ def test_modality_picture_is_drawn(traced: dict, tmp_path: Path) -> None:
     assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_encoder_decoder_models_are_refused_by_the_trace() -> None:
-    """Switch Transformers' encoder and decoder blocks route different sequences: the trace says it cannot split
-    them instead of pairing decoder routing with encoder tokens."""
+def test_encoder_and_decoder_blocks_are_traced_on_their_own_tokens(tmp_path: Path) -> None:
+    """Switch Transformers: encoder blocks route input_ids, decoder blocks decoder_input_ids (of another length);
+    each row's base expert is the router's argmax on that block's input, and stack_load splits the two stacks."""
     from test_architectures_multimodal import tiny_model
 
     model = get_peft_model(tiny_model("switch_transformers"), PerftConfig(variant="R", r=4, num_experts=3, top_k=2))
-    ids = torch.randint(3, 64, (1, 5))
-    with pytest.raises(ValueError, match="encoder-decoder model .*not supported yet"):
-        routing_trace(model, {"input_ids": ids, "decoder_input_ids": ids[:, :3]})
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, PerftMoeBlock)}
+    inputs = {}
+    handles = [
+        block.register_forward_pre_hook(lambda module, args, name=name: inputs.__setitem__(name, args[0]))
+        for name, block in blocks.items()
+    ]
+    ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="encoder-decoder model: pass a mapping with input_ids .*decoder_input_ids"):
+        routing_trace(model, {"input_ids": ids})
+    trace = routing_trace(model, {"input_ids": ids, "decoder_input_ids": ids[:, :3].flip(-1)})
+    for handle in handles:
+        handle.remove()
+    for name, block in blocks.items():
+        module = name.removeprefix("base_model.model.")
+        rows = [row for row in trace.rows if row["module"] == module and row["adapter"] == "default"]
+        expected_ids = ids[:, :3].flip(-1) if ".decoder." in f".{module}" else ids
+        assert [row["token_id"] for row in rows] == expected_ids.flatten().tolist()
+        logits = inputs[name].reshape(-1, 32) @ block.base_layer.router.classifier.weight.t()
+        assert [row["base_experts"] for row in rows] == logits.argmax(dim=-1)[:, None].tolist()
+    load = stack_load(trace, num_experts=4)
+    assert load.modalities == ("encoder", "decoder") and load.layers == (1,)
+    assert load.counts[0].sum() == 5 and load.counts[1].sum() == 3
+    picture = draw_modality_load(
+        load, tmp_path / "stacks.png", "Switch", "one pair.", modalities=("encoder", "decoder")
+    )
+    assert picture.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_trace_reads_the_routing_from_the_router_where_the_experts_call_lacks_it() -> None:

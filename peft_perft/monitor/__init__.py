@@ -19,7 +19,7 @@ from .callback import RoutingMonitorCallback, add_routing_monitor
 from .counting import RoutingMonitor
 from .dataset import routing_report
 from .health import NonFiniteError, NumericsCallback, NumericsGuard
-from .modality import ModalityLoad, draw_modality_load, modality_load
+from .modality import ModalityLoad, draw_modality_load, modality_load, stack_load
 from .pictures import draw_load_heatmap
 from .stats import CollapseCriteria, RouterCollapseWarning, RouterStats, RoutingReport
 from .trace import RoutingTrace, routing_trace
@@ -42,4 +42,5 @@ __all__ = [
     "modality_load",
     "routing_report",
     "routing_trace",
+    "stack_load",
 ]

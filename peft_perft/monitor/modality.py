@@ -4,23 +4,26 @@ In a vision-language MoE model the image patches enter the language model as pla
 the vision tower replaced; which token ids those are is in the model's config (``image_token_id``, ...). Given a
 `RoutingTrace` and that map, `modality_load` counts per layer how often each base expert (and each PERFT-R expert)
 was chosen by the tokens of each modality, `ModalityLoad.overlap` says how much two modalities' expert loads
-coincide (1: the same distribution, 0: disjoint experts), and `draw_modality_load` draws both modalities as one
+coincide (1: the same distribution, 0: disjoint experts), `stack_load` does the same for the encoder and decoder
+of an encoder-decoder model, and `draw_modality_load` draws both modalities as one
 layer x expert heatmap on the shared relative scale of the routing pictures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .pictures import draw_load_heatmap
-from .trace import RoutingTrace
+from .trace import RoutingTrace, in_decoder
 
 TEXT = "text"
 IMAGE = "image"
+ENCODER = "encoder"
+DECODER = "decoder"
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,32 @@ def modality_load(
     count as ``default``. ``source`` is "base" (the model's own routing) or "perft" (a PERFT-R router's choices, of
     ``adapter`` when the trace holds several). ``num_experts`` defaults to the highest expert index seen plus one.
     """
+    modalities = tuple(dict.fromkeys([default, *sorted(set(modality_of_token.values()))]))
+    return _load(
+        trace, lambda row: modality_of_token.get(row["token_id"], default), modalities, source, adapter, num_experts
+    )
+
+
+def stack_load(
+    trace: RoutingTrace, *, source: str = "base", adapter: str | None = None, num_experts: int | None = None
+) -> ModalityLoad:
+    """Count the expert choices of an encoder-decoder model's trace by stack: "encoder" and "decoder" play the
+    modalities, so ``overlap("encoder", "decoder")`` compares the two stacks' blocks of the same depth."""
+    return _load(trace, _stack_of, (ENCODER, DECODER), source, adapter, num_experts)
+
+
+def _stack_of(row: dict) -> str:
+    return DECODER if in_decoder(row["module"]) else ENCODER
+
+
+def _load(
+    trace: RoutingTrace,
+    classify: Callable[[dict], str],
+    modalities: tuple[str, ...],
+    source: str,
+    adapter: str | None,
+    num_experts: int | None,
+) -> ModalityLoad:
     if source not in ("base", "perft"):
         raise ValueError(f"source must be 'base' or 'perft', not {source!r}.")
     key = f"{source}_experts"
@@ -79,15 +108,13 @@ def modality_load(
     if not rows:
         raise ValueError(f"The trace holds no {source} routing{f' of adapter {adapter!r}' if adapter else ''}.")
     if source == "base":
-        rows = list({(row["example"], row["position"], row["layer"]): row for row in rows}.values())
-    modalities = tuple(dict.fromkeys([default, *sorted(set(modality_of_token.values()))]))
+        rows = list({(row["example"], row["position"], row["module"]): row for row in rows}.values())
     layers = tuple(sorted({row["layer"] for row in rows}))
     experts = num_experts or 1 + max(expert for row in rows for expert in row[key])
     counts = torch.zeros(len(modalities), len(layers), experts)
     for row in rows:
-        modality = modalities.index(modality_of_token.get(row["token_id"], default))
         for expert in row[key]:
-            counts[modality, layers.index(row["layer"]), expert] += 1
+            counts[modalities.index(classify(row)), layers.index(row["layer"]), expert] += 1
     top_k = max(len(row[key]) for row in rows)
     return ModalityLoad(modalities, layers, counts, top_k)
 

@@ -55,7 +55,11 @@ def find_adapted_layers(model: nn.Module) -> tuple[nn.Module, list[AdaptedLayer]
 
 
 def _layer_index(module_name: str, ordinal: int) -> int:
-    """The model layer index in a name such as ``model.layers.3.mlp``; the block's rank when the name has none."""
+    """The model layer index in a name such as ``model.layers.3.mlp`` (``decoder.block.1.layer.2.mlp`` of a T5-style
+    model: block 1, whose sub-layer 2 is its feed-forward); the block's rank when the name has none."""
+    stacked = re.findall(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)(?=\.|$)", module_name)
+    if stacked:
+        return int(stacked[-1])
     numbers = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", module_name)
     return int(numbers[-1]) if numbers else ordinal
 
@@ -211,17 +215,20 @@ def routing_trace(
 ) -> RoutingTrace:
     """Run ``model`` once on ``inputs`` and record, per token and adapted layer, which experts handled it.
 
+    For an encoder-decoder model, ``inputs`` holds ``input_ids`` and ``decoder_input_ids``: the encoder's blocks are
+    traced on the former, the decoder's (``module`` names with ``decoder.``) on the latter.
+
     ``inputs`` is a prompt, a list of prompts (both need ``tokenizer``), or a mapping with ``input_ids`` (and
     optionally ``attention_mask``) as a tensor or nested lists; its other tensors (a vision-language model's
     ``pixel_values``, ``image_grid_thw``, ...) are passed to the model too. The model runs in eval mode; its mode is
     restored afterwards. ``adapter_names`` limits the trace to some of the active adapters.
     """
     root, layers = find_adapted_layers(model)
-    if getattr(getattr(root, "config", None), "is_encoder_decoder", False):
+    encoder_decoder = getattr(getattr(root, "config", None), "is_encoder_decoder", False)
+    if encoder_decoder and not (isinstance(inputs, Mapping) and "decoder_input_ids" in inputs):
         raise ValueError(
-            f"routing_trace reads one token sequence per example, but {type(root).__name__} is an encoder-decoder "
-            f"model whose encoder and decoder blocks see different sequences; tracing it is not supported yet. Use "
-            f"RoutingMonitor (per-layer counts) for its routing."
+            f"{type(root).__name__} is an encoder-decoder model: pass a mapping with input_ids (the encoder's tokens) "
+            f"and decoder_input_ids (the decoder's), so that each block's routing is paired with its own tokens."
         )
     batch = _as_batch(inputs, tokenizer, model)
     was_training = model.training
@@ -270,14 +277,13 @@ def _trace_rows(
     tokenizer: Any,
     adapter_names: Sequence[str] | None,
 ) -> list[dict[str, Any]]:
-    input_ids = batch["input_ids"].cpu()
-    keep = batch["attention_mask"].cpu().reshape(-1).bool()
-    positions = [(example, position) for example in range(input_ids.shape[0]) for position in range(input_ids.shape[1])]
-    token_ids = input_ids.reshape(-1).tolist()
-    tokens = _token_strings(token_ids, tokenizer)
-    texts = _token_texts(token_ids, tokenizer)
+    sequences = {False: _sequence(batch, "input_ids", "attention_mask", tokenizer)}
+    if "decoder_input_ids" in batch:
+        sequences[True] = _sequence(batch, "decoder_input_ids", "decoder_attention_mask", tokenizer)
     rows = []
     for layer in layers:
+        decoder = in_decoder(layer.name) and True in sequences
+        keep, positions, token_ids, tokens, texts = sequences[decoder]
         base = _routing_lists(tap.latest.get(layer.name), drop_skipped=True)
         for adapter in active_perft_adapters(layer):
             if adapter_names is not None and adapter not in adapter_names:
@@ -305,6 +311,21 @@ def _trace_rows(
                 )
     rows.sort(key=lambda row: (row["example"], row["position"], row["layer"], row["adapter"]))
     return rows
+
+
+def in_decoder(module_name: str) -> bool:
+    """Whether a block sits in the decoder stack of an encoder-decoder model (``decoder.block.1...``)."""
+    return re.search(r"(?:^|\.)decoder\.", module_name) is not None
+
+
+def _sequence(batch: dict[str, torch.Tensor], ids_key: str, mask_key: str, tokenizer: Any) -> tuple:
+    """(kept flat indices mask, (example, position) per flat index, token ids, token strings, token texts)."""
+    input_ids = batch[ids_key].cpu()
+    mask = batch.get(mask_key)
+    keep = (torch.ones_like(input_ids) if mask is None else mask.cpu()).reshape(-1).bool()
+    positions = [(example, position) for example in range(input_ids.shape[0]) for position in range(input_ids.shape[1])]
+    token_ids = input_ids.reshape(-1).tolist()
+    return keep, positions, token_ids, _token_strings(token_ids, tokenizer), _token_texts(token_ids, tokenizer)
 
 
 def _routing_lists(
