@@ -18,7 +18,7 @@ logical shape. Each block's hidden size is then checked against the model's conf
 error naming the block, never an adapter of the wrong width.
 
 ``BLOCK_HINTS`` covers the few blocks whose structure is not enough on its own; ``ROUTER_OUTPUT_ROUTING`` the routers
-whose output carries the routing when the experts' call does not (Llama 4, JetMoE).
+whose output carries the routing when the experts' call does not (Llama 4, JetMoE, Switch Transformers).
 """
 
 from __future__ import annotations
@@ -158,11 +158,25 @@ def _jetmoe_router_routing(output: tuple, top_k: int) -> tuple[torch.Tensor, tor
     return index.view(-1, top_k), weight.view(-1, top_k)
 
 
+def _switch_router_routing(output: tuple, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Switch Transformers' top-1 router returns (one-hot expert mask (B, S, N), top probability (B, S, 1), logits);
+    its experts get that mask, not indices. A token past its expert's capacity has an all-zero mask and skips the
+    experts, so it gets weight 0 here."""
+    mask, probability, _ = output
+    index = mask.argmax(dim=-1).reshape(-1, top_k)
+    weight = probability.squeeze(-1) * mask.sum(dim=-1).to(probability.dtype)
+    return index, weight.reshape(-1, top_k)
+
+
 ROUTER_OUTPUT_ROUTING: dict[str, RouterRouting] = {
     "Llama4Router": _llama4_router_routing,
     "JetMoeTopKGating": _jetmoe_router_routing,
+    "SwitchTransformersTop1Router": _switch_router_routing,
 }
 """Routers (by class) whose output gives PERFT-E the routing that their block's experts call does not carry."""
+
+ROUTER_TOP_K: dict[str, int] = {"SwitchTransformersTop1Router": 1}
+"""Routers (by class) whose top-k is fixed by design rather than stored on the router or its block."""
 
 
 def global_shape(tensor: torch.Tensor) -> torch.Size:
@@ -370,7 +384,8 @@ def _first_matrix_shape(module: nn.Module) -> torch.Size:
 
 
 def _top_k(router: nn.Module, block: nn.Module) -> int | None:
-    return getattr(router, "top_k", None) or getattr(block, "top_k", None)
+    fixed = ROUTER_TOP_K.get(type(_unwrapped(router)).__name__)
+    return getattr(router, "top_k", None) or getattr(block, "top_k", None) or fixed
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:

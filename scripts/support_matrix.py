@@ -1,9 +1,10 @@
-"""Regenerate docs/support_matrix.md (a page of the documentation site) from a run of the architecture coverage test.
+"""Regenerate docs/support_matrix.md (a page of the documentation site) from a run of the architecture coverage tests.
 
-Runs ``tests/test_architectures.py`` (or reads the JUnit XML of an earlier run), reads one outcome per
-architecture and variant, and writes the architecture x variant table. Nothing in the table is typed by hand: a cell is
-"yes" only if its test passed in that run. The descriptive columns (where the MoE block sits, its class) come from
-building the same tiny models.
+Runs ``tests/test_architectures.py`` (causal LMs) and ``tests/test_architectures_multimodal.py`` (every other auto
+class: image-text-to-text, seq2seq, ...) or reads the JUnit XML of an earlier run, reads one outcome per
+architecture, model class and variant, and writes the architecture x variant table. Nothing in the table is typed
+by hand: a cell is "yes" only if its test passed in that run. The descriptive columns (where the MoE block sits, its
+class) come from building the same tiny models.
 
     python scripts/support_matrix.py                    # run the tests, write docs/support_matrix.md
     python scripts/support_matrix.py --check            # fail if it is out of date
@@ -13,6 +14,7 @@ building the same tiny models.
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import subprocess
 import sys
@@ -24,21 +26,22 @@ import torch
 import transformers
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_FILE = REPO / "tests" / "test_architectures.py"
+TEST_FILES = (REPO / "tests" / "test_architectures.py", REPO / "tests" / "test_architectures_multimodal.py")
 DEFAULT_OUTPUT = REPO / "docs" / "support_matrix.md"
 VARIANTS = ("R", "E", "D", "S")
 CASE = re.compile(r"^(?P<test>test_\w+)\[(?P<param>[^\]]+)\]$")
 
 
 def run_coverage(junit_path: Path) -> int:
-    """Run the coverage test file with a JUnit report; returns pytest's exit code."""
-    command = [sys.executable, "-m", "pytest", str(TEST_FILE), "-q", "-p", "no:cacheprovider"]
+    """Run the coverage test files with a JUnit report; returns pytest's exit code."""
+    command = [sys.executable, "-m", "pytest", *map(str, TEST_FILES), "-q", "-p", "no:cacheprovider"]
     command.append(f"--junitxml={junit_path}")
     return subprocess.run(command, cwd=REPO, check=False).returncode
 
 
-def read_outcomes(junit_path: Path) -> dict[tuple[str, str], str]:
-    """Map (test function, parameter id) to 'passed', 'failed' or 'skipped' from a JUnit XML report."""
+def read_outcomes(junit_path: Path) -> dict[tuple[str, str, str], str]:
+    """Map (test module, test function, parameter id) to 'passed', 'failed' or 'skipped' from a JUnit XML report
+    (the module keeps the two files apart: a model type can be walked by both, under different classes)."""
     outcomes = {}
     for case in ElementTree.parse(junit_path).getroot().iter("testcase"):
         match = CASE.match(case.get("name", ""))
@@ -46,27 +49,24 @@ def read_outcomes(junit_path: Path) -> dict[tuple[str, str], str]:
             continue
         tags = {child.tag for child in case}
         outcome = "failed" if tags & {"failure", "error"} else "skipped" if "skipped" in tags else "passed"
-        outcomes[(match["test"], match["param"])] = outcome
+        module = case.get("classname", "").rsplit(".", 1)[-1]
+        outcomes[(module, match["test"], match["param"])] = outcome
     return outcomes
 
 
-def _tests_module():
+def _tests_module(name: str = "test_architectures"):
     sys.path.insert(0, str(REPO / "tests"))
-    import test_architectures
-
-    return test_architectures
+    return importlib.import_module(name)
 
 
 def block_location(tests, model_type: str) -> str:
-    """Where PERFT found the MoE blocks of the tiny model: attribute name and block class."""
+    """Where PERFT found the MoE blocks of the tiny model: attribute name and block class (each kind once, so that
+    ERNIE-4.5-VL's text and vision expert groups both show)."""
     from peft_perft.architectures import find_moe_blocks
 
     model = tests.tiny_model(model_type)
-    blocks = find_moe_blocks(model)
-    if not blocks:
-        return "none found"
-    name = next(iter(blocks))
-    return f"`{name.split('.')[-1]}` ({type(model.get_submodule(name)).__name__})"
+    kinds = {f"`{name.split('.')[-1]}` ({type(model.get_submodule(name)).__name__})" for name in find_moe_blocks(model)}
+    return ", ".join(sorted(kinds)) or "none found"
 
 
 def routes_from_router(tests, model_type: str) -> bool:
@@ -76,52 +76,80 @@ def routes_from_router(tests, model_type: str) -> bool:
     return any(spec.routes_from_router for spec in find_moe_blocks(tests.tiny_model(model_type)).values())
 
 
-def render(outcomes: dict[tuple[str, str], str]) -> str:
-    """The Markdown document: legend, the architecture x variant table, then the exceptions with their reasons."""
+def render(outcomes: dict[tuple[str, str, str], str]) -> str:
+    """The Markdown document: legend, the architecture x class x variant table, then the exceptions with reasons."""
     tests = _tests_module()
-    mark = {"passed": "yes", "failed": "**FAILED**", "skipped": "skipped", None: "not run"}
+    other = _tests_module("test_architectures_multimodal")
     lines = [
         "# PERFT support matrix",
         "",
-        f"Generated by `python scripts/support_matrix.py` from a run of `tests/test_architectures.py` with "
-        f"transformers {transformers.__version__} and torch {torch.__version__}. Every MoE causal-LM architecture "
-        f"of that Transformers (its config declares an expert count) is built from a shrunk config; "
-        f"a *yes* means the test passed in that run: the variant adapts every MoE layer and no dense one, trains "
-        f"only adapter tensors through forward and backward, changes the output, and reproduces its logits after "
-        f"save / load. *Experts impl.* compares PERFT's logits under the `eager`, `grouped_mm` and `batched_mm` "
-        f"experts implementations (n/a: the model has a single implementation).",
+        f"Generated by `python scripts/support_matrix.py` from a run of `tests/test_architectures.py` (causal LMs) "
+        f"and `tests/test_architectures_multimodal.py` (every other auto class) with transformers "
+        f"{transformers.__version__} and torch {torch.__version__}. Every MoE architecture of that Transformers (its "
+        f"config declares an expert count), under each auto class that builds a different model (causal LM, "
+        f"image-text-to-text, seq2seq, token classification, a language tower as base model), is built from a "
+        f"shrunk config (vision and audio towers: one narrow layer); a *yes* means the test passed in that run: the "
+        f"variant adapts every MoE layer and no dense one, trains only adapter tensors through forward and backward "
+        f"(text tokens into the language tower; encoder and decoder tokens for seq2seq), changes the output, and "
+        f"reproduces it after save / load. *Experts impl.* compares PERFT's logits under the `eager`, `grouped_mm` "
+        f"and `batched_mm` experts implementations (n/a: the model has a single implementation; not run: walked "
+        f"for causal LMs only).",
         "",
-        "| architecture | MoE block | detected | R | E | D | S | experts impl. |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| architecture | class | MoE block | detected | R | E | D | S | experts impl. |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for model_type in tests.COVERED:
-        cells = [mark[outcomes.get(("test_variant", f"{model_type}-{variant}"))] for variant in VARIANTS]
-        if model_type in tests.PERFT_E_UNAVAILABLE:
-            refused = outcomes.get(("test_perft_e_refused", model_type))
-            cells[1] = "refused (see below)" if refused == "passed" else mark[refused]
-        implementations = (
-            mark[outcomes.get(("test_experts_implementations_agree", model_type))]
-            if model_type in tests.SWITCHABLE
-            else "n/a"
-        )
-        detected = mark[outcomes.get(("test_detector_finds_every_moe_layer", model_type))]
-        location = block_location(tests, model_type)
-        lines.append(f"| `{model_type}` | {location} | {detected} | {' | '.join(cells)} | {implementations} |")
+        row = _row(outcomes, tests, "test_architectures", model_type)
+        switchable = model_type in tests.SWITCHABLE
+        implementations = _outcome(outcomes, "test_architectures", "test_experts_implementations_agree", model_type)
+        lines.append(f"| `{model_type}` | causal LM | {row} | {implementations if switchable else 'n/a'} |")
+    for model_type in other.COVERED:
+        label = other.moe_cases()[model_type][0]
+        row = _row(outcomes, other, "test_architectures_multimodal", model_type)
+        lines.append(f"| `{model_type}` | {label} | {row} | not run |")
     from_router = [t for t in tests.COVERED if routes_from_router(tests, t)]
+    from_router += [t for t in other.COVERED if routes_from_router(other, t) and t not in from_router]
     lines += ["", "## PERFT-E from the router's output", ""]
     lines += [
         f"{', '.join(f'`{t}`' for t in from_router)}: the experts' call does not carry the routing (Llama 4 scales the "
-        f"experts' input by the routing scores, JetMoE calls its experts with token groups), so PERFT-E reads the "
-        f"top-k indices and weights from the router's output and adds its term to the block output; "
-        f"`tests/test_special_routing.py` checks each against a hand-written reference of the block's routing."
+        f"experts' input by the routing scores, JetMoE calls its experts with token groups, Switch Transformers "
+        f"with a one-hot mask after its capacity drops), so PERFT-E reads the top-k indices and weights from the "
+        f"router's output and adds its term to the block output; `tests/test_special_routing.py` and "
+        f"`tests/test_architectures_multimodal.py` check each against a hand-written reference of the block's routing."
     ]
     lines += ["", "## PERFT-E refused", ""]
-    lines += [f"- `{t}`: {reason}. R, D and S work." for t, reason in sorted(tests.PERFT_E_UNAVAILABLE.items())]
+    refused = {**tests.PERFT_E_UNAVAILABLE, **other.PERFT_E_UNAVAILABLE}
+    lines += [f"- `{t}`: {reason}. R, D and S work." for t, reason in sorted(refused.items())]
+    lines += ["", "## Experts without a router (every variant refused)", ""]
+    for model_type, reason in sorted(other.NOT_ROUTED.items()):
+        confirmed = _outcome(
+            outcomes, "test_architectures_multimodal", "test_not_routed_models_are_refused", model_type
+        )
+        lines.append(f"- `{model_type}` ({other.moe_cases()[model_type][0]}): {reason}; refusal test: {confirmed}.")
     lines += ["", "## Not covered", ""]
     for model_type, reason in sorted(tests.UNCOVERED.items()):
-        confirmed = outcomes.get(("test_uncovered_architectures_cannot_be_built", model_type)) == "passed"
-        lines.append(f"- `{model_type}`: {reason}{'' if confirmed else ' (NOT confirmed by this run)'}.")
+        confirmed = outcomes.get(("test_architectures", "test_uncovered_architectures_cannot_be_built", model_type))
+        lines.append(f"- `{model_type}`: {reason}{'' if confirmed == 'passed' else ' (NOT confirmed by this run)'}.")
+    for model_type, reason in sorted(other.PENDING.items()):
+        lines.append(f"- `{model_type}` ({other.moe_cases()[model_type][0]}): not walked yet: {reason}.")
     return "\n".join(lines) + "\n"
+
+
+MARK = {"passed": "yes", "failed": "**FAILED**", "skipped": "skipped", None: "not run"}
+
+
+def _outcome(outcomes: dict[tuple[str, str, str], str], module: str, test: str, param: str) -> str:
+    return MARK[outcomes.get((module, test, param))]
+
+
+def _row(outcomes: dict[tuple[str, str, str], str], tests, module: str, model_type: str) -> str:
+    """MoE block, detected, and the R / E / D / S cells of one architecture in one test file."""
+    cells = [_outcome(outcomes, module, "test_variant", f"{model_type}-{variant}") for variant in VARIANTS]
+    if model_type in tests.PERFT_E_UNAVAILABLE:
+        refused = _outcome(outcomes, module, "test_perft_e_refused", model_type)
+        cells[1] = "refused (see below)" if refused == "yes" else refused
+    detected = _outcome(outcomes, module, "test_detector_finds_every_moe_layer", model_type)
+    return f"{block_location(tests, model_type)} | {detected} | {' | '.join(cells)}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,10 +7,11 @@ step it adds the scalars to the Trainer's logs (so every ``report_to`` backend g
 router collapses, and writes layer x expert heatmaps at the end. `routing_report` gives the same figures for a
 dataset, as data and pictures.
 
-`routing_trace` gives per-token routing for one input (the audit trace), and `NumericsGuard` /
+`routing_trace` gives per-token routing for one input (the audit trace), `modality_load` splits it by modality
+(image and text tokens of a vision-language model), and `NumericsGuard` /
 `NumericsCallback` flag non-finite adapter outputs per layer. The code lives in the modules of this package:
 `stats` (the figures, `RoutingReport`, collapse criteria, heatmaps), `counting` (`RoutingMonitor`), `callback`
-(the Trainer integration), `dataset` (`routing_report`), `trace` (`routing_trace`) and `health` (numerical
+(the Trainer integration), `dataset` (`routing_report`), `trace` (`routing_trace`), `modality` and `health` (numerical
 health). Import the public names from here.
 """
 
@@ -18,12 +19,14 @@ from .callback import RoutingMonitorCallback, add_routing_monitor
 from .counting import RoutingMonitor
 from .dataset import routing_report
 from .health import NonFiniteError, NumericsCallback, NumericsGuard
+from .modality import ModalityLoad, draw_modality_load, modality_load, stack_load
 from .pictures import draw_load_heatmap
 from .stats import CollapseCriteria, RouterCollapseWarning, RouterStats, RoutingReport
 from .trace import RoutingTrace, routing_trace
 
 __all__ = [
     "CollapseCriteria",
+    "ModalityLoad",
     "NonFiniteError",
     "NumericsCallback",
     "NumericsGuard",
@@ -35,6 +38,9 @@ __all__ = [
     "RoutingTrace",
     "add_routing_monitor",
     "draw_load_heatmap",
+    "draw_modality_load",
+    "modality_load",
     "routing_report",
     "routing_trace",
+    "stack_load",
 ]

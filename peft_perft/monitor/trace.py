@@ -55,7 +55,11 @@ def find_adapted_layers(model: nn.Module) -> tuple[nn.Module, list[AdaptedLayer]
 
 
 def _layer_index(module_name: str, ordinal: int) -> int:
-    """The model layer index in a name such as ``model.layers.3.mlp``; the block's rank when the name has none."""
+    """The model layer index in a name such as ``model.layers.3.mlp`` (``decoder.block.1.layer.2.mlp`` of a T5-style
+    model: block 1, whose sub-layer 2 is its feed-forward); the block's rank when the name has none."""
+    stacked = re.findall(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)(?=\.|$)", module_name)
+    if stacked:
+        return int(stacked[-1])
     numbers = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", module_name)
     return int(numbers[-1]) if numbers else ordinal
 
@@ -66,7 +70,7 @@ def active_perft_adapters(layer: AdaptedLayer) -> list[str]:
 
 
 class BaseRoutingTap:
-    """Forward hooks on the frozen experts modules that keep the routing they received in the last forward.
+    """Forward hooks on the frozen experts modules (or routers) that keep the routing of the last forward.
 
     Reads the (indices, weights) the base router already passed to its experts; the router itself is never
     called again and no output is changed. Blocks whose experts are not called with the routing are skipped.
@@ -79,6 +83,10 @@ class BaseRoutingTap:
 
     def attach(self) -> BaseRoutingTap:
         for layer in self.layers:
+            if layer.block.spec.routes_from_router:
+                router = layer.block.base_layer.get_submodule(layer.block.spec.router_name)
+                self._handles.append(router.register_forward_hook(partial(self._record_router, layer)))
+                continue
             experts = layer.block.spec.experts_module(layer.block.base_layer)
             hook = partial(self._record, layer)
             self._handles.append(experts.register_forward_hook(hook, with_kwargs=True))
@@ -92,6 +100,13 @@ class BaseRoutingTap:
 
     def _record(self, layer: AdaptedLayer, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         _, expert_index, expert_weight = layer.block.spec.read_experts_call(args, kwargs)
+        self.latest[layer.name] = (expert_index.detach(), expert_weight.detach())
+
+    def _record_router(self, layer: AdaptedLayer, module: nn.Module, args: tuple, output: Any) -> None:
+        """Where the experts' call does not carry the routing (Llama 4, JetMoE, Switch Transformers), the router's
+        output does: read it the way PERFT-E reads it."""
+        spec = layer.block.spec
+        expert_index, expert_weight = spec.router_routing(output, spec.top_k)
         self.latest[layer.name] = (expert_index.detach(), expert_weight.detach())
 
 
@@ -197,11 +212,21 @@ def routing_trace(
 ) -> RoutingTrace:
     """Run ``model`` once on ``inputs`` and record, per token and adapted layer, which experts handled it.
 
+    For an encoder-decoder model, ``inputs`` holds ``input_ids`` and ``decoder_input_ids``: the encoder's blocks are
+    traced on the former, the decoder's (``module`` names with ``decoder.``) on the latter.
+
     ``inputs`` is a prompt, a list of prompts (both need ``tokenizer``), or a mapping with ``input_ids`` (and
-    optionally ``attention_mask``) as a tensor or nested lists. The model runs in eval mode; its mode is
+    optionally ``attention_mask``) as a tensor or nested lists; its other tensors (a vision-language model's
+    ``pixel_values``, ``image_grid_thw``, ...) are passed to the model too. The model runs in eval mode; its mode is
     restored afterwards. ``adapter_names`` limits the trace to some of the active adapters.
     """
     root, layers = find_adapted_layers(model)
+    encoder_decoder = getattr(getattr(root, "config", None), "is_encoder_decoder", False)
+    if encoder_decoder and not (isinstance(inputs, Mapping) and "decoder_input_ids" in inputs):
+        raise ValueError(
+            f"{type(root).__name__} is an encoder-decoder model: pass a mapping with input_ids (the encoder's tokens) "
+            f"and decoder_input_ids (the decoder's), so that each block's routing is paired with its own tokens."
+        )
     batch = _as_batch(inputs, tokenizer, model)
     was_training = model.training
     tap = BaseRoutingTap(layers).attach()
@@ -233,7 +258,13 @@ def _as_batch(inputs: Any, tokenizer: Any, model: nn.Module) -> dict[str, torch.
     mask = inputs.get("attention_mask")
     attention_mask = torch.ones_like(input_ids) if mask is None else torch.as_tensor(mask).reshape(input_ids.shape)
     device = next(model.parameters()).device
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    # Other model inputs (pixel_values, image_grid_thw, mm_token_type_ids of a vision-language model) pass through.
+    extra = {
+        name: value.to(device)
+        for name, value in inputs.items()
+        if name not in ("input_ids", "attention_mask", "labels") and isinstance(value, torch.Tensor)
+    }
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device), **extra}
 
 
 def _trace_rows(
@@ -243,14 +274,13 @@ def _trace_rows(
     tokenizer: Any,
     adapter_names: Sequence[str] | None,
 ) -> list[dict[str, Any]]:
-    input_ids = batch["input_ids"].cpu()
-    keep = batch["attention_mask"].cpu().reshape(-1).bool()
-    positions = [(example, position) for example in range(input_ids.shape[0]) for position in range(input_ids.shape[1])]
-    token_ids = input_ids.reshape(-1).tolist()
-    tokens = _token_strings(token_ids, tokenizer)
-    texts = _token_texts(token_ids, tokenizer)
+    sequences = {False: _sequence(batch, "input_ids", "attention_mask", tokenizer)}
+    if "decoder_input_ids" in batch:
+        sequences[True] = _sequence(batch, "decoder_input_ids", "decoder_attention_mask", tokenizer)
     rows = []
     for layer in layers:
+        decoder = in_decoder(layer.name) and True in sequences
+        keep, positions, token_ids, tokens, texts = sequences[decoder]
         base = _routing_lists(tap.latest.get(layer.name), drop_skipped=True)
         for adapter in active_perft_adapters(layer):
             if adapter_names is not None and adapter not in adapter_names:
@@ -278,6 +308,21 @@ def _trace_rows(
                 )
     rows.sort(key=lambda row: (row["example"], row["position"], row["layer"], row["adapter"]))
     return rows
+
+
+def in_decoder(module_name: str) -> bool:
+    """Whether a block sits in the decoder stack of an encoder-decoder model (``decoder.block.1...``)."""
+    return re.search(r"(?:^|\.)decoder\.", module_name) is not None
+
+
+def _sequence(batch: dict[str, torch.Tensor], ids_key: str, mask_key: str, tokenizer: Any) -> tuple:
+    """(kept flat indices mask, (example, position) per flat index, token ids, token strings, token texts)."""
+    input_ids = batch[ids_key].cpu()
+    mask = batch.get(mask_key)
+    keep = (torch.ones_like(input_ids) if mask is None else mask.cpu()).reshape(-1).bool()
+    positions = [(example, position) for example in range(input_ids.shape[0]) for position in range(input_ids.shape[1])]
+    token_ids = input_ids.reshape(-1).tolist()
+    return keep, positions, token_ids, _token_strings(token_ids, tokenizer), _token_texts(token_ids, tokenizer)
 
 
 def _routing_lists(
