@@ -12,6 +12,7 @@ line with exit status 2; set ``PEFT_PERFT_DEBUG=1`` to see the traceback instead
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -39,9 +40,44 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {default})"
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Reports a flag mistake in one line, as every other input mistake is, with the closest flag for a misspelling
+    (``--varient`` -> ``--variant``), instead of argparse's usage block followed by the error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(
+            USAGE_ERROR_STATUS,
+            f"{self.prog}: error: {message}{_closest_flag(self, message)}; '{self.prog} --help' lists the flags\n",
+        )
+
+
+def _closest_flag(parser: argparse.ArgumentParser, message: str) -> str:
+    """ " (did you mean --x?)" for the first unrecognized flag that is close to one the command knows."""
+    if not message.startswith("unrecognized arguments:"):
+        return ""
+    known = _option_strings(parser)
+    for word in message.split(":", 1)[1].split():
+        flag = word.split("=", 1)[0]
+        matches = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
+        if matches:
+            return f" (did you mean {matches[0]}?)"
+    return ""
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every flag of the parser and of its subcommands' parsers."""
+    flags = []
+    for action in parser._actions:
+        flags += [flag for flag in action.option_strings if flag.startswith("--")]
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                flags += _option_strings(subparser)
+    return flags
+
+
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """Build the parser; only the selected subcommand's module is imported."""
-    parser = argparse.ArgumentParser(prog="peft-perft", description="PERFT for Mixture-of-Experts LLMs.")
+    parser = OneLineErrorParser(prog="peft-perft", description="PERFT for Mixture-of-Experts LLMs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():

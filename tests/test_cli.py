@@ -212,3 +212,23 @@ def test_a_logging_backend_that_is_not_installed_is_refused_before_anything_load
     )
     assert main(["demo", "--report-to", "tensorbord", "--output-dir", str(tmp_path / "out")]) == 2
     assert "--report-to tensorbord is not a logging backend the Trainer knows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["demo", "--varient", "R"], "unrecognized arguments: --varient R (did you mean --variant?)"),
+        (["demo", "--variant", "X"], "argument --variant: invalid choice: 'X'"),
+        (["demo", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
+        (["demo", "--learnig-rate=1e-3"], "(did you mean --learning-rate?)"),
+    ],
+)
+def test_a_flag_mistake_is_one_line_with_the_closest_flag(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and error.count("\n") == 1 and "usage:" not in error, error
+    assert error.startswith("peft-perft") and expected in error, error
+    assert error.rstrip().endswith("--help' lists the flags")
