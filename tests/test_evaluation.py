@@ -31,7 +31,7 @@ from peft_perft.evaluation import (
     load_task_records,
     resolve_tasks,
 )
-from peft_perft.evaluation.data import load_hub_records
+from peft_perft.evaluation.data import load_hub_records, load_json_records
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llm_adapters"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[EOS]"]
@@ -477,3 +477,23 @@ def test_cli_loads_a_perft_adapter_on_a_tiny_olmoe(tmp_path: Path) -> None:
     assert adapted["tasks"]["boolq"]["correct"] == 3
     predictions = (tmp_path / "adapted" / "predictions.jsonl").read_text().splitlines()
     assert json.loads(predictions[0])["generated_text"] == "true true"
+
+
+@pytest.mark.parametrize(("content", "expected"), [("", "is not valid JSON"), ("[]", "holds no records")])
+def test_an_empty_test_file_is_named_in_the_error(content: str, expected: str, tmp_path: Path) -> None:
+    test_file = tmp_path / "boolq" / "test.json"
+    test_file.parent.mkdir()
+    test_file.write_text(content)
+    with pytest.raises(ValueError) as error:
+        load_json_records(test_file)
+    assert str(test_file) in str(error.value) and expected in str(error.value)
+
+
+def test_prompts_longer_than_the_context_are_refused_before_generating() -> None:
+    """The bundled model has a 64-position context; the paper's boolq prompts do not fit in it with an answer."""
+    from peft_perft.demo import BUNDLED_MODEL_DIR
+
+    model, tokenizer = load_model(BUNDLED_MODEL_DIR, device="cpu")
+    records = load_task_records("boolq", FIXTURES, max_samples=2)
+    with pytest.raises(ValueError, match=r"2 of 2 boolq prompts plus 32 new tokens exceed the model's context of 64"):
+        evaluate_task(model, tokenizer, "boolq", records)

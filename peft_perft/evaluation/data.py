@@ -73,7 +73,15 @@ def _validate(records: Any, where: str) -> list[dict[str, Any]]:
 def load_json_records(path: str | Path) -> list[dict[str, Any]]:
     """Read one LLM-Adapters test file from disk."""
     with open(path, encoding="utf-8") as handle:
-        return _validate(json.load(handle), str(path))
+        try:
+            records = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path} is not valid JSON ({error}); an LLM-Adapters test file is one JSON list of records."
+            ) from None
+    if not records:
+        raise ValueError(f"{path} holds no records; an LLM-Adapters test file is a non-empty JSON list of records.")
+    return _validate(records, str(path))
 
 
 def load_hub_records(repo_id: str, task: str) -> list[dict[str, Any]]:

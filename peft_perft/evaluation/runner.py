@@ -193,6 +193,25 @@ def generate_batch(
     return tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def _refuse_prompts_past_the_context(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: str, prompts: list[str], max_new_tokens: int
+) -> None:
+    """Prompts that do not fit the model's context with the answer would be scored on cut or out-of-range positions
+    (near 0% with no word of why): refuse them before generating, saying how many and by how much."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    context = getattr(config, "max_position_embeddings", None)
+    if context is None or not prompts:
+        return
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    too_long = [length for length in lengths if length + max_new_tokens > context]
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} of {len(prompts)} {task} prompts plus {max_new_tokens} new tokens exceed the model's "
+            f"context of {context} positions (longest prompt {max(too_long)} tokens); it would score them on cut "
+            f"text. Evaluate a model with a longer context, or pass a smaller --max-new-tokens."
+        )
+
+
 def evaluate_task(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -210,6 +229,7 @@ def evaluate_task(
         max_new_tokens=settings.max_new_tokens or spec.default_max_new_tokens,
     )
     prompts = [build_prompt(record) for record in records]
+    _refuse_prompts_past_the_context(model, tokenizer, spec.name, prompts, config.max_new_tokens)
     # Longest prompts first: batches hold similar lengths (less padding) and memory errors surface at once.
     order = sorted(range(len(prompts)), key=lambda index: -len(prompts[index]))
     generated: dict[int, str] = {}
