@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from peft import PeftConfig, PeftType
 
@@ -11,6 +13,10 @@ VARIANTS = ("R", "E", "D", "S")
 ADAPTER_TYPES = ("lora", "parallel_adapter")
 DEFAULT_NUM_EXPERTS = {"R": 8, "D": 2, "S": 1}
 DEFAULT_TOP_K_R = 2
+# adapter_config.json names the bundled demo model by this id, not by its folder inside one user's environment: the
+# id is resolved to the bundled folder of whichever installation loads the adapter. Not a valid Hub id, on purpose.
+BUNDLED_MODEL_ID = "peft-perft:demo-olmoe"
+BUNDLED_MODEL_PATH = Path(__file__).resolve().parent / "demo" / "assets" / "demo-olmoe"
 
 
 def perft_peft_type() -> PeftType:
@@ -85,10 +91,20 @@ class PerftConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = perft_peft_type()
+        if self.base_model_name_or_path == BUNDLED_MODEL_ID:
+            self.base_model_name_or_path = str(BUNDLED_MODEL_PATH)
         self.variant = self.variant.upper() if isinstance(self.variant, str) else self.variant
         self._validate()
         if isinstance(self.target_modules, list):
             self.target_modules = list(dict.fromkeys(self.target_modules))
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Save as peft does, naming the bundled demo model by `BUNDLED_MODEL_ID` so the folder loads anywhere."""
+        if not _is_bundled_model(self.base_model_name_or_path):
+            return super().save_pretrained(save_directory, **kwargs)
+        portable = copy.copy(self)
+        portable.base_model_name_or_path = BUNDLED_MODEL_ID
+        return super(PerftConfig, portable).save_pretrained(save_directory, **kwargs)
 
     @property
     def scaling(self) -> float:
@@ -200,6 +216,10 @@ class PerftConfig(PeftConfig):
                 f"PerftConfig.top_k={self.top_k} is larger than num_experts={num_experts}: PERFT-R picks top_k of "
                 f"its num_experts adapter experts, so use top_k <= num_experts."
             )
+
+
+def _is_bundled_model(name_or_path: str | None) -> bool:
+    return bool(name_or_path) and Path(name_or_path).resolve() == BUNDLED_MODEL_PATH
 
 
 def _is_int(value: object) -> bool:
