@@ -18,6 +18,7 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from peft_perft import PerftConfig
 from peft_perft.cli.inputs import InputError, require_dataset, require_model, require_moe_model, require_positive
+from peft_perft.context import context_length, prompts_past_the_context
 from peft_perft.evaluation import get_task
 
 from .output import require_usable_output_dir
@@ -101,7 +102,7 @@ def check_data_fits(
     ``texts_by_split`` holds prompt + completion per record (``train``) and the prompts alone (``test``).
     """
     _refuse_unknown_characters(texts_by_split, tokenizer, args)
-    context = getattr(model_config.get_text_config(), "max_position_embeddings", None)
+    context = context_length(model_config)
     max_length = args.max_length if context is None else min(args.max_length, context)
     train_lengths = _lengths(texts_by_split["train"], tokenizer)
     cut = sum(length > max_length for length in train_lengths)
@@ -111,16 +112,14 @@ def check_data_fits(
             f"[demo] {cut} of {len(train_lengths)} training examples are longer than {max_length} tokens ({limit}); "
             f"they are cut to {max_length} tokens for training."
         )
-    if context is not None:
-        prompt_lengths = _lengths(texts_by_split["test"], tokenizer)
-        too_long = [length for length in prompt_lengths if length + max_new_tokens > context]
-        if too_long:
-            raise InputError(
-                f"--dataset {args.dataset}: {len(too_long)} held-out prompts plus {max_new_tokens} generated tokens "
-                f"(--max-new-tokens) exceed the context of {args.model} ({context} positions; longest prompt "
-                f"{max(too_long)} tokens). Use shorter records, a smaller --max-new-tokens, or a model with a longer "
-                f"context."
-            )
+    overflow = prompts_past_the_context(model_config, _lengths(texts_by_split["test"], tokenizer), max_new_tokens)
+    if overflow is not None:
+        raise InputError(
+            f"--dataset {args.dataset}: {len(overflow.too_long)} held-out prompts plus {max_new_tokens} generated "
+            f"tokens (--max-new-tokens) exceed the context of {args.model} ({overflow.context} positions; longest "
+            f"prompt {overflow.longest} tokens). Use shorter records, a smaller --max-new-tokens, or a model with a "
+            f"longer context."
+        )
     return max_length
 
 

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from peft_perft.context import prompts_past_the_context
 from peft_perft.evaluation.answers import ParsedAnswer, extract_answer, get_task, score_answer
 from peft_perft.evaluation.data import build_prompt, load_task_records, resolve_tasks
 
@@ -198,17 +199,15 @@ def _refuse_prompts_past_the_context(
 ) -> None:
     """Prompts that do not fit the model's context with the answer would be scored on cut or out-of-range positions
     (near 0% with no word of why): refuse them before generating, saying how many and by how much."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    context = getattr(config, "max_position_embeddings", None)
-    if context is None or not prompts:
+    if not prompts:
         return
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    too_long = [length for length in lengths if length + max_new_tokens > context]
-    if too_long:
+    overflow = prompts_past_the_context(model.config, lengths, max_new_tokens)
+    if overflow is not None:
         raise ValueError(
-            f"{len(too_long)} of {len(prompts)} {task} prompts plus {max_new_tokens} new tokens exceed the model's "
-            f"context of {context} positions (longest prompt {max(too_long)} tokens); it would score them on cut "
-            f"text. Evaluate a model with a longer context, or pass a smaller --max-new-tokens."
+            f"{len(overflow.too_long)} of {overflow.prompts} {task} prompts plus {max_new_tokens} new tokens exceed "
+            f"the model's context of {overflow.context} positions (longest prompt {overflow.longest} tokens); it "
+            f"would score them on cut text. Evaluate a model with a longer context, or pass a smaller --max-new-tokens."
         )
 
 
