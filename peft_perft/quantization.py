@@ -120,6 +120,6 @@ def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
         "--quantize",
         choices=QUANTIZE_CHOICES,
         default=None,
-        help="load the frozen base quantized: bnb4 (NF4) / bnb8 on its Linear layers (bitsandbytes), int8-experts on "
-        "its fused experts (torchao); default: unquantized",
+        help="load the frozen base quantized: bnb4 (NF4) / bnb8 on its Linear layers with bitsandbytes, int8-experts "
+        "on its fused experts with torchao (default: unquantized)",
     )

@@ -94,6 +94,11 @@ def test_help_explains_every_flag_with_its_default(command: str) -> None:
         assert action.help, f"{command} {action.option_strings} has no help"
         if not action.required and action.nargs != 0:
             assert "default" in shown, f"{command} {action.option_strings}: {shown!r} does not say its default"
+        # One way for every flag: a single "(default: X)" at the end, not after another parenthesis.
+        mentions = re.findall(r"default", shown)
+        assert len(mentions) <= 1, f"{command} {action.option_strings}: {shown!r} says 'default' twice"
+        if mentions:
+            assert re.search(r"[^)] \(default: [^()]*\)$", shown), f"{command} {action.option_strings}: {shown!r}"
     if command == "demo":
         assert "optimizer steps (default: 800)" in " ".join(subparser.format_help().split())
 

@@ -77,16 +77,18 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``peft-perft demo``; the defaults reproduce the bundled demo on a CPU in under three minutes."""
     parser.add_argument("--variant", choices=["R", "E", "D", "S"], default="R", help="PERFT variant")
     parser.add_argument("--r", type=int, default=8, help="bottleneck rank of each adapter expert")
-    parser.add_argument("--lora-alpha", type=float, default=16.0, help="adapter scaling numerator (scale alpha/r)")
+    parser.add_argument(
+        "--lora-alpha", type=float, default=16.0, help="adapter scaling numerator; the scale is alpha/r"
+    )
     parser.add_argument(
         "--num-experts",
         type=int,
         default=None,
         help="adapter experts per block, R, D and S only (default: R 8, D 2, S 1)",
     )
-    parser.add_argument("--top-k", type=int, default=None, help="PERFT-R adapter experts per token (default 2)")
+    parser.add_argument("--top-k", type=int, default=None, help="PERFT-R adapter experts per token (default: 2)")
     parser.add_argument("--steps", type=int, default=800, help="optimizer steps")
-    parser.add_argument("--learning-rate", type=float, default=5e-3, help="peak learning rate (cosine schedule)")
+    parser.add_argument("--learning-rate", type=float, default=5e-3, help="peak learning rate of the cosine schedule")
     parser.add_argument("--batch-size", type=int, default=32, help="training examples per optimizer step")
     parser.add_argument(
         "--output-dir", type=Path, default=Path("perft-demo-output"), help="where the adapter, heatmaps and report go"
@@ -121,7 +123,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-length",
         type=int,
         default=512,
-        help="truncate training sequences to this many tokens (at most the context)",
+        help="truncate training sequences to this many tokens, capped at the model's context, 64 tokens for the "
+        "bundled model",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the adapter's init and training")
     parser.add_argument(
@@ -129,7 +132,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="CPU threads for torch (default: 1 for the bundled model, whose tiny matrices gain nothing from more; "
-        "torch's own default otherwise)",
+        "torch's choice otherwise)",
     )
     parser.add_argument("--report-to", default="none", help="Trainer logging backends, e.g. tensorboard or wandb")
     add_quantize_argument(parser)

@@ -40,25 +40,25 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--tasks",
         nargs="+",
         metavar="TASK",
-        help=f"tasks or groups ({', '.join(TASK_GROUPS)}); default: every task the data holds. Tasks: "
-        f"{', '.join(TASKS)}",
+        help=f"tasks or groups ({', '.join(TASK_GROUPS)}); tasks: {', '.join(TASKS)} (default: every task the data "
+        "holds)",
     )
     parser.add_argument(
         "--max-samples", type=_positive_int, help="evaluate only the first N records of each task (default: all)"
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call (default 8)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call")
     parser.add_argument(
-        "--num-beams", type=_positive_int, default=1, help="1 = greedy (default); 4 reproduces the paper"
+        "--num-beams", type=_positive_int, default=1, help="beams per prompt: 1 is greedy, 4 reproduces the paper"
     )
     parser.add_argument(
         "--max-new-tokens",
         type=_positive_int,
-        help="tokens to generate; default 32 for commonsense tasks and 256 for arithmetic ones",
+        help="tokens to generate (default: 32 for commonsense tasks, 256 for arithmetic ones)",
     )
     parser.add_argument(
         "--output-dir",
         default="eval-results",
-        help="where results.json, results.md and predictions.jsonl go (default eval-results)",
+        help="where results.json, results.md and predictions.jsonl go",
     )
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: GPU when available)")

@@ -134,7 +134,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--gradient-checkpointing",
         choices=["auto", "on", "off"],
         default="auto",
-        help="recompute activations (auto: on a GPU only, as peft-perft demo)",
+        help="recompute activations; auto: on a GPU only, as peft-perft demo",
     )
     parser.add_argument(
         "--seed", type=int, default=defaults.seed, help="seed of the data order and every adapter's init"
