@@ -80,3 +80,19 @@ def test_documented_command_parses(page: str, argv: tuple[str, ...], whole: bool
     assert argv[0] in SUBCOMMANDS, f"{page}: `peft-perft {argv[0]}` is not a command"
     if whole:
         build_parser(argv[0]).parse_args(list(argv))
+
+
+def test_the_site_loads_nothing_from_other_hosts(tmp_path: Path) -> None:
+    """Code is highlighted when the site is built (Pygments), so the pages read offline: no script or stylesheet
+    from a CDN (the theme's highlight.js is switched off)."""
+    pytest.importorskip("mkdocs", reason="mkdocs is in the docs extra")
+    from mkdocs.commands.build import build
+    from mkdocs.config import load_config
+
+    build(load_config(str(REPO / "mkdocs.yml"), site_dir=str(tmp_path / "site"), strict=True))
+    pages = list((tmp_path / "site").rglob("*.html"))
+    external = re.compile(r'<(?:script|link)[^>]+(?:src|href)="(?:https?:)?//[^"]+"')
+    assert not [(page.name, found) for page in pages for found in external.findall(page.read_text())]
+    training = (tmp_path / "site" / "training" / "index.html").read_text()
+    assert '<span class="kn">import</span>' in training  # highlighted at build time
+    assert (tmp_path / "site" / "css" / "pygments.css").is_file()
