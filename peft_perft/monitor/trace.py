@@ -379,6 +379,21 @@ def _plot_panels(rows: list[dict[str, Any]]) -> Iterator[tuple[str, str]]:
         yield f"PERFT-R router ({adapter})", adapter
 
 
+TRACE_COLOURMAP = "YlGnBu"
+
+
+def digit_colour(cell_rgba: tuple[float, ...]) -> str:
+    """Black digits on light cells, white on dark ones (the colour map runs from pale yellow to dark blue): whichever
+    contrasts more with the cell, by the WCAG relative luminance."""
+
+    def linear(channel: float) -> float:
+        return channel / 12.92 if channel <= 0.04045 else ((channel + 0.055) / 1.055) ** 2.4
+
+    red, green, blue = (linear(channel) for channel in cell_rgba[:3])
+    luminance = 0.2126 * red + 0.7152 * green + 0.0722 * blue
+    return "black" if (luminance + 0.05) / 0.05 >= 1.05 / (luminance + 0.05) else "white"
+
+
 def _display_text(row: dict[str, Any]) -> str:
     """The token as the reader sees it: decoded text with visible spaces and newlines, else its id."""
     text = row.get("text") if row.get("text") is not None else row["token"]
@@ -427,8 +442,9 @@ def _plot_example(rows: list[dict[str, Any]], path: Path, example: int) -> Path:
             total = float(sum(weights))
             share[cell] = weights[best] / total if total > 0 else np.nan
             font = 6 if len(layer_ids) <= 24 else 5
-            axis.text(cell[1], cell[0], str(experts[best]), ha="center", va="center", fontsize=font)
-        image = axis.imshow(share, aspect="auto", cmap="YlGnBu", vmin=0.0, vmax=1.0, interpolation="nearest")
+            colour = digit_colour(plt.get_cmap(TRACE_COLOURMAP)(share[cell])) if total > 0 else "black"
+            axis.text(cell[1], cell[0], str(experts[best]), ha="center", va="center", fontsize=font, color=colour)
+        image = axis.imshow(share, aspect="auto", cmap=TRACE_COLOURMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
         axis.set_yticks(_every(len(layer_ids), 30), [str(layer_ids[i]) for i in _every(len(layer_ids), 30)], fontsize=7)
         axis.set_ylabel("layer")
         axis.set_xticks(range(len(strip)), [labels[position] for position in strip], rotation=90, fontsize=7)
