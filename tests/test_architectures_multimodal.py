@@ -149,15 +149,33 @@ TOWER_FIXES: dict[str, dict[str, dict]] = {
         "vision_config": {"video_temporal_patch_size": 2},
         "": {"vision_hidden_size": TINY_HIDDEN, "projector_hidden_size": TINY_HIDDEN},
     },
+    # Inkling's vision encoder plans its layer widths from the patch size (at 40 pixels, one projection is 23 GB).
+    "inkling_mm_model": {"vision_config": {"n_layers": 2, "patch_size": 2, "temporal_patch_size": 2}},
+    # The omni model's talker (an MoE codec decoder) reads the thinker's hidden states; checkpoints carry the two
+    # sizes its config does not default (shared expert width, merge size).
+    "qwen3_omni_moe": {
+        "talker_config": {
+            "": {
+                "thinker_hidden_size": TINY_HIDDEN,
+                "accept_hidden_layer": 1,
+                "num_code_groups": 2,
+                "spatial_merge_size": 2,
+            },
+            "text_config": {"shared_expert_intermediate_size": 16},
+            "code_predictor_config": {"num_code_groups": 2},
+        },
+        "code2wav_config": {
+            "codebook_size": 64,
+            "decoder_dim": TINY_HIDDEN,
+            "num_quantizers": 2,
+            "upsample_rates": [2, 2],
+            "upsampling_ratios": [2],
+        },
+    },
 }
 """Per tower (sub-config) settings beyond TOWER_SIZES; key "" holds settings of the composite config itself."""
 
-PENDING: dict[str, str] = {
-    "inkling_mm_model": "a size this walk does not shrink still asks for 23 GB at the shrunk config, and its "
-    "modeling code imports scipy, which the test environment does not install",
-    "qwen3_omni_moe": "the full omni model nests its thinker, talker and code-to-wave configs one level deeper than "
-    "this walk shrinks; its thinker (qwen3_omni_moe_thinker) is covered",
-}
+PENDING: dict[str, str] = {}
 
 """MoE model types whose tiny model is not built here yet, each with what stops it (rendered in the matrix)."""
 
@@ -229,21 +247,37 @@ def tiny_config(model_type: str) -> PretrainedConfig:
     """A tiny config: the language part as in the causal-LM walk, other towers one narrow layer."""
     config_class = CONFIG_MAPPING[model_type]
     fixes = {**CAUSAL_CONFIG_FIXES.get(model_type, {}), **CONFIG_FIXES.get(model_type, {})}
-    subs = _sub_config_classes(config_class)
-    if "text_config" not in subs:
+    if not _is_composite(config_class):
         return config_class(**_shrunk_settings(config_class, config_class(), fixes))
-    settings = dict(TOWER_FIXES.get(model_type, {}).get("", {}))
+    tower_fixes = TOWER_FIXES.get(model_type, {})
+    overrides = SUB_CONFIG_FIXES.get(model_type, {})
+    return config_class(**_composite_settings(config_class, fixes, tower_fixes, overrides))
+
+
+def _is_composite(config_class: type) -> bool:
+    """Whether the config holds a language tower, directly or one level down (an omni model's thinker and talker)."""
+    subs = _sub_config_classes(config_class)
+    return "text_config" in subs or any("text_config" in _sub_config_classes(sub) for sub in subs.values())
+
+
+def _composite_settings(config_class: type, fixes: dict, tower_fixes: dict, overrides: dict) -> dict:
+    """Settings of a composite config: each language tower shrunk as in the causal-LM walk (with ``fixes``), each
+    nested composite (an omni model's thinker or talker) shrunk the same way, every other tower one narrow layer.
+    ``tower_fixes`` holds per-key settings (key "" for the composite itself), ``overrides`` the causal walk's."""
+    settings = dict(tower_fixes.get("", {}))
     default = config_class()
-    for key, sub_class in subs.items():
+    for key, sub_class in _sub_config_classes(config_class).items():
         if getattr(default, key, None) is None:
             continue  # an optional tower (an omni model's audio encoder) that the default model leaves out
         if key == "text_config":
-            sub_settings = _shrunk_settings(sub_class, sub_class(), fixes)
+            sub_settings = {**_shrunk_settings(sub_class, sub_class(), fixes), **tower_fixes.get(key, {})}
+        elif _is_composite(sub_class):
+            sub_settings = _composite_settings(sub_class, fixes, tower_fixes.get(key, {}), {})
         else:
-            sub_settings = _tower_settings(sub_class, sub_class(), TOWER_FIXES.get(model_type, {}).get(key, {}))
-        sub_settings.update(SUB_CONFIG_FIXES.get(model_type, {}).get(key, {}))
+            sub_settings = _tower_settings(sub_class, sub_class(), tower_fixes.get(key, {}))
+        sub_settings.update(overrides.get(key, {}))
         settings[key] = sub_settings
-    return config_class(**settings)
+    return settings
 
 
 @functools.cache
@@ -280,12 +314,28 @@ def _inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's main output tensor: logits where it has a head, else the last hidden state."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if type(base).forward is torch.nn.Module.forward:
+        return _thinker_and_talker_output(base, inputs)
     output = model(**inputs)
     for name in ("logits", "last_hidden_state", "heatmaps"):
         value = getattr(output, name, None)
         if isinstance(value, torch.Tensor):
             return value
     return output.feature_maps[-1]
+
+
+def _thinker_and_talker_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """An omni model has no forward of its own (it generates text, then speech): the thinker's logits beside the
+    talker's codec logits, the talker reading the thinker's token embeddings through its text projection as in
+    generation, so that both MoE decoders are run."""
+    input_ids = inputs["input_ids"]
+    thinker_logits = model.thinker(input_ids=input_ids).logits
+    talker_inputs = model.talker.text_projection(model.thinker.get_input_embeddings()(input_ids))
+    talker_logits = model.talker(
+        inputs_embeds=talker_inputs, talker_input_ids=input_ids, attention_mask=torch.ones_like(input_ids)
+    ).logits
+    return torch.cat([thinker_logits, talker_logits], dim=-1)
 
 
 def _no_grad_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -317,6 +367,7 @@ def test_every_moe_model_type_is_walked_by_one_of_the_two_files():
     for expected in ("qwen3_vl_moe", "ernie4_5_vl_moe", "aria", "switch_transformers", "nllb-moe", "llama4"):
         assert expected in cases
     assert cases["switch_transformers"][0] == "seq2seq" and cases["qwen3_vl_moe"][0] == "image-text-to-text"
+    assert {"inkling_mm_model", "qwen3_omni_moe"} <= set(COVERED), "the omni models with the deepest nesting"
     assert (set(PENDING) | set(NOT_ROUTED)) <= set(cases) and set(PERFT_E_UNAVAILABLE) <= set(COVERED)
     assert not set(PENDING) & set(NOT_ROUTED)
 
