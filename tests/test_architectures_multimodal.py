@@ -23,6 +23,7 @@ from peft import PeftModel, get_peft_model
 from test_architectures import CONFIG_FIXES as CAUSAL_CONFIG_FIXES
 from test_architectures import (
     EXPERT_COUNT_FIELDS,
+    EXPERTS_IMPLEMENTATIONS,
     SUB_CONFIG_FIXES,
     TINY_EXPERTS,
     TINY_HIDDEN,
@@ -417,6 +418,29 @@ def test_variant(model_type: str, variant: str):
         peft_model.save_pretrained(directory)
         reloaded = PeftModel.from_pretrained(tiny_model(model_type), directory).eval()
     torch.testing.assert_close(_no_grad_output(reloaded, inputs), adapted, rtol=1e-5, atol=1e-5)
+
+
+def _has_experts_implementations(model_type: str) -> bool:
+    """Whether the model's experts dispatch through Transformers' experts interface (eager, grouped_mm, ...)."""
+    return getattr(transformers, moe_cases()[model_type][1])._can_set_experts_implementation()
+
+
+SWITCHABLE = [t for t in COVERED if _has_experts_implementations(t)]
+
+
+@pytest.mark.parametrize("model_type", SWITCHABLE)
+def test_experts_implementations_agree(model_type: str):
+    """PERFT gives the same output with every experts implementation of Transformers (where the model has them)."""
+    variant = "R" if model_type in PERFT_E_UNAVAILABLE else "E"
+    peft_model = get_peft_model(tiny_model(model_type), _perft_config(variant)).eval()
+    inputs = _inputs(peft_model)
+    results = {}
+    for implementation in EXPERTS_IMPLEMENTATIONS:
+        peft_model.get_base_model().set_experts_implementation(implementation)
+        assert peft_model.get_base_model().config._experts_implementation == implementation
+        results[implementation] = _no_grad_output(peft_model, inputs)
+    for implementation in EXPERTS_IMPLEMENTATIONS[1:]:
+        torch.testing.assert_close(results[implementation], results["eager"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", sorted(PERFT_E_UNAVAILABLE))
