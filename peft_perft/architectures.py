@@ -178,6 +178,45 @@ ROUTER_OUTPUT_ROUTING: dict[str, RouterRouting] = {
 ROUTER_TOP_K: dict[str, int] = {"SwitchTransformersTop1Router": 1}
 """Routers (by class) whose top-k is fixed by design rather than stored on the router or its block."""
 
+TokenSelector = Callable[[torch.Tensor], torch.Tensor]
+"""From per-token type ids (batch, positions), the bool mask of the tokens one expert group receives."""
+
+
+@dataclass(frozen=True)
+class TokenGroups:
+    """A layer whose tokens are split among expert groups, each its own MoE block with its own router and experts.
+
+    Each group block sees only its tokens, flattened in (batch, position) order, so its routing rows pair with
+    tokens only through the split. ``type_ids`` names the argument of the layer's block that carries the per-token
+    type ids (absent: every id 0), ``members`` the group blocks (children) and the tokens each one receives.
+    """
+
+    type_ids: str
+    members: dict[str, TokenSelector]
+
+    def masks(self, block: nn.Module, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        """Per group child, the flat bool mask of the tokens of one call of ``block`` that it receives."""
+        bound = inspect.signature(block.forward).bind(*args, **kwargs).arguments
+        hidden_states = next(iter(bound.values()))
+        type_ids = bound.get(self.type_ids)
+        if type_ids is None:
+            type_ids = torch.zeros(hidden_states.shape[:-1], dtype=torch.long, device=hidden_states.device)
+        return {child: select(type_ids).reshape(-1) for child, select in self.members.items()}
+
+
+TOKEN_GROUPS: dict[str, TokenGroups] = {
+    # ERNIE-4.5-VL: text tokens (type 0) to the text experts, image and video tokens (1, 2) to the vision experts.
+    "Ernie4_5_VLMoeMoeBlock": TokenGroups(
+        "moe_mm_token_type_ids", {"text_moe": lambda ids: ids == 0, "vision_moe": lambda ids: ids != 0}
+    ),
+}
+"""Layer blocks (by class) that hand each token to one of several expert groups, each adapted as its own block."""
+
+
+def token_groups(module: nn.Module) -> TokenGroups | None:
+    """How ``module`` splits its tokens among expert-group children, or None when it does not."""
+    return TOKEN_GROUPS.get(type(_unwrapped(module)).__name__)
+
 
 def global_shape(tensor: torch.Tensor) -> torch.Size:
     """The shape of the whole tensor, also on one rank's share of it: a DeepSpeed ZeRO-3 parameter is an empty

@@ -46,6 +46,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from peft_perft import PerftMoeBlock
 from peft_perft.architectures import find_moe_blocks
+from peft_perft.monitor import modality_load, routing_trace
 
 MODEL_CLASSES: dict[str, dict[str, str]] = {
     "image-text-to-text": modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
@@ -517,3 +518,71 @@ def test_ernie_vl_vision_expert_group_trains_on_image_tokens(variant: str):
         peft_model.save_pretrained(directory)
         reloaded = PeftModel.from_pretrained(tiny_model("ernie4_5_vl_moe"), directory).eval()
     torch.testing.assert_close(_no_grad_output(reloaded, inputs), adapted, rtol=1e-5, atol=1e-5)
+
+
+TEXT_EXPERTS, VISION_EXPERTS = [1, 3], [0, 2]
+IMAGE_TOKEN = 5
+
+
+def _ernie_with_known_routing(variant: str) -> PeftModel:
+    """The tiny ERNIE-4.5-VL, adapted, whose routers' score-correction biases send every text token to text experts
+    1 and 3 and every image token to vision experts 0 and 2, whatever the hidden states."""
+    peft_model = get_peft_model(tiny_model("ernie4_5_vl_moe"), _perft_config(variant))
+    for name, module in peft_model.named_modules():
+        if isinstance(module, PerftMoeBlock):
+            chosen = TEXT_EXPERTS if name.endswith("text_moe") else VISION_EXPERTS
+            bias = module.base_layer.gate.moe_statics.e_score_correction_bias
+            bias.data.zero_()
+            bias.data[:, chosen] = 50.0
+    return peft_model
+
+
+def _ernie_image_text_batch() -> dict[str, torch.Tensor]:
+    """Two sequences of six tokens, the last three image tokens (id 5, type 1); no text token has id 5."""
+    input_ids = _inputs(_pristine_model("ernie4_5_vl_moe"))["input_ids"].clone()
+    input_ids[input_ids == IMAGE_TOKEN] = IMAGE_TOKEN + 1
+    image = (torch.arange(6) >= 3).expand(2, 6)
+    input_ids[image] = IMAGE_TOKEN
+    return {"input_ids": input_ids, "moe_mm_token_type_ids": image.long()}
+
+
+@pytest.mark.parametrize("variant", ["R", "E"])
+def test_ernie_vl_trace_pairs_each_expert_group_with_its_own_tokens(variant: str):
+    """Each token's row comes from the expert group that processed it: text tokens from ``text_moe`` with experts
+    {1, 3}, image tokens from ``vision_moe`` with {0, 2} (set by construction); PERFT's rows are the group block's
+    own records in token order; a text-only input gets no row from the vision group's earlier forward."""
+    peft_model = _ernie_with_known_routing(variant)
+    batch = _ernie_image_text_batch()
+    trace = routing_trace(peft_model, batch)
+    blocks = {name: m for name, m in peft_model.base_model.model.named_modules() if isinstance(m, PerftMoeBlock)}
+    layers = sorted({row["layer"] for row in trace.rows})
+    assert len(trace.rows) == 2 * 6 * len(layers), "one row per token and layer, from one group only"
+    image = batch["moe_mm_token_type_ids"].reshape(-1).bool()
+    for row in trace.rows:
+        is_image = row["token_id"] == IMAGE_TOKEN
+        assert row["module"].endswith("vision_moe" if is_image else "text_moe")
+        assert sorted(row["base_experts"]) == (VISION_EXPERTS if is_image else TEXT_EXPERTS)
+        received = image if is_image else ~image
+        rank = int(received[: row["example"] * 6 + row["position"]].sum())
+        recorded = blocks[row["module"]].routing_records["default"].expert_index[rank].tolist()
+        assert row["perft_experts"] == recorded
+        if variant == "E":
+            assert row["perft_experts"] == row["base_experts"]
+
+    text_only = routing_trace(peft_model, {"input_ids": batch["input_ids"].clamp(min=IMAGE_TOKEN + 1)})
+    assert {row["module"].rsplit(".", 1)[-1] for row in text_only.rows} == {"text_moe"}
+    assert len(text_only.rows) == 2 * 6 * len(layers)
+
+
+def test_ernie_vl_modality_load_counts_each_group_in_its_own_columns():
+    """Text and vision experts are different experts: the modality load gives the vision group its own columns
+    (4 + index), so image tokens load columns 4 and 6, text tokens 1 and 3, and the two modalities never overlap."""
+    trace = routing_trace(_ernie_with_known_routing("R"), _ernie_image_text_batch())
+    load = modality_load(trace, {IMAGE_TOKEN: "image"})
+    assert load.modalities == ("text", "image") and load.num_experts == 2 * TINY_EXPERTS
+    expected = torch.zeros(2, TINY_EXPERTS * 2)
+    expected[0, TEXT_EXPERTS] = 2 * 3  # 2 sequences x 3 text tokens, each choosing both text experts
+    expected[1, [TINY_EXPERTS + e for e in VISION_EXPERTS]] = 2 * 3
+    for layer in range(len(load.layers)):
+        torch.testing.assert_close(load.counts[:, layer], expected, rtol=0, atol=0)
+    torch.testing.assert_close(load.overlap(), torch.zeros(len(load.layers)))

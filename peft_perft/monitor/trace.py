@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..architectures import token_groups
 from ..layer import PerftMoeBlock
 from ..model import PerftModel
 
@@ -108,6 +109,40 @@ class BaseRoutingTap:
         spec = layer.block.spec
         expert_index, expert_weight = spec.router_routing(output, spec.top_k)
         self.latest[layer.name] = (expert_index.detach(), expert_weight.detach())
+
+
+class TokenGroupTap:
+    """Forward pre-hooks on layer blocks that split their tokens among expert groups (ERNIE-4.5-VL's text and vision
+    experts): keeps, per adapted group block, the flat mask of the tokens it received in the last forward, so that
+    its routing rows (one per received token) are paired with those tokens and no others."""
+
+    def __init__(self, root: nn.Module, layers: Sequence[AdaptedLayer]) -> None:
+        self.groups: dict[str, list[tuple[str, str]]] = {}
+        for layer in layers:
+            parent, _, child = layer.name.rpartition(".")
+            groups = token_groups(root.get_submodule(parent))
+            if groups is not None and child in groups.members:
+                self.groups.setdefault(parent, []).append((layer.name, child))
+        self.root = root
+        self.masks: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self) -> TokenGroupTap:
+        for parent, members in self.groups.items():
+            hook = partial(self._record, members)
+            self._handles.append(self.root.get_submodule(parent).register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.masks.clear()
+
+    def _record(self, members: list[tuple[str, str]], module: nn.Module, args: tuple, kwargs: dict) -> None:
+        masks = token_groups(module).masks(module, args, kwargs)
+        for name, child in members:
+            self.masks[name] = masks[child].detach().cpu()
 
 
 def perft_routing(layer: AdaptedLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -230,12 +265,14 @@ def routing_trace(
     batch = _as_batch(inputs, tokenizer, model)
     was_training = model.training
     tap = BaseRoutingTap(layers).attach()
+    groups = TokenGroupTap(root, layers).attach()
     try:
         model.eval()
         model(**batch, use_cache=False)
-        rows = _trace_rows(layers, tap, batch, tokenizer, adapter_names)
+        rows = _trace_rows(layers, tap, batch, tokenizer, adapter_names, groups.masks)
     finally:
         tap.detach()
+        groups.detach()
         model.train(was_training)
     return RoutingTrace(rows)
 
@@ -273,7 +310,11 @@ def _trace_rows(
     batch: dict[str, torch.Tensor],
     tokenizer: Any,
     adapter_names: Sequence[str] | None,
+    group_masks: Mapping[str, torch.Tensor],
 ) -> list[dict[str, Any]]:
+    """One row per kept token, adapted layer and adapter. A block of an expert group (``group_masks``) got only some
+    of the tokens, in order: its routing row r belongs to the r-th token it received, and other tokens get no row
+    from it (a group that received none, such as the vision experts of a text-only input, adds no row)."""
     sequences = {False: _sequence(batch, "input_ids", "attention_mask", tokenizer)}
     if "decoder_input_ids" in batch:
         sequences[True] = _sequence(batch, "decoder_input_ids", "decoder_attention_mask", tokenizer)
@@ -281,14 +322,18 @@ def _trace_rows(
     for layer in layers:
         decoder = in_decoder(layer.name) and True in sequences
         keep, positions, token_ids, tokens, texts = sequences[decoder]
+        received = group_masks.get(layer.name)
+        selected = keep if received is None else keep & received
+        routing_row = torch.arange(len(token_ids)) if received is None else received.long().cumsum(0) - 1
         base = _routing_lists(tap.latest.get(layer.name), drop_skipped=True)
         for adapter in active_perft_adapters(layer):
             if adapter_names is not None and adapter not in adapter_names:
                 continue
             variant = layer.block.perft_configs[adapter].variant
             perft = _adapter_lists(layer, adapter, len(token_ids))
-            for flat_index in keep.nonzero().flatten().tolist():
+            for flat_index in selected.nonzero().flatten().tolist():
                 example, position = positions[flat_index]
+                row = int(routing_row[flat_index])
                 rows.append(
                     {
                         "example": example,
@@ -300,10 +345,10 @@ def _trace_rows(
                         "module": layer.name,
                         "adapter": adapter,
                         "variant": variant,
-                        "base_experts": base[0][flat_index] if base else None,
-                        "base_weights": base[1][flat_index] if base else None,
-                        "perft_experts": perft[0][flat_index],
-                        "perft_weights": perft[1][flat_index],
+                        "base_experts": base[0][row] if base else None,
+                        "base_weights": base[1][row] if base else None,
+                        "perft_experts": perft[0][row],
+                        "perft_weights": perft[1][row],
                     }
                 )
     rows.sort(key=lambda row: (row["example"], row["position"], row["layer"], row["adapter"]))
