@@ -180,6 +180,7 @@ def run_pilot(settings: PilotSettings, log: Callable[[str], object] = print) -> 
     validate_settings(settings)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_config = AutoConfig.from_pretrained(settings.model)
+    require_causal_lm(model_config, settings.model)
     lora_targets = attention_projection_names(model_config) if "lora" in settings.configs else []
     budget = settings.budget or count_trainable_parameters(model_config, perft_config("R", REFERENCE_RANK))
     candidates = [match_budget(model_config, key, budget, lora_targets) for key in settings.configs]
@@ -197,6 +198,18 @@ def run_pilot(settings: PilotSettings, log: Callable[[str], object] = print) -> 
     report = PilotReport(settings, environment(device), budget, results, data.description, data.full_examples)
     report.recommendation = recommend(report)
     return report
+
+
+def require_causal_lm(model_config: PretrainedConfig, name: str) -> None:
+    """The pilot trains text through the causal-LM class: refuse, before building anything, a model type that has
+    none (an image-text-only or encoder-decoder MoE model), saying what trains it instead."""
+    if type(model_config) not in AutoModelForCausalLM._model_mapping:
+        raise InputError(
+            f"--model {name} is a {model_config.model_type!r} model ({type(model_config).__name__}), which "
+            f"Transformers has no causal-LM class for (an image-text-only or encoder-decoder model), and the pilot "
+            f"trains text through AutoModelForCausalLM. Train an image-text MoE model with examples/vlm_perft.py "
+            f"(peft-perft eval scores it on text tasks); an encoder-decoder one with your own seq2seq training loop."
+        )
 
 
 def validate_settings(settings: PilotSettings) -> None:
