@@ -276,20 +276,36 @@ def find_moe_blocks(model: nn.Module) -> dict[str, MoeBlockSpec]:
 
 
 def _check_hidden_sizes(model: nn.Module, blocks: dict[str, MoeBlockSpec]) -> None:
-    """Refuse a block whose detected hidden size is not the model's: its adapters would have the wrong width."""
+    """Refuse a block whose detected hidden size is none of the model's: its adapters would have the wrong width.
+
+    A block may sit in any tower of a composite model (dots.3's vision encoder has MoE layers of its own width), so
+    the widths of the text config and of every sub-config count."""
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     expected = getattr(text_config, "hidden_size", None)
     if not isinstance(expected, int):
         return
+    widths = {expected} | _tower_widths(config)
     for name, spec in blocks.items():
-        if spec.hidden_size != expected:
+        if spec.hidden_size not in widths:
             raise ValueError(
                 f"MoE block {name!r} was detected with hidden size {spec.hidden_size}, but the model's config has "
-                f"hidden_size={expected}: its router's weight is stored in a layout PERFT does not recognise (packed "
-                f"or sharded). Report the block class and the quantizer or engine that stored it; PERFT will not "
-                f"build adapters of the wrong width."
+                f"hidden_size={expected} (towers: {sorted(widths - {expected})}): its router's weight is stored in a "
+                f"layout PERFT does not recognise (packed or sharded). Report the block class and the quantizer or "
+                f"engine that stored it; PERFT will not build adapters of the wrong width."
             )
+
+
+def _tower_widths(config: object) -> set[int]:
+    """The hidden sizes of every sub-config (vision, audio, talker, ...) of a composite config, nested ones too."""
+    widths = set()
+    keys = {**(getattr(config, "sub_configs", None) or {}), **(getattr(config, "sub_configs_defaults", None) or {})}
+    for key in keys:
+        sub_config = getattr(config, key, None)
+        if sub_config is not None:
+            width = getattr(sub_config, "hidden_size", None)
+            widths |= ({width} if isinstance(width, int) else set()) | _tower_widths(sub_config)
+    return widths
 
 
 def _locate(module: nn.Module) -> tuple[str, MoeBlockSpec] | None:

@@ -139,6 +139,15 @@ CONFIG_FIXES: dict[str, dict] = {
 """What the generic shrinking cannot infer, per model type (merged over the causal-LM walk's fixes)."""
 
 TOWER_FIXES: dict[str, dict[str, dict]] = {
+    # dots.3's vision encoder has MoE layers of its own ("sparse"), sized per layer: one such layer, 4 experts.
+    "dots3_note": {
+        "vision_config": {
+            "mlp_layer_types": ["sparse"],
+            "num_local_experts": TINY_EXPERTS,
+            "moe_intermediate_size": 16,
+            "per_layer_config": {0: {"num_local_experts": TINY_EXPERTS, "num_experts_per_tok": 2}},
+        }
+    },
     "muse_spark": {
         "vision_config": {"num_hidden_layers": 4, "depths": [1, 1, 1, 1], "hidden_sizes": [8, 8, 16, 32]},
         "audio_config": {"num_hidden_layers": 4, "depths": [1, 1, 1, 1], "hidden_sizes": [8, 8, 16, 32]},
@@ -238,10 +247,11 @@ def _tower_settings(config_class: type, default: PretrainedConfig, fixes: dict) 
     values = default.to_dict()
     settings = {name: value for name, value in TOWER_SIZES.items() if name in values}
     settings.update({name: {} for name in ("per_layer_config",) if name in values})
-    for key, sub_class in _sub_config_classes(config_class).items():
+    towers = _sub_config_classes(config_class)
+    for key, sub_class in towers.items():
         if getattr(default, key, None) is not None:
             settings[key] = _tower_settings(sub_class, sub_class(), fixes.get(key, {}))
-    return {**settings, **{name: value for name, value in fixes.items() if not isinstance(value, dict)}}
+    return {**settings, **{name: value for name, value in fixes.items() if name not in towers}}
 
 
 @functools.cache
@@ -586,3 +596,46 @@ def test_ernie_vl_modality_load_counts_each_group_in_its_own_columns():
     for layer in range(len(load.layers)):
         torch.testing.assert_close(load.counts[:, layer], expected, rtol=0, atol=0)
     torch.testing.assert_close(load.overlap(), torch.zeros(len(load.layers)))
+
+
+VISION_WIDTH = 16
+
+
+def _dots3_with_narrow_vision_experts() -> torch.nn.Module:
+    """dots.3 whose vision encoder (one MoE layer, 4 experts) is narrower than its language model, as in the real
+    model (1536 vs 5120)."""
+    config = tiny_config("dots3_note").to_dict()
+    config["vision_config"].update(hidden_size=VISION_WIDTH, adapter_in_dim=VISION_WIDTH)
+    torch.manual_seed(0)
+    return transformers.Dots3NoteForConditionalGeneration(type(tiny_config("dots3_note"))(**config)).eval()
+
+
+def _vision_output(model: torch.nn.Module) -> torch.Tensor:
+    """The vision encoder's output on four 14-pixel patches (a 2 x 2 grid, one image)."""
+    pixels = torch.randn(4, 3 * 14 * 14, generator=torch.Generator().manual_seed(2))
+    tower = (model.get_base_model() if isinstance(model, PeftModel) else model).model.vision_tower
+    return tower(pixels, torch.tensor([[1, 2, 2]])).last_hidden_state
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dots3_vision_encoder_experts_are_adapted_at_their_own_width(variant: str):
+    """dots.3's vision encoder has MoE layers of its own width: they are adapted (not refused as a misread width),
+    their adapters train on image patches, change the encoder's output and reload exactly."""
+    base = _vision_output(_dots3_with_narrow_vision_experts()).detach()
+    peft_model = get_peft_model(_dots3_with_narrow_vision_experts(), _perft_config(variant))
+    blocks = {n: m for n, m in peft_model.named_modules() if isinstance(m, PerftMoeBlock)}
+    vision = [m for n, m in blocks.items() if ".vision_tower." in n]
+    assert len(vision) == 1 and vision[0].spec.hidden_size == VISION_WIDTH and len(blocks) == 3
+    peft_model.train()
+    _vision_output(peft_model).pow(2).mean().backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if ".vision_tower." in n and ".perft_" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = _vision_output(peft_model)
+    assert not torch.allclose(adapted, base, atol=1e-6)
+    with tempfile.TemporaryDirectory() as directory:
+        peft_model.save_pretrained(directory)
+        reloaded = PeftModel.from_pretrained(_dots3_with_narrow_vision_experts(), directory).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_vision_output(reloaded), adapted, rtol=1e-5, atol=1e-5)
