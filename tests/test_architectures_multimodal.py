@@ -292,11 +292,25 @@ def _composite_settings(config_class: type, fixes: dict, tower_fixes: dict, over
     return settings
 
 
+LEFT_UNINITIALIZED: dict[str, str] = {
+    # Transformers 5.25 builds the omni talker's experts with torch.empty and its init skips them: from a config
+    # (not a checkpoint) they hold whatever memory was there, NaN in some runs.
+    "qwen3_omni_moe": r"^talker\.model\.layers\.\d+\.mlp\.experts\.",
+}
+"""Parameters (by name pattern) that a model's from-config init leaves uninitialized: the walk initializes them."""
+
+
 @functools.cache
 def _pristine_model(model_type: str) -> torch.nn.Module:
     torch.manual_seed(0)
     _, class_name = moe_cases()[model_type]
-    return getattr(transformers, class_name)(tiny_config(model_type)).eval()
+    model = getattr(transformers, class_name)(tiny_config(model_type)).eval()
+    pattern = LEFT_UNINITIALIZED.get(model_type)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if pattern is not None and re.match(pattern, name):
+                parameter.normal_(0.0, 0.02)
+    return model
 
 
 def tiny_model(model_type: str) -> torch.nn.Module:
