@@ -46,7 +46,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from peft_perft import PerftMoeBlock
 from peft_perft.architectures import find_moe_blocks
-from peft_perft.monitor import modality_load, routing_trace
+from peft_perft.monitor import RoutingMonitor, modality_load, routing_trace
 
 MODEL_CLASSES: dict[str, dict[str, str]] = {
     "image-text-to-text": modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
@@ -653,3 +653,24 @@ def test_dots3_vision_encoder_experts_are_adapted_at_their_own_width(variant: st
         reloaded = PeftModel.from_pretrained(_dots3_with_narrow_vision_experts(), directory).eval()
     with torch.no_grad():
         torch.testing.assert_close(_vision_output(reloaded), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_ernie_vl_routing_monitor_counts_each_group_on_its_own_real_tokens():
+    """The routing monitor counts an expert group's choices on the tokens that group received, padding left out,
+    and a group that got no token in a forward (the vision experts on text only) does not count its last records
+    again: text experts 1 and 3 see 5 + 12 real tokens, vision experts 0 and 2 see 6, for base and PERFT-R alike."""
+    peft_model = _ernie_with_known_routing("R").eval()
+    image_batch = _ernie_image_text_batch()
+    image_batch["attention_mask"] = torch.ones(2, 6, dtype=torch.long)
+    image_batch["attention_mask"][1, 0] = 0  # one padded text token
+    with RoutingMonitor(peft_model) as monitor, torch.no_grad():
+        peft_model(**image_batch)
+        peft_model(input_ids=image_batch["input_ids"].clamp(min=IMAGE_TOKEN + 1))
+        report = monitor.read()
+    groups = {(stats.module.rsplit(".", 1)[-1], stats.router) for stats in report.routers}
+    assert groups == {(group, router) for group in ("text_moe", "vision_moe") for router in ("base", "perft")}
+    for stats in report.routers:
+        text = stats.module.endswith("text_moe")
+        assert stats.tokens == (5 + 12 if text else 6), (stats.module, stats.router)
+        if stats.router == "base":
+            assert stats.load == pytest.approx([0.0, 1.0, 0.0, 1.0] if text else [1.0, 0.0, 1.0, 0.0])

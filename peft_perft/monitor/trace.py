@@ -124,6 +124,7 @@ class TokenGroupTap:
             if groups is not None and child in groups.members:
                 self.groups.setdefault(parent, []).append((layer.name, child))
         self.root = root
+        self.members = {name for members in self.groups.values() for name, _ in members}
         self.masks: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -142,7 +143,7 @@ class TokenGroupTap:
     def _record(self, members: list[tuple[str, str]], module: nn.Module, args: tuple, kwargs: dict) -> None:
         masks = token_groups(module).masks(module, args, kwargs)
         for name, child in members:
-            self.masks[name] = masks[child].detach().cpu()
+            self.masks[name] = masks[child].detach()
 
 
 def perft_routing(layer: AdaptedLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -322,7 +323,7 @@ def _trace_rows(
     for layer in layers:
         decoder = in_decoder(layer.name) and True in sequences
         keep, positions, token_ids, tokens, texts = sequences[decoder]
-        received = group_masks.get(layer.name)
+        received = group_masks[layer.name].cpu() if layer.name in group_masks else None
         selected = keep if received is None else keep & received
         routing_row = torch.arange(len(token_ids)) if received is None else received.long().cumsum(0) - 1
         base = _routing_lists(tap.latest.get(layer.name), drop_skipped=True)
