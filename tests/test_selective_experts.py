@@ -1,0 +1,236 @@
+"""Selective PERFT-E (``PerftConfig(variant="E", target_experts=...)``) is full PERFT-E restricted to the chosen
+experts.
+
+The reference is an independent full PERFT-E model with the same adapter values on the selected experts and the
+other experts' adapters zeroed: the selective model must give its logits and, on every selected expert, its
+gradients, while storing no tensor for the others; the base weights must not move. Checked through every PERFT-E
+path: inside the experts' grouped_mm dispatch, after the experts call through each dispatch backend, the router
+hook (Llama 4), a plain experts module (DBRX) and int8 experts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from test_architectures import _input_ids, _single_thread, tiny_model  # noqa: F401 (autouse fixture)
+
+from peft_perft import PerftConfig, PerftMoeBlock
+from peft_perft.dispatch import in_experts as experts_dispatch
+
+ADAPTER = {"r": 4, "lora_alpha": 8}
+SELECTION = {"model.layers.0.mlp": [1, 3], "model.layers.1.mlp": [2]}
+"""Two experts of four in the first block, one in the second (block names as PERFT finds the blocks)."""
+
+
+def blocks_of(model: torch.nn.Module) -> dict[str, PerftMoeBlock]:
+    return {module.block_name: module for module in model.modules() if isinstance(module, PerftMoeBlock)}
+
+
+def selective_and_reference(
+    base: torch.nn.Module, selection: dict[str, list[int]], **settings
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The selective model and its reference: full PERFT-E (random A and B) with the unselected experts' A and B
+    zeroed, the selective adapter given the reference's values on its experts."""
+    torch.manual_seed(0)
+    reference = get_peft_model(copy.deepcopy(base), PerftConfig(variant="E", init_weights=False, **ADAPTER, **settings))
+    selective = get_peft_model(
+        copy.deepcopy(base),
+        PerftConfig(variant="E", init_weights=False, target_experts=selection, **ADAPTER, **settings),
+    )
+    selected_blocks = blocks_of(selective)
+    with torch.no_grad():
+        for name, block in blocks_of(reference).items():
+            chosen = selection.get(name, [])
+            unselected = [index for index in range(block.spec.num_experts) if index not in chosen]
+            for tensors in (block.perft_A, block.perft_B):
+                tensors["default"][unselected] = 0
+            if chosen:
+                selected_blocks[name].perft_A["default"].copy_(block.perft_A["default"][chosen])
+                selected_blocks[name].perft_B["default"].copy_(block.perft_B["default"][chosen])
+    return selective, reference
+
+
+def train_step(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and adapter gradients of one training forward and backward, keyed by block name and tensor."""
+    model.train()
+    output = model(input_ids=input_ids, labels=input_ids)
+    output.loss.backward()
+    gradients = {}
+    for name, block in blocks_of(model).items():
+        for tensor_name in ("perft_A", "perft_B"):
+            gradients[name, tensor_name] = getattr(block, tensor_name)["default"].grad
+    return output.logits.detach(), gradients
+
+
+def assert_selective_equals_restricted_full(
+    selective: torch.nn.Module, reference: torch.nn.Module, selection: dict[str, list[int]], **tolerance
+) -> None:
+    """Same logits; each selected expert's A and B gradients as the reference's; no tensor for the others; the
+    base weights frozen and unchanged by an optimiser step."""
+    tolerance = tolerance or {"rtol": 1e-5, "atol": 1e-6}
+    base_before = {n: plain(p).clone() for n, p in selective.named_parameters() if ".perft_" not in n}
+    input_ids = _input_ids()
+    logits, gradients = train_step(selective, input_ids)
+    reference_logits, reference_gradients = train_step(reference, input_ids)
+    torch.testing.assert_close(logits, reference_logits, **tolerance)
+    assert {name for name, _ in gradients} == {name for name, experts in selection.items() if experts}
+    for (block, tensor_name), gradient in gradients.items():
+        chosen = selection[block]
+        assert gradient.shape[0] == len(chosen), "unselected experts must store nothing"
+        torch.testing.assert_close(gradient, reference_gradients[block, tensor_name][chosen], **tolerance)
+        assert gradient.abs().sum() > 0, f"{block}.{tensor_name}: the selected experts must train"
+    trainable = [p for p in selective.parameters() if p.requires_grad]
+    torch.optim.SGD(trainable, lr=0.1).step()
+    for name, parameter in selective.named_parameters():
+        if ".perft_" not in name:
+            assert not parameter.requires_grad and parameter.grad is None, name
+            assert torch.equal(plain(parameter), base_before[name]), name
+
+
+def plain(parameter: torch.Tensor) -> torch.Tensor:
+    """A weight's values as a plain tensor (int8 experts dequantized)."""
+    values = parameter.detach()
+    return values if type(values) in (torch.Tensor, torch.nn.Parameter) else values.dequantize()
+
+
+@pytest.fixture
+def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the calls of the in-dispatch computation (PERFT-E inside the experts' grouped_mm)."""
+    calls: list[int] = []
+    original = experts_dispatch.grouped_experts_with_adapters
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(experts_dispatch, "grouped_experts_with_adapters", counting)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen3_moe"])
+def test_in_dispatch_path(family: str, fused_calls: list[int]):
+    """Inside the experts' grouped_mm dispatch (the stored rows laid out per base expert for the kernel)."""
+    base = build_tiny("olmoe") if family == "olmoe" else tiny_model(family)
+    selective, reference = selective_and_reference(base, SELECTION)
+    assert_selective_equals_restricted_full(selective, reference, SELECTION)
+    assert len(fused_calls) == 2 * 2, "both models' two blocks must run PERFT-E inside grouped_mm"
+
+
+@pytest.mark.parametrize("backend", ["dense", "gather", "grouped_mm"])
+def test_after_the_experts_call_through_each_backend(backend: str, fused_calls: list[int]):
+    """A named backend keeps PERFT-E out of the grouped dispatch: the block adds it after the experts call."""
+    selective, reference = selective_and_reference(build_tiny("mixtral"), SELECTION, dispatch_backend=backend)
+    assert_selective_equals_restricted_full(selective, reference, SELECTION)
+    assert not fused_calls
+
+
+@pytest.mark.parametrize("model_type", ["llama4_text", "dbrx"])
+def test_hook_fallbacks(model_type: str, fused_calls: list[int]):
+    """Llama 4 (the routing read from its router's output, E added to the block's) and DBRX (a plain experts
+    module, E added by the forward hook)."""
+    base = tiny_model(model_type)
+    names = sorted(blocks_of(get_peft_model(copy.deepcopy(base), PerftConfig(variant="E", **ADAPTER))))
+    selection = {names[0]: [0, 2]}
+    selective, reference = selective_and_reference(base, selection)
+    assert_selective_equals_restricted_full(selective, reference, selection)
+    assert not fused_calls
+
+
+def test_int8_experts(tmp_path: Path):
+    """Experts quantized to int8 by torchao (their own eager implementation)."""
+    from peft_perft.quantization import load_quantized_base
+
+    build_tiny("olmoe", hidden_size=64, intermediate_size=32).save_pretrained(tmp_path)
+    base = load_quantized_base(str(tmp_path), "int8-experts")
+    selective, reference = selective_and_reference(base, SELECTION)
+    assert_selective_equals_restricted_full(selective, reference, SELECTION)
+
+
+def test_unselected_blocks_are_left_as_they_are():
+    """A block with no selected expert is not wrapped; the selected ones store one row per chosen expert."""
+    model = get_peft_model(build_tiny("olmoe"), PerftConfig(variant="E", target_experts={"model.layers.1.mlp": [0]}))
+    assert list(blocks_of(model)) == ["model.layers.1.mlp"]
+    assert not isinstance(model.base_model.model.model.layers[0].mlp, PerftMoeBlock)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 2 * 32 * 8  # one expert: A (8 x 32) and B (32 x 8)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"variant": "R", "target_experts": SELECTION}, "target_experts is set with variant='R'"),
+        ({"variant": "E", "target_experts": {"model.layers.0.mlp": [-1]}}, "expert indices"),
+        ({"variant": "E", "target_experts": {"model.layers.0.mlp": "0"}}, "expert indices"),
+    ],
+)
+def test_config_refuses_what_cannot_be_selected(settings: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        PerftConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    ("selection", "message"),
+    [
+        ({"model.layers.0.mlp": [4]}, r"selects experts \[4\], but that block has 4 experts"),
+        ({"model.layers.7.mlp": [0]}, r"names \['model.layers.7.mlp'\], which are not MoE blocks"),
+        ({"layers.0.mlp": [0]}, "key target_experts by those module names"),
+        ({"model.layers.0.mlp": []}, "selects no expert in any block"),
+    ],
+)
+def test_injection_refuses_selections_the_model_does_not_have(selection: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(build_tiny("olmoe"), PerftConfig(variant="E", target_experts=selection))
+
+
+LOAD_IN_FRESH_PROCESS = """
+import json, sys
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base_dir, adapter_dir, tokens_path = sys.argv[1:4]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+with torch.no_grad():
+    torch.save(model(input_ids=torch.load(tokens_path)).logits, tokens_path + ".out")
+print(json.dumps({"target_experts": model.peft_config["default"].target_experts}))
+"""
+
+
+def test_saved_adapter_round_trips_and_plain_peft_loads_it(tmp_path: Path):
+    """adapter_config.json records the selection (block names as JSON keys); the safetensors file holds one row per
+    selected expert under the usual keys; PeftModel.from_pretrained in a fresh process gives the same logits."""
+    base_dir, adapter_dir, tokens_path = tmp_path / "base", tmp_path / "adapter", tmp_path / "tokens.pt"
+    build_tiny("olmoe").save_pretrained(base_dir)
+    model = get_peft_model(
+        build_tiny("olmoe"),
+        PerftConfig(variant="E", init_weights=False, target_experts=SELECTION, target_experts_source="by hand"),
+    ).eval()
+    model.save_pretrained(adapter_dir)
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved["target_experts"] == SELECTION and saved["target_experts_source"] == "by hand"
+    shapes = {key: tuple(value.shape) for key, value in load_file(adapter_dir / "adapter_model.safetensors").items()}
+    assert shapes == {
+        "base_model.model.model.layers.0.mlp.perft_A": (2, 8, 32),
+        "base_model.model.model.layers.0.mlp.perft_B": (2, 32, 8),
+        "base_model.model.model.layers.1.mlp.perft_A": (1, 8, 32),
+        "base_model.model.model.layers.1.mlp.perft_B": (1, 32, 8),
+    }
+    tokens = _input_ids()
+    torch.save(tokens, tokens_path)
+    with torch.no_grad():
+        expected = model(input_ids=tokens).logits
+    command = [sys.executable, "-c", LOAD_IN_FRESH_PROCESS, str(base_dir), str(adapter_dir), str(tokens_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"target_experts": SELECTION}
+    torch.testing.assert_close(torch.load(str(tokens_path) + ".out"), expected, rtol=0, atol=0)
+    reloaded = PeftModel.from_pretrained(build_tiny("olmoe"), adapter_dir)
+    assert reloaded.peft_config["default"].target_experts == SELECTION
