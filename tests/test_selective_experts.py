@@ -19,12 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import build_tiny
+from distributed import sharded_worker
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from test_architectures import _input_ids, _single_thread, tiny_model  # noqa: F401 (autouse fixture)
+from transformers import AutoModelForCausalLM
 
 from peft_perft import PerftConfig, PerftMoeBlock
 from peft_perft.dispatch import in_experts as experts_dispatch
+from peft_perft.parallel.saving import gathered_adapter_state_dict
 
 ADAPTER = {"r": 4, "lora_alpha": 8}
 SELECTION = {"model.layers.0.mlp": [1, 3], "model.layers.1.mlp": [2]}
@@ -234,3 +237,75 @@ def test_saved_adapter_round_trips_and_plain_peft_loads_it(tmp_path: Path):
     torch.testing.assert_close(torch.load(str(tokens_path) + ".out"), expected, rtol=0, atol=0)
     reloaded = PeftModel.from_pretrained(build_tiny("olmoe"), adapter_dir)
     assert reloaded.peft_config["default"].target_experts == SELECTION
+
+
+SELECTIVE_WORKER = Path(sharded_worker.__file__).with_name("selective_worker.py")
+EP_SELECTIVE = {
+    "variant": "E",
+    "r": 4,
+    "init_weights": False,
+    "target_experts": {"model.layers.0.mlp": [0, 1, 3], "model.layers.1.mlp": [2]},
+}
+EP_ROWS = {
+    0: {"model.layers.0.mlp": [0, 1], "model.layers.1.mlp": []},
+    1: {"model.layers.0.mlp": [2], "model.layers.1.mlp": [0]},
+}
+"""Under ep_size=2 each rank holds the selected experts among its 2 local ones (rows of the whole adapter tensors):
+unequal shares, and none of the second block's on rank 0."""
+
+
+def launch_selective_ranks(*arguments: str) -> None:
+    """Two gloo ranks running tests/distributed/selective_worker.py, with a hard timeout."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run([*command, str(SELECTIVE_WORKER), *arguments], capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def parameter_name(block: str, tensor_name: str) -> str:
+    return f"base_model.model.{block}.{tensor_name}.default"
+
+
+def test_expert_parallel_holds_only_the_selected_local_experts(tmp_path: Path):
+    """Under ``ep_implementation="perft"`` (fsdp_size=2, ep_size=2, two gloo processes) each rank holds only its
+    local selected experts (unequal counts, reported), and the run reproduces one process on the whole batch:
+    logits, initial adapter (rank 0's), each rank's gradient rows, the trained adapter; the adapter it saves
+    loads in one process and sharded again to the same logits."""
+    base_dir, output = tmp_path / "base", tmp_path / "run"
+    build_tiny("olmoe").save_pretrained(base_dir)
+    torch.manual_seed(0)
+    one_process = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), PerftConfig(**EP_SELECTIVE))
+    tokens = sharded_worker.batches()
+    reference = {"initial": gathered_adapter_state_dict(one_process)}
+    with torch.no_grad():
+        reference["logits"] = one_process(input_ids=tokens[0]).logits
+    reference.update(sharded_worker.train(one_process, "single", tokens))
+    with torch.no_grad():
+        trained_logits = one_process(input_ids=tokens[0]).logits
+    reference["trained"] = gathered_adapter_state_dict(one_process)
+
+    launch_selective_ranks(str(base_dir), str(output), json.dumps(EP_SELECTIVE))
+    for rank, rows in EP_ROWS.items():
+        run = torch.load(f"{output}.rank{rank}")
+        assert run["balance"] == {"model.layers.0.mlp": [2, 1], "model.layers.1.mlp": [0, 1]}
+        assert len(run["warned"]) == 2 and "hold [2, 1] of its 3 adapter experts" in run["warned"][0]
+        torch.testing.assert_close(run["logits"], reference["logits"], rtol=1e-5, atol=1e-6)
+        for key in ("initial", "trained"):
+            assert run[key].keys() == reference[key].keys()
+            for name, tensor in reference[key].items():
+                torch.testing.assert_close(run[key][name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
+        for block, block_rows in rows.items():
+            for tensor_name in ("perft_A", "perft_B"):
+                name = parameter_name(block, tensor_name)
+                assert run["held"][name] == len(block_rows) * 4 * 32  # r=4, hidden 32
+                if block_rows:
+                    expected = reference["gradients"][name][block_rows]
+                    torch.testing.assert_close(run["gradients"][name], expected, rtol=1e-5, atol=1e-6)
+
+    adapter_dir = Path(f"{output}.adapter")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=tokens[0]).logits, trained_logits, rtol=1e-5, atol=1e-6)
+    launch_selective_ranks(str(base_dir), str(tmp_path / "loaded"), "{}", str(adapter_dir))
+    for rank in EP_ROWS:
+        loaded = torch.load(tmp_path / f"loaded.rank{rank}")
+        torch.testing.assert_close(loaded["logits"], trained_logits, rtol=1e-5, atol=1e-6)
