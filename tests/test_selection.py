@@ -83,6 +83,11 @@ def test_leaves_the_base_model_as_it_was_and_writes_the_config(tmp_path):
     assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) == 2 * 2 * (2 * 4 * 32)
     saved = json.loads(selection.save_json(tmp_path / "selection.json").read_text())
     assert ExpertSelection(**saved) == selection
+    adapted.save_pretrained(tmp_path / "adapter")
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "| adapter experts per MoE block | 2 to 2 (selected) |" in card
+    assert "| adapted base experts | 4 of 8 in the adapted blocks: model.layers.0.mlp: [2, 3]; " in card
+    assert f"| experts chosen by | {config.target_experts_source} |" in card
 
 
 def test_rules_on_plain_loads():
