@@ -309,3 +309,47 @@ def test_expert_parallel_holds_only_the_selected_local_experts(tmp_path: Path):
     for rank in EP_ROWS:
         loaded = torch.load(tmp_path / f"loaded.rank{rank}")
         torch.testing.assert_close(loaded["logits"], trained_logits, rtol=1e-5, atol=1e-6)
+
+
+def test_prepared_on_meta_and_initialised_equals_the_real_device_adapter(tokens):
+    """torch's meta-device recipe: the expert map, a buffer that ``to_empty`` leaves uninitialised, is rebuilt by
+    ``init_perft_weights``; the adapter and logits are those of get_peft_model on a real device."""
+    from test_meta_device import materialise_from_meta
+
+    config = PerftConfig(variant="E", r=4, init_weights=False, target_experts=SELECTION)
+    real_base = build_tiny()
+    base_state = {key: tensor.clone() for key, tensor in real_base.state_dict().items()}
+    torch.manual_seed(7)
+    real = get_peft_model(real_base, config)
+    deferred = materialise_from_meta(config, base_state)
+    for block in blocks_of(deferred).values():
+        block.perft_expert_slots["default"].fill_(-7)  # what to_empty may leave there
+    torch.manual_seed(7)
+    deferred.init_perft_weights()
+    for name, block in blocks_of(deferred).items():
+        assert torch.equal(block.perft_expert_slots["default"], blocks_of(real)[name].perft_expert_slots["default"])
+    with torch.no_grad():
+        torch.testing.assert_close(deferred(input_ids=tokens).logits, real(input_ids=tokens).logits, rtol=0, atol=0)
+
+
+def test_beside_a_full_e_adapter_each_keeps_its_own_experts(tokens):
+    """A selective and a full PERFT-E adapter on one model: each alone gives its own model's logits, and deleting
+    the selective one removes its expert map with its tensors."""
+    base = build_tiny()
+    torch.manual_seed(3)
+    full = get_peft_model(copy.deepcopy(base), PerftConfig(variant="E", init_weights=False))
+    selective_alone = get_peft_model(
+        copy.deepcopy(base), PerftConfig(variant="E", init_weights=False, target_experts=SELECTION)
+    )
+    both = copy.deepcopy(full)
+    both.add_adapter("selected", PerftConfig(variant="E", init_weights=False, target_experts=SELECTION))
+    both.load_state_dict(
+        {k.replace(".default", ".selected"): v for k, v in selective_alone.state_dict().items() if ".perft_" in k},
+        strict=False,
+    )
+    with torch.no_grad():
+        for adapter, reference in (("default", full), ("selected", selective_alone)):
+            both.set_adapter(adapter)
+            torch.testing.assert_close(both(input_ids=tokens).logits, reference(input_ids=tokens).logits)
+    both.delete_adapter("selected")
+    assert all("selected" not in block.perft_expert_slots for block in blocks_of(both).values())
