@@ -265,34 +265,54 @@ def parameter_name(block: str, tensor_name: str) -> str:
     return f"base_model.model.{block}.{tensor_name}.default"
 
 
-def test_expert_parallel_holds_only_the_selected_local_experts(tmp_path: Path):
-    """Under ``ep_implementation="perft"`` (fsdp_size=2, ep_size=2, two gloo processes) each rank holds only its
-    local selected experts (unequal counts, reported), and the run reproduces one process on the whole batch:
-    logits, initial adapter (rank 0's), each rank's gradient rows, the trained adapter; the adapter it saves
-    loads in one process and sharded again to the same logits."""
+def one_process_reference(base_dir: Path) -> tuple[dict, torch.Tensor]:
+    """The selective adapter in one process on the whole batch: initial values, logits, step-1 gradients, trained
+    values, and the logits after training."""
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), PerftConfig(**EP_SELECTIVE))
+    tokens = sharded_worker.batches()
+    reference = {"initial": gathered_adapter_state_dict(model)}
+    with torch.no_grad():
+        reference["logits"] = model(input_ids=tokens[0]).logits
+    reference.update(sharded_worker.train(model, "single", tokens))
+    with torch.no_grad():
+        trained_logits = model(input_ids=tokens[0]).logits
+    reference["trained"] = gathered_adapter_state_dict(model)
+    return reference, trained_logits
+
+
+def assert_reproduces(run: dict, reference: dict, keys: tuple[str, ...] = ("initial", "trained")) -> None:
+    torch.testing.assert_close(run["logits"], reference["logits"], rtol=1e-5, atol=1e-6)
+    for key in keys:
+        assert run[key].keys() == reference[key].keys()
+        for name, tensor in reference[key].items():
+            torch.testing.assert_close(run[key][name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
+
+
+@pytest.mark.parametrize("layout", ["fsdp_ep_sharded", "tp"])
+def test_sharded_selective_e_reproduces_one_process(layout: str, tmp_path: Path):
+    """Two gloo processes reproduce one process on the whole batch: logits, initial adapter (rank 0's), gradients,
+    the trained adapter; the adapter they save loads in one process and sharded again to the same logits.
+
+    Under ``ep_implementation="perft"`` (fsdp_size=2, ep_size=2) each rank holds only its local selected experts
+    (unequal counts, reported) and gets those rows' gradients; under ``tp_size=2`` each rank holds half of every
+    selected expert's bottleneck."""
     base_dir, output = tmp_path / "base", tmp_path / "run"
     build_tiny("olmoe").save_pretrained(base_dir)
-    torch.manual_seed(0)
-    one_process = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), PerftConfig(**EP_SELECTIVE))
-    tokens = sharded_worker.batches()
-    reference = {"initial": gathered_adapter_state_dict(one_process)}
-    with torch.no_grad():
-        reference["logits"] = one_process(input_ids=tokens[0]).logits
-    reference.update(sharded_worker.train(one_process, "single", tokens))
-    with torch.no_grad():
-        trained_logits = one_process(input_ids=tokens[0]).logits
-    reference["trained"] = gathered_adapter_state_dict(one_process)
-
-    launch_selective_ranks(str(base_dir), str(output), json.dumps(EP_SELECTIVE))
+    reference, trained_logits = one_process_reference(base_dir)
+    launch_selective_ranks(layout, str(base_dir), str(output), json.dumps(EP_SELECTIVE))
     for rank, rows in EP_ROWS.items():
         run = torch.load(f"{output}.rank{rank}")
+        sharded_over_ep = layout == "fsdp_ep_sharded"
+        whole = ("initial", "trained") if sharded_over_ep else ("initial", "trained", "gradients")
+        assert_reproduces(run, reference, whole)
+        if not sharded_over_ep:
+            assert run["balance"] == {} and run["warned"] == []
+            for name, tensor in reference["initial"].items():
+                assert run["held"][name] == tensor.numel() // 2  # half of r=4 per rank
+            continue
         assert run["balance"] == {"model.layers.0.mlp": [2, 1], "model.layers.1.mlp": [0, 1]}
         assert len(run["warned"]) == 2 and "hold [2, 1] of its 3 adapter experts" in run["warned"][0]
-        torch.testing.assert_close(run["logits"], reference["logits"], rtol=1e-5, atol=1e-6)
-        for key in ("initial", "trained"):
-            assert run[key].keys() == reference[key].keys()
-            for name, tensor in reference[key].items():
-                torch.testing.assert_close(run[key][name], tensor, rtol=1e-5, atol=1e-6, msg=f"{key} {name}")
         for block, block_rows in rows.items():
             for tensor_name in ("perft_A", "perft_B"):
                 name = parameter_name(block, tensor_name)
@@ -304,8 +324,9 @@ def test_expert_parallel_holds_only_the_selected_local_experts(tmp_path: Path):
     adapter_dir = Path(f"{output}.adapter")
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
     with torch.no_grad():
+        tokens = sharded_worker.batches()
         torch.testing.assert_close(reloaded(input_ids=tokens[0]).logits, trained_logits, rtol=1e-5, atol=1e-6)
-    launch_selective_ranks(str(base_dir), str(tmp_path / "loaded"), "{}", str(adapter_dir))
+    launch_selective_ranks(layout, str(base_dir), str(tmp_path / "loaded"), "{}", str(adapter_dir))
     for rank in EP_ROWS:
         loaded = torch.load(tmp_path / f"loaded.rank{rank}")
         torch.testing.assert_close(loaded["logits"], trained_logits, rtol=1e-5, atol=1e-6)

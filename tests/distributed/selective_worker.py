@@ -1,8 +1,9 @@
 """Selective PERFT-E sharded over expert parallelism, one rank's part; launched by tests/test_selective_experts.py.
 
-Usage: python -m torch.distributed.run --nproc_per_node 2 selective_worker.py BASE OUTPUT CONFIG [ADAPTER]
+Usage: python -m torch.distributed.run --nproc_per_node 2 selective_worker.py LAYOUT BASE OUTPUT CONFIG [ADAPTER]
 
-Loads BASE with ``fsdp_size=2, ep_size=2, ep_implementation="perft"`` and adds the selective adapter of CONFIG (the
+Loads BASE sharded as sharded_worker.LAYOUTS[LAYOUT] says (``fsdp_ep_sharded``: ``fsdp_size=2, ep_size=2,
+ep_implementation="perft"``; ``tp``: ``tp_size=2``) and adds the selective adapter of CONFIG (the
 PerftConfig's fields as JSON; seeded with the rank: rank 0's values must reach every rank), or loads ADAPTER.
 Records the rows each rank holds, the per-rank counts (`expert_parallel_balance`) and imbalance warnings, the
 logits, the first step's gradients (this rank's rows), the adapter gathered whole before and after training, and
@@ -23,12 +24,10 @@ from peft_perft import PerftConfig
 from peft_perft.parallel.expert_parallel import SelectedExpertsImbalanceWarning, expert_parallel_balance
 from peft_perft.parallel.saving import gathered_adapter_state_dict
 
-LAYOUT = "fsdp_ep_sharded"
 
-
-def record(base: str, output: str, config: PerftConfig, adapter: str | None) -> dict:
+def record(layout: str, base: str, output: str, config: PerftConfig, adapter: str | None) -> dict:
     rank = dist.get_rank()
-    base_model = load_base(base, LAYOUT, "E")
+    base_model = load_base(base, layout, "E")
     torch.manual_seed(rank)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -44,18 +43,18 @@ def record(base: str, output: str, config: PerftConfig, adapter: str | None) -> 
     if adapter is not None:
         return result
     result["initial"] = gathered_adapter_state_dict(model)
-    result.update(train(model, LAYOUT, tokens))
+    result.update(train(model, layout, tokens))
     result["trained"] = gathered_adapter_state_dict(model)
     model.save_pretrained(f"{output}.adapter", is_main_process=rank == 0)
     return result
 
 
-def main(base: str, output: str, config: str, adapter: str | None = None) -> None:
+def main(layout: str, base: str, output: str, config: str, adapter: str | None = None) -> None:
     from lifecycle import leave_process_group  # by its file name, as a script
 
     dist.init_process_group("gloo")
     settings = PerftConfig(**json.loads(config))
-    torch.save(record(base, output, settings, adapter), f"{output}.rank{dist.get_rank()}")
+    torch.save(record(layout, base, output, settings, adapter), f"{output}.rank{dist.get_rank()}")
     leave_process_group()
 
 
