@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -91,6 +92,13 @@ class PerftConfig(PeftConfig):
     target_experts_source: str | None = field(
         default=None, metadata={"help": "How target_experts was chosen (written by peft_perft.selection; the card)."}
     )
+    rank_pattern: dict[str, int] | None = field(
+        default=None,
+        metadata={
+            "help": "Per MoE block name, its own rank (other blocks: r); the block's scaling is lora_alpha / its "
+            "rank, as with peft LoRA's rank_pattern. peft_perft.selection.spread_rank writes one from the routing."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +120,14 @@ class PerftConfig(PeftConfig):
         if self.variant == "E":
             return model_num_experts
         return self.num_experts if self.num_experts is not None else DEFAULT_NUM_EXPERTS[self.variant]
+
+    def for_block(self, block_name: str) -> PerftConfig:
+        """The configuration one MoE block uses: this one, with the block's rank where ``rank_pattern`` names it."""
+        if not self.rank_pattern or block_name not in self.rank_pattern:
+            return self
+        block_config = copy.copy(self)
+        block_config.r = self.rank_pattern[block_name]
+        return block_config
 
     def experts_for(self, block_name: str) -> list[int] | None:
         """The base experts of one MoE block that get an adapter expert (sorted); None: all of them."""
@@ -159,6 +175,14 @@ class PerftConfig(PeftConfig):
             _require(_is_int(self.top_k) and self.top_k > 0, "top_k", self.top_k, "a positive integer")
         self._validate_variant_shape()
         self._validate_target_experts()
+        ranks = self.rank_pattern
+        _require(
+            ranks is None
+            or (isinstance(ranks, dict) and all(isinstance(b, str) and _is_int(r) and r > 0 for b, r in ranks.items())),
+            "rank_pattern",
+            self.rank_pattern,
+            "None or a dict of MoE block name (e.g. 'model.layers.3.mlp') to a positive rank",
+        )
 
     def _validate_target_experts(self) -> None:
         """Per block name, a list of expert indices (>= 0), and only for PERFT-E: the other variants do not have

@@ -88,6 +88,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
                 f"PERFT-E cannot adapt {type(self.base_layer).__name__}: {self.spec.why_not_routable}, so the "
                 f"model's own routing cannot be reused. Use variant 'R', 'D' or 'S' for this model."
             )
+        config = config.for_block(self.block_name)
         selected = config.experts_for(self.block_name) if config.variant == "E" else None
         num_experts = config.resolved_num_experts(self.spec.num_experts) if selected is None else len(selected)
         # peft's convention (as LoRA): the base weights' device, meta included, and floating dtype; peft then

@@ -41,7 +41,7 @@ class PerftModel(BaseTuner):
                 f"experts module with 3-D expert weights). PERFT adapts MoE models only; for a dense model use "
                 f"another PEFT method such as LoRA."
             )
-        _check_target_experts(peft_config, self._moe_blocks)
+        _check_block_names(peft_config, self._moe_blocks)
         parallel.prepare(model, self._experts_modules(model))
 
     def _experts_modules(self, model: nn.Module) -> list[nn.Module]:
@@ -201,17 +201,19 @@ class PerftModel(BaseTuner):
         return total
 
 
-def _check_target_experts(config: PerftConfig, moe_blocks: dict[str, MoeBlockSpec]) -> None:
-    """Selective PERFT-E names real MoE blocks and experts they have, and selects at least one expert."""
+def _check_block_names(config: PerftConfig, moe_blocks: dict[str, MoeBlockSpec]) -> None:
+    """``target_experts`` and ``rank_pattern`` name real MoE blocks; selective PERFT-E names experts they have and
+    selects at least one expert."""
+    for field_name in ("target_experts", "rank_pattern"):
+        unknown = sorted(set(getattr(config, field_name) or {}) - set(moe_blocks))
+        if unknown:
+            raise ValueError(
+                f"PerftConfig.{field_name} names {unknown}, which are not MoE blocks of this model. Its MoE blocks "
+                f"are {sorted(moe_blocks)[:4]}{' ...' if len(moe_blocks) > 4 else ''} ({len(moe_blocks)} in all): "
+                f"key {field_name} by those module names (peft_perft.selection writes them for you)."
+            )
     if config.target_experts is None:
         return
-    unknown = sorted(set(config.target_experts) - set(moe_blocks))
-    if unknown:
-        raise ValueError(
-            f"PerftConfig.target_experts names {unknown}, which are not MoE blocks of this model. Its MoE blocks are "
-            f"{sorted(moe_blocks)[:4]}{' ...' if len(moe_blocks) > 4 else ''} ({len(moe_blocks)} in all): key "
-            f"target_experts by those module names (peft_perft.selection writes them for you)."
-        )
     for block_name, experts in config.target_experts.items():
         count = moe_blocks[block_name].num_experts
         outside = [index for index in experts if index >= count]

@@ -307,6 +307,10 @@ def _describe_adapter(model: PeftModel, name: str, base_parameters: int) -> dict
             ("router load-balancing loss weight", config.router_aux_loss_coef),
         ]
     description = _variant_description(config, num_experts, active, len(blocks))
+    if config.rank_pattern:
+        ranks = [f"{block.block_name}: {block.perft_configs[name].r}" for block in blocks]
+        more = f"; ... {len(ranks) - _LISTED_BLOCKS} more" if len(ranks) > _LISTED_BLOCKS else ""
+        settings.append(("rank per MoE block (rank_pattern)", "; ".join(ranks[:_LISTED_BLOCKS]) + more))
     if config.target_experts is not None:
         settings[1:2] = _selection_settings(config, blocks)
         description += _SELECTIVE_WORDS
