@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import terms
-from .architectures import MoeBlockSpec
+from .architectures import WHOLE_SHAPE_ATTRIBUTE, MoeBlockSpec
 from .config import PerftConfig
 from .dispatch import RoutedFn
 from .dispatch.in_experts import AdapterTerm
@@ -139,10 +139,13 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
 
     def _assign(self, parameter: torch.Tensor, values: torch.Tensor) -> None:
         """Store whole fp32 values in a parameter, rounded through the base dtype; a sharded (DTensor) parameter
-        keeps its own shard of rank 0's values (`local_shard`), so every rank holds the same adapter."""
+        keeps its own shard of rank 0's values (`local_shard`), so every rank holds the same adapter; so do a rank's
+        rows of a selective PERFT-E adapter under expert parallelism."""
         values = values.to(_floating_dtype_of(self.base_layer)).to(parameter.dtype)
         if hasattr(parameter, "device_mesh"):  # a DTensor: the parallel code cuts this rank's shard
             values, parameter = PerftMoeBlock.local_shard(values, parameter), parameter.to_local()
+        elif hasattr(parameter, WHOLE_SHAPE_ATTRIBUTE):  # a rank's rows: the parallel code cuts them
+            values = PerftMoeBlock.local_shard(values, parameter)
         parameter.copy_(values)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -388,4 +391,5 @@ def _floating_dtype_of(module: nn.Module) -> torch.dtype:
 
 def _fp32_like(parameter: torch.Tensor) -> torch.Tensor:
     """An uninitialised fp32 tensor of the parameter's whole (unsharded) shape, on its (local) device."""
-    return torch.empty(parameter.shape, dtype=torch.float32, device=parameter.device)
+    shape = getattr(parameter, WHOLE_SHAPE_ATTRIBUTE, parameter.shape)
+    return torch.empty(shape, dtype=torch.float32, device=parameter.device)

@@ -301,8 +301,12 @@ def test_sharded_selective_e_reproduces_one_process(layout: str, tmp_path: Path)
     build_tiny("olmoe").save_pretrained(base_dir)
     reference, trained_logits = one_process_reference(base_dir)
     launch_selective_ranks(layout, str(base_dir), str(output), json.dumps(EP_SELECTIVE))
+    runs = [torch.load(f"{output}.rank{rank}") for rank in EP_ROWS]
+    for name, tensor in runs[0]["reinitialised"].items():  # init_perft_weights gives every rank rank 0's values
+        torch.testing.assert_close(runs[1]["reinitialised"][name], tensor, rtol=0, atol=0)
+        assert not torch.equal(tensor, runs[0]["trained"][name])
     for rank, rows in EP_ROWS.items():
-        run = torch.load(f"{output}.rank{rank}")
+        run = runs[rank]
         sharded_over_ep = layout == "fsdp_ep_sharded"
         whole = ("initial", "trained") if sharded_over_ep else ("initial", "trained", "gradients")
         assert_reproduces(run, reference, whole)
@@ -317,6 +321,8 @@ def test_sharded_selective_e_reproduces_one_process(layout: str, tmp_path: Path)
             for tensor_name in ("perft_A", "perft_B"):
                 name = parameter_name(block, tensor_name)
                 assert run["held"][name] == len(block_rows) * 4 * 32  # r=4, hidden 32
+                reinitialised = run["reinitialised"][name][block_rows]
+                assert torch.equal(run["reinitialised_held"][name], reinitialised)
                 if block_rows:
                     expected = reference["gradients"][name][block_rows]
                     torch.testing.assert_close(run["gradients"][name], expected, rtol=1e-5, atol=1e-6)

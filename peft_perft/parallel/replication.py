@@ -77,7 +77,13 @@ def _unmanaged_trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     ]
 
 
-def local_shard(values: torch.Tensor, parameter: DTensor) -> torch.Tensor:
-    """This rank's shard of whole ``values`` laid out as ``parameter`` (FSDP2's or a PERFT layout's), cut from
-    rank 0's values so that every rank holds the same adapter (`PerftMoeBlock.reset_parameters` stores it)."""
+def local_shard(values: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of whole ``values`` laid out as ``parameter`` (FSDP2's or a PERFT layout's, or this rank's
+    rows of a selective PERFT-E adapter under EP), cut from rank 0's values so that every rank holds the same
+    adapter (`PerftMoeBlock.reset_parameters` stores it)."""
+    selected = getattr(parameter, SELECTED_ROWS_ATTRIBUTE, None)
+    if selected is not None:
+        values = values.contiguous()
+        dist.broadcast(values, group=selected.group, group_src=0)
+        return values[selected.rows]
     return distribute_tensor(values, parameter.device_mesh, parameter.placements).to_local()

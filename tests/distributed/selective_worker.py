@@ -7,7 +7,8 @@ ep_implementation="perft"``; ``tp``: ``tp_size=2``) and adds the selective adapt
 PerftConfig's fields as JSON; seeded with the rank: rank 0's values must reach every rank), or loads ADAPTER.
 Records the rows each rank holds, the per-rank counts (`expert_parallel_balance`) and imbalance warnings, the
 logits, the first step's gradients (this rank's rows), the adapter gathered whole before and after training, and
-saves it with ``is_main_process`` on rank 0 only (as the Trainer does). Writes OUTPUT.rankN.
+saves it with ``is_main_process`` on rank 0 only (as the Trainer does); then initialises the adapter again
+(``init_perft_weights``) and records it. Writes OUTPUT.rankN.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def record(layout: str, base: str, output: str, config: PerftConfig, adapter: st
     result.update(train(model, layout, tokens))
     result["trained"] = gathered_adapter_state_dict(model)
     model.save_pretrained(f"{output}.adapter", is_main_process=rank == 0)
+    torch.manual_seed(100 + rank)  # initialised again from differently seeded ranks: rank 0's values must win
+    model.base_model.init_perft_weights()
+    result["reinitialised"] = gathered_adapter_state_dict(model)
+    result["reinitialised_held"] = {n: p.detach().clone() for n, p in model.named_parameters() if ".perft_" in n}
     return result
 
 
