@@ -39,10 +39,12 @@ class SelectedExpertsImbalanceWarning(UserWarning):
 @dataclass(frozen=True)
 class SelectedRows:
     """Which rows of a selective PERFT-E tensor (one per selected expert, in expert order) this EP rank holds: its
-    local base experts' selected ones, which are consecutive; the ranks in order hold them all."""
+    local base experts' selected ones, which are consecutive; the ranks in order hold them all. ``local_slots`` maps
+    each local base expert to its row here, or to the row count where it has none."""
 
     group: dist.ProcessGroup
     rows: list[int]
+    local_slots: torch.Tensor
 
 
 class PerftExpertParallel(EPImplementation):
@@ -67,8 +69,6 @@ class PerftExpertParallel(EPImplementation):
             if implementation is not None:
                 implementation.experts_forward = self._experts_with_adapters
         self.block: nn.Module | None = None  # the PerftMoeBlock whose E adapters run here, set by shard_routed_adapter
-        # selective PERFT-E, per adapter: local base expert -> its row of this rank's adapter experts (else their count)
-        self.local_slots: dict[str, torch.Tensor] = {}
         object.__setattr__(experts, _EXPERT_PARALLEL_ATTRIBUTE, self)
 
     def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -94,7 +94,8 @@ class PerftExpertParallel(EPImplementation):
             if local.lora_A.shape[0] == 0:
                 continue  # selective PERFT-E with none of this rank's experts selected
             # The routing record is the block's (global expert ids), kept by its experts hook.
-            slots = self.local_slots.get(name)
+            selected = getattr(lora_A, SELECTED_ROWS_ATTRIBUTE, None)
+            slots = None if selected is None else selected.local_slots
             delta = block.adapter_term(
                 name, tokens, tensors=local, routing=routing, record=no_record, expert_slots=slots
             )
@@ -152,17 +153,17 @@ def _keep_local_selected_experts(
     held = local_slots < selected_count
     rows = local_slots[held]
     group = implementation.ep_mesh.get_group()
+    rows_here = SelectedRows(
+        group, rows.tolist(), torch.where(held, torch.cumsum(held, 0) - 1, torch.full_like(local_slots, len(rows)))
+    )
     for tensors in (block.perft_A, block.perft_B):
         whole = tensors[adapter_name].data.clone()
         dist.broadcast(whole, group=group, group_src=0)
         local = nn.Parameter(whole[rows].clone(), requires_grad=tensors[adapter_name].requires_grad)
         local.register_hook(functools.partial(_mean_over_batches, dp_size=dp_size))
-        setattr(local, SELECTED_ROWS_ATTRIBUTE, SelectedRows(group, rows.tolist()))
+        setattr(local, SELECTED_ROWS_ATTRIBUTE, rows_here)
         setattr(local, WHOLE_SHAPE_ATTRIBUTE, whole.shape)
         tensors[adapter_name] = local
-    implementation.local_slots[adapter_name] = torch.where(
-        held, torch.cumsum(held, 0) - 1, torch.full_like(local_slots, int(held.sum()))
-    )
     block.term_owners[adapter_name] = OWNER
     implementation.block = block
     if max(counts) != min(counts):
