@@ -218,11 +218,16 @@ def token_groups(module: nn.Module) -> TokenGroups | None:
     return TOKEN_GROUPS.get(type(_unwrapped(module)).__name__)
 
 
+WHOLE_SHAPE_ATTRIBUTE = "perft_whole_shape"
+"""Set on a plain tensor that holds one rank's rows of a larger adapter tensor (selective PERFT-E under expert
+parallelism, whose ranks hold unequal row counts): the whole tensor's shape."""
+
+
 def global_shape(tensor: torch.Tensor) -> torch.Size:
     """The shape of the whole tensor, also on one rank's share of it: a DeepSpeed ZeRO-3 parameter is an empty
     placeholder outside the forward of its module and keeps the real shape in ``ds_shape``; a DTensor reports its
-    global shape as ``shape`` already."""
-    ds_shape = getattr(tensor, "ds_shape", None)
+    global shape as ``shape`` already; selective PERFT-E's rows of a rank carry ``WHOLE_SHAPE_ATTRIBUTE``."""
+    ds_shape = getattr(tensor, "ds_shape", None) or getattr(tensor, WHOLE_SHAPE_ATTRIBUTE, None)
     return torch.Size(ds_shape) if ds_shape is not None else tensor.shape
 
 

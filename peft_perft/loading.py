@@ -20,6 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
+from .architectures import WHOLE_SHAPE_ATTRIBUTE
+
 ALLOW_PICKLE_ENV = "PEFT_PERFT_ALLOW_PICKLE"
 ADAPTER_KEY_MARKERS = (".perft_A.", ".perft_B.", ".perft_router.")
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -37,8 +39,8 @@ def check_adapter_fits(model: nn.Module, adapter_name: str, state_dict: dict[str
     """Compare the adapter's PERFT tensors with the model's slots for ``adapter_name``; raise on any difference."""
     own_suffix = f".{adapter_name}"
     expected = {
-        key: tuple(value.shape)
-        for key, value in model.state_dict().items()
+        key: tuple(getattr(value, WHOLE_SHAPE_ATTRIBUTE, value.shape))
+        for key, value in model.state_dict(keep_vars=True).items()
         if _is_perft_key(key) and key.endswith(own_suffix)
     }
     found = {key: tuple(value.shape) for key, value in state_dict.items() if _is_perft_key(key)}

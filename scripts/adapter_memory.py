@@ -2,11 +2,16 @@
 under expert parallelism; prints the Markdown table of docs/big_models.md.
 
     python scripts/adapter_memory.py [--rank 8] [--routed-experts 8] [--dense-experts 4] [--ep 8 64]
+                                     [--selected-shares 0.25 0.1]
 
 Training memory per adapter parameter: fp32 weight, fp32 gradient and Adam's two fp32 moments (16 bytes). PERFT-E
 is sharded over EP with ``DistributedConfig(ep_implementation="perft")`` (each rank holds the adapter experts of
 its local base experts); R, D and S stay replicated. For scale, the last column is one rank's share of the frozen
 routed experts in bf16 under the same EP degree. The shapes are those of the models' published config.json files.
+
+Selective PERFT-E rows ("E sel.") assume a share of each block's experts is selected; the share is an input, not a
+measurement (``peft_perft.selection`` measures it on your data). Under EP they give a range: the selected experts
+spread evenly over the ranks, and the busiest rank holding as many as fit among its local experts.
 """
 
 from __future__ import annotations
@@ -47,7 +52,34 @@ def adapter_parameters(shape: MoeShape, variant: str, rank: int, routed: int, de
     return per_block * shape.moe_layers
 
 
-def rows(rank: int, routed: int, dense: int, ep_degrees: list[int]) -> list[list[str]]:
+def selected_experts(shape: MoeShape, share: float) -> int:
+    """Selected experts per block for a share of the block's experts (at least one)."""
+    return max(1, round(share * shape.routed_experts))
+
+
+def selective_bytes_per_rank(shape: MoeShape, rank: int, share: float, ep: int) -> tuple[float, int]:
+    """Training bytes of selective PERFT-E on one of ``ep`` ranks: with the selected experts spread evenly, and on
+    the busiest rank (all its local experts selected, up to the selected count)."""
+    selected = selected_experts(shape, share)
+    per_expert = 2 * rank * shape.hidden_size * shape.moe_layers * BYTES_PER_TRAINED_PARAMETER
+    return selected * per_expert / ep, min(selected, shape.routed_experts // ep) * per_expert
+
+
+def selective_row(shape: MoeShape, rank: int, share: float, ep_degrees: list[int]) -> list[str]:
+    """Selective PERFT-E with ``share`` of every block's experts: replicated, then per EP degree the per-rank range
+    of `selective_bytes_per_rank`."""
+    selected = selected_experts(shape, share)
+    parameters = selected * 2 * rank * shape.hidden_size * shape.moe_layers
+    row = [shape.name, f"E sel. ({share:.0%}: {selected} experts, arithmetic)", f"{parameters / 1e6:,.1f}M"]
+    row.append(f"{parameters * BYTES_PER_TRAINED_PARAMETER / GIB:,.2f}")
+    for ep in ep_degrees:
+        even, busiest = selective_bytes_per_rank(shape, rank, share, ep)
+        base_share = shape.base_expert_parameters() * BASE_EXPERT_BYTES / ep / GIB
+        row.append(f"{even / GIB:,.2f} to {busiest / GIB:,.2f} (base {base_share:,.1f})")
+    return row
+
+
+def rows(rank: int, routed: int, dense: int, ep_degrees: list[int], shares: tuple[float, ...] = ()) -> list[list[str]]:
     table = []
     for shape in MODELS:
         for variant in ("R", "E", "D", "S"):
@@ -60,6 +92,8 @@ def rows(rank: int, routed: int, dense: int, ep_degrees: list[int]) -> list[list
                 base_share = shape.base_expert_parameters() * BASE_EXPERT_BYTES / ep / GIB
                 row.append(f"{sharded:,.2f} (base {base_share:,.1f})")
             table.append(row)
+            if variant == "E":
+                table += [selective_row(shape, rank, share, ep_degrees) for share in shares]
     return table
 
 
@@ -68,11 +102,11 @@ def _variant_label(variant: str, routed: int, dense: int, shape: MoeShape) -> st
     return f"{variant} ({experts[variant]})" if variant in experts else "S (1 expert)"
 
 
-def markdown(rank: int, routed: int, dense: int, ep_degrees: list[int]) -> str:
+def markdown(rank: int, routed: int, dense: int, ep_degrees: list[int], shares: tuple[float, ...] = ()) -> str:
     header = ["model", "variant", "adapter parameters", "replicated GiB/rank"]
     header += [f"EP={ep}: GiB/rank (frozen experts bf16)" for ep in ep_degrees]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows(rank, routed, dense, ep_degrees)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(rank, routed, dense, ep_degrees, shares)]
     return "\n".join(lines)
 
 
@@ -82,8 +116,15 @@ def main() -> None:
     parser.add_argument("--routed-experts", type=int, default=8, help="PERFT-R adapter experts per block")
     parser.add_argument("--dense-experts", type=int, default=4, help="PERFT-D adapter experts per block")
     parser.add_argument("--ep", type=int, nargs="+", default=[8, 64], help="expert-parallel degrees")
+    parser.add_argument(
+        "--selected-shares",
+        type=float,
+        nargs="*",
+        default=[0.25, 0.1],
+        help="shares of each block's experts for the selective PERFT-E rows (assumed, not measured)",
+    )
     args = parser.parse_args()
-    print(markdown(args.rank, args.routed_experts, args.dense_experts, args.ep))
+    print(markdown(args.rank, args.routed_experts, args.dense_experts, args.ep, tuple(args.selected_shares)))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_perft"
-TOOLS = ("demo", "evaluation", "hub", "monitor", "pilot")
+TOOLS = ("demo", "evaluation", "hub", "monitor", "pilot", "selection")
 CORE_MODULES = sorted(
     path for path in PACKAGE.rglob("*.py") if path.relative_to(PACKAGE).parts[0] not in TOOLS + ("__init__.py", "cli")
 )

@@ -306,16 +306,45 @@ def _describe_adapter(model: PeftModel, name: str, base_parameters: int) -> dict
             ("top-k weights renormalised", config.normalize_top_k),
             ("router load-balancing loss weight", config.router_aux_loss_coef),
         ]
+    description = _variant_description(config, num_experts, active, len(blocks))
+    if config.rank_pattern:
+        ranks = [f"{block.block_name}: {block.perft_configs[name].r}" for block in blocks]
+        more = f"; ... {len(ranks) - _LISTED_BLOCKS} more" if len(ranks) > _LISTED_BLOCKS else ""
+        settings.append(("rank per MoE block (rank_pattern)", "; ".join(ranks[:_LISTED_BLOCKS]) + more))
+    if config.target_experts is not None:
+        settings[1:2] = _selection_settings(config, blocks)
+        description += _SELECTIVE_WORDS
     return {
         "name": name,
         "variant": config.variant,
-        "description": _variant_description(config, num_experts, active, len(blocks)),
+        "description": description,
         "settings": settings,
         "trainable_parameters": f"{saved:,}",
         # As peft's print_trainable_parameters and the peft-perft CLIs count: trainable / (base + this adapter).
         "all_parameters": f"{base_parameters + saved:,}",
         "trainable_share": f"{100 * saved / (base_parameters + saved):.2f}%",
     }
+
+
+_SELECTIVE_WORDS = (
+    " Only the selected base experts listed below have an adapter expert (selective PERFT-E): a token routed to "
+    "another expert gets nothing from the adapter for that expert, and MoE blocks with no selected expert are "
+    "left as they are."
+)
+_LISTED_BLOCKS = 8
+
+
+def _selection_settings(config: PerftConfig, blocks: list[PerftMoeBlock]) -> list[tuple[str, Any]]:
+    """Selective PERFT-E's rows of the settings table: which base experts are adapted, and how they were chosen."""
+    counts = {block.block_name: len(config.experts_for(block.block_name)) for block in blocks}
+    total = sum(block.spec.num_experts for block in blocks)
+    listed = "; ".join(f"{name}: {config.experts_for(name)}" for name in list(counts)[:_LISTED_BLOCKS])
+    more = f"; ... {len(counts) - _LISTED_BLOCKS} more in adapter_config.json" if len(counts) > _LISTED_BLOCKS else ""
+    return [
+        ("adapter experts per MoE block", f"{min(counts.values())} to {max(counts.values())} (selected)"),
+        ("adapted base experts", f"{sum(counts.values())} of {total} in the adapted blocks: {listed}{more}"),
+        ("experts chosen by", config.target_experts_source or "given by hand (target_experts)"),
+    ]
 
 
 def _variant_description(config: PerftConfig, num_experts: int, active: int | None, num_blocks: int) -> str:

@@ -17,7 +17,14 @@ from typing import Any
 
 from peft_perft.demo import BUNDLED_DATASET, BUNDLED_MODEL_DIR
 
-CONFIG_NAMES = {"R": "PERFT-R", "E": "PERFT-E", "D": "PERFT-D", "S": "PERFT-S", "lora": "LoRA-attn"}
+CONFIG_NAMES = {
+    "R": "PERFT-R",
+    "E": "PERFT-E",
+    "E_sel": "PERFT-E sel.",  # selective PERFT-E (pilot/selective.py)
+    "D": "PERFT-D",
+    "S": "PERFT-S",
+    "lora": "LoRA-attn",
+}
 DEFAULT_CONFIGS = "R,E,D,S,lora"
 ALWAYS_ACTIVE = {CONFIG_NAMES["D"], CONFIG_NAMES["S"]}
 SIGNIFICANT = 2.0

@@ -65,6 +65,7 @@ from .report import (
     recommend,
     standard_error,
 )
+from .selective import SELECTIVE_KEY, measure_selection, selective_config
 
 REFERENCE_RANK = 8
 ALPHA_PER_RANK = 2
@@ -183,8 +184,9 @@ def run_pilot(settings: PilotSettings, log: Callable[[str], object] = print) -> 
     require_causal_lm(model_config, settings.model)
     lora_targets = attention_projection_names(model_config) if "lora" in settings.configs else []
     budget = settings.budget or count_trainable_parameters(model_config, perft_config("R", REFERENCE_RANK))
-    candidates = [match_budget(model_config, key, budget, lora_targets) for key in settings.configs]
     data = load_pilot_data(settings)
+    selection = measure_selection(settings, data.train, device, log) if SELECTIVE_KEY in settings.configs else None
+    candidates = [match_budget(model_config, key, budget, lora_targets, selection) for key in settings.configs]
     log(f"[pilot] {settings.model}: {len(candidates)} configurations at ~{budget:,} trainable parameters")
     log(f"[pilot] {data.description}: {len(data.train)} training, {len(data.eval)} held-out examples")
     results = []
@@ -277,7 +279,9 @@ def perft_config(variant: str, rank: int) -> PerftConfig:
     return PerftConfig(variant=variant, r=rank, lora_alpha=ALPHA_PER_RANK * rank, task_type="CAUSAL_LM")
 
 
-def build_peft_config(key: str, rank: int, lora_targets: Sequence[str]) -> PeftConfig:
+def build_peft_config(key: str, rank: int, lora_targets: Sequence[str], selection: Any = None) -> PeftConfig:
+    if key == SELECTIVE_KEY:
+        return selective_config(selection, rank, ALPHA_PER_RANK)
     if key == "lora":
         return LoraConfig(
             r=rank, lora_alpha=ALPHA_PER_RANK * rank, target_modules=list(lora_targets), task_type="CAUSAL_LM"
@@ -293,17 +297,19 @@ def count_trainable_parameters(model_config: PretrainedConfig, peft_config: Peft
     return trainable
 
 
-def match_budget(model_config: PretrainedConfig, key: str, budget: int, lora_targets: Sequence[str]) -> Candidate:
+def match_budget(
+    model_config: PretrainedConfig, key: str, budget: int, lora_targets: Sequence[str], selection: Any = None
+) -> Candidate:
     """The rank whose trainable parameters are closest to ``budget`` (at least 1).
 
     Parameters grow linearly with the rank (A and B are r x D and D x r; only PERFT-R's router does not grow), so
     the counts at r = 1 and r = 2 give the slope, and the chosen rank is counted again exactly.
     """
-    at_one = count_trainable_parameters(model_config, build_peft_config(key, 1, lora_targets))
-    at_two = count_trainable_parameters(model_config, build_peft_config(key, 2, lora_targets))
+    at_one = count_trainable_parameters(model_config, build_peft_config(key, 1, lora_targets, selection))
+    at_two = count_trainable_parameters(model_config, build_peft_config(key, 2, lora_targets, selection))
     per_rank = at_two - at_one
     rank = max(1, round((budget - (at_one - per_rank)) / per_rank))
-    peft_config = build_peft_config(key, rank, lora_targets)
+    peft_config = build_peft_config(key, rank, lora_targets, selection)
     return Candidate(key, rank, count_trainable_parameters(model_config, peft_config), peft_config)
 
 
