@@ -16,8 +16,8 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from peft_perft import PerftConfig
 from peft_perft.cli.inputs import InputError, require_dataset, require_model, require_moe_model, require_positive
+from peft_perft.config import PerftConfig
 from peft_perft.evaluation import get_task
 
 from .output import require_usable_output_dir

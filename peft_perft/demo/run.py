@@ -37,8 +37,9 @@ from transformers import (
 )
 from trl import SFTConfig, SFTTrainer
 
-from peft_perft import PerftConfig, PerftMoeBlock
+from peft_perft.config import PerftConfig
 from peft_perft.evaluation import build_prompt, generate_batch, is_correct
+from peft_perft.layer import PerftMoeBlock
 from peft_perft.monitor import draw_load_heatmap, routing_report
 from peft_perft.quantization import add_quantize_argument, load_quantized_base
 

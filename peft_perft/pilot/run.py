@@ -33,8 +33,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, set
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
-from peft_perft import PerftConfig
 from peft_perft.cli.inputs import InputError, require_dataset, require_model
+from peft_perft.config import PerftConfig
 from peft_perft.demo import (
     BUNDLED_DATASET,
     BUNDLED_MODEL_DIR,
