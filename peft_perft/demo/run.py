@@ -413,7 +413,7 @@ def perft_config_summary(peft_model: PeftModel) -> dict[str, Any]:
     """The adapter hyper-parameters as applied: expert count and top-k resolved against the model."""
     config = peft_model.peft_config["default"]
     block = next(module for module in peft_model.modules() if isinstance(module, PerftMoeBlock))
-    top_k = {"R": config.resolved_top_k(), "E": block.spec.top_k}.get(config.variant)
+    top_k = config.routed_top_k(block.spec.top_k)
     return {
         "variant": config.variant,
         "r": config.r,

@@ -287,7 +287,7 @@ def _describe_adapter(model: PeftModel, name: str, base_parameters: int) -> dict
         raise ValueError(f"Adapter {name!r} has no adapted MoE block in this model, so there is nothing to describe.")
     spec = blocks[0].spec
     num_experts = global_shape(blocks[0].perft_A[name])[0]
-    active = {"R": config.resolved_top_k(), "E": spec.top_k, "D": num_experts, "S": 1}[config.variant]
+    active = config.active_experts_per_token(num_experts, spec.top_k)
     # Counted from the adapter's own tensors (global sizes for sharded ones): asking peft for the adapter state dict
     # here would gather sharded weights on the main process alone and leave the other ranks of a save waiting.
     saved = sum(global_shape(tensor).numel() for block in blocks for tensor in _adapter_tensors(block, name))
@@ -301,7 +301,7 @@ def _describe_adapter(model: PeftModel, name: str, base_parameters: int) -> dict
         ("dropout", config.lora_dropout),
         ("adapted MoE blocks", f"{len(blocks)} (hidden size {spec.hidden_size})"),
     ]
-    if config.variant == "R":
+    if config.has_own_router:
         settings += [
             ("top-k weights renormalised", config.normalize_top_k),
             ("router load-balancing loss weight", config.router_aux_loss_coef),
@@ -322,13 +322,13 @@ def _variant_description(config: PerftConfig, num_experts: int, active: int | No
     """The PERFT configuration in words, as the paper describes each variant."""
     expert = f"rank-{config.r} bottleneck (down-projection A, up-projection B{_activation_words(config)})"
     where = f"in each of the {num_blocks} adapted MoE blocks"
-    if config.variant == "R":
+    if config.has_own_router:
         return (
             f"{num_experts} adapter experts, each a {expert}, sit beside the frozen experts {where}. A new trainable "
             f"router scores them for every token and sends the token to its top-{active}; their weighted outputs "
             f"are added to the block's output. The router learns its own split of the work."
         )
-    if config.variant == "E":
+    if config.follows_base_routing:
         return (
             f"Every base expert gets its own adapter expert, a {expert}, {where} ({num_experts} per block). The "
             f"model's frozen router picks and weights them: a token that goes to base expert i with weight g also "

@@ -18,7 +18,6 @@ from torch import nn
 from ..model import PerftModel
 from .stats import BASE_ROUTER, PERFT_ROUTER, RouterStats, RoutingReport
 from .trace import (
-    ROUTED_BY_OWN_ROUTER,
     AdaptedLayer,
     BaseRoutingTap,
     active_perft_adapters,
@@ -95,7 +94,7 @@ class RoutingMonitor:
             )
             for adapter in layer.block.perft_configs:
                 config = layer.block.perft_configs[adapter]
-                if config.variant == ROUTED_BY_OWN_ROUTER:
+                if config.has_own_router:
                     routers.append((PERFT_ROUTER, adapter, config.resolved_num_experts(0), config.resolved_top_k()))
             for router, adapter, num_experts, top_k in routers:
                 counters.append(_Counter(layer, router, adapter, num_experts, top_k, offset))

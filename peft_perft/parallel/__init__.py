@@ -60,10 +60,10 @@ def place(block: nn.Module, adapter_name: str) -> None:
     """Lay a new adapter's tensors out as the engines shard its block: PERFT-E like the experts under expert
     parallelism (`PerftExpertParallel`), any variant on its bottleneck under tensor parallelism
     (`tensor_parallel`); replicated where neither applies."""
-    variant = block.perft_configs[adapter_name].variant
-    if variant == "E" and shard_routed_adapter(block, adapter_name):
+    follows_base_routing = block.perft_configs[adapter_name].follows_base_routing
+    if follows_base_routing and shard_routed_adapter(block, adapter_name):
         return
-    if not split_over_tensor_parallel(block, adapter_name) and variant != "E":
+    if not split_over_tensor_parallel(block, adapter_name) and not follows_base_routing:
         offer_token_slices(block)
 
 
