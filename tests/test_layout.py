@@ -13,8 +13,10 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_perft"
 TOOLS = ("demo", "evaluation", "hub", "monitor", "pilot")
+WIRING = ("__init__.py", "patches.py")
+"""The package root and the patches it installs: they wire the core, the tools and the layouts together."""
 CORE_MODULES = sorted(
-    path for path in PACKAGE.rglob("*.py") if path.relative_to(PACKAGE).parts[0] not in TOOLS + ("__init__.py", "cli")
+    path for path in PACKAGE.rglob("*.py") if path.relative_to(PACKAGE).parts[0] not in TOOLS + WIRING + ("cli",)
 )
 
 
@@ -119,8 +121,8 @@ def test_the_block_imports_nothing_distributed() -> None:
 
 
 def test_only_the_tuner_reaches_the_parallel_layouts() -> None:
-    """`parallel` depends on the core; of the core, only the tuner model (which places each adapter) and the
-    package's ``__init__`` (which installs the save and expert-parallel hooks) import it."""
+    """`parallel` depends on the core; of the core, only the tuner model (which places each adapter) imports it,
+    and the patches module installs its save and expert-parallel hooks."""
     importers = {
         module_name(path)
         for path in CORE_MODULES
@@ -128,7 +130,7 @@ def test_only_the_tuner_reaches_the_parallel_layouts() -> None:
         and any(name.startswith("peft_perft.parallel") for name in imported_modules(path))
     }
     assert importers == {"peft_perft.model"}
-    assert "peft_perft.parallel" in imported_modules(PACKAGE / "__init__.py")
+    assert "peft_perft.parallel" in imported_modules(PACKAGE / "patches.py")
 
 
 def test_the_checks_see_real_imports() -> None:

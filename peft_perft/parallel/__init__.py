@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layer import PerftMoeBlock
 from .expert_parallel import install_expert_parallel, offer_token_slices, shard_routed_adapter
 from .replication import local_shard, refuse_unsupported_layout, replicate_adapter
-from .saving import distribute_adapter_state_dict, install_save_hook
+from .saving import distribute_adapter_state_dict, saving_gathered_adapter
 from .tensor_parallel import (
     attach_tensor_parallel_mesh,
     find_tensor_parallel_mesh,
@@ -31,21 +30,15 @@ from .tensor_parallel import (
 
 __all__ = [
     "distribute_adapter_state_dict",
-    "install_sharding_hooks",
+    "install_expert_parallel",
+    "local_shard",
     "place",
     "prepare",
     "refuse_unsupported_layout",
     "release",
     "replicate_adapter",
+    "saving_gathered_adapter",
 ]
-
-
-def install_sharding_hooks() -> None:
-    """Make `PeftModel.save_pretrained` gather only the adapter on sharded PERFT models, register
-    `PerftExpertParallel` with Transformers, and let the block initialise sharded (DTensor) adapters (idempotent)."""
-    install_expert_parallel()
-    install_save_hook()
-    PerftMoeBlock.local_shard = staticmethod(local_shard)
 
 
 def prepare(model: nn.Module, experts_modules: list[nn.Module]) -> None:
