@@ -136,4 +136,4 @@ def test_only_the_tuner_reaches_the_parallel_layouts() -> None:
 def test_the_checks_see_real_imports() -> None:
     """The import reader finds a known cross-tool import, so the checks above cannot pass vacuously."""
     assert "peft_perft.demo" in imported_modules(PACKAGE / "pilot" / "run.py")
-    assert "peft_perft.layer" in imported_modules(PACKAGE / "monitor" / "trace.py")
+    assert "peft_perft.layer" in imported_modules(PACKAGE / "monitor" / "adapted_layers.py")

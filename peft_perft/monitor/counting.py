@@ -16,14 +16,9 @@ import torch
 from torch import nn
 
 from ..model import PerftModel
+from .adapted_layers import AdaptedLayer, active_perft_adapters, find_adapted_layers
 from .stats import BASE_ROUTER, PERFT_ROUTER, RouterStats, RoutingReport
-from .trace import (
-    AdaptedLayer,
-    BaseRoutingTap,
-    active_perft_adapters,
-    find_adapted_layers,
-    perft_routing,
-)
+from .trace import BaseRoutingTap, perft_routing
 
 # perft aux-loss sum and count, base aux-loss sum and count, forward passes
 LOSS_SLOTS = 5
