@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_perft"
-TOOLS = ("demo", "evaluation", "hub", "monitor", "pilot")
+TOOLS = ("demo", "evaluation", "hub", "monitor", "pilot", "workflow")
 WIRING = ("__init__.py", "patches.py")
 """The package root and the patches it installs: they wire the core, the tools and the layouts together."""
 CORE_MODULES = sorted(
@@ -135,5 +135,5 @@ def test_only_the_tuner_reaches_the_parallel_layouts() -> None:
 
 def test_the_checks_see_real_imports() -> None:
     """The import reader finds a known cross-tool import, so the checks above cannot pass vacuously."""
-    assert "peft_perft.demo" in imported_modules(PACKAGE / "pilot" / "run.py")
+    assert "peft_perft.workflow" in imported_modules(PACKAGE / "pilot" / "run.py")
     assert "peft_perft.layer" in imported_modules(PACKAGE / "monitor" / "adapted_layers.py")

@@ -19,10 +19,10 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from peft_perft.cli.inputs import InputError, require_dataset, require_model, require_moe_model, require_positive
 from peft_perft.config import PerftConfig
 from peft_perft.evaluation import get_task
+from peft_perft.workflow import BUNDLED_DATASET
 
 from .output import require_usable_output_dir
 
-BUNDLED_DATASET = "bundled"
 SHOWN_CHARACTERS = 12
 
 

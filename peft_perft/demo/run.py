@@ -2,7 +2,7 @@
 
 With no arguments it needs no network: it loads the small pretrained OLMoE shipped in
 ``peft_perft/demo/assets/demo-olmoe`` (made by ``scripts/train_demo_model.py``), measures its accuracy on the held-out
-split of a bundled task it never saw (``peft_perft.demo.data``), fine-tunes a PERFT adapter with TRL's
+split of a bundled task it never saw (``peft_perft.workflow.bundled_tasks``), fine-tunes a PERFT adapter with TRL's
 ``SFTTrainer``, measures again, saves the adapter and reloads it with ``PeftModel.from_pretrained`` to check that
 the logits match exactly, draws routing heatmaps and prints a short report (also written as ``report.json``).
 ``--model`` and ``--dataset`` run the same pipeline on any causal MoE LM and data set, e.g. on a GPU with
@@ -17,20 +17,16 @@ import resource
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
-from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
+from datasets import Dataset
 from peft import PeftModel
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
     GenerationConfig,
     PreTrainedTokenizerBase,
     set_seed,
@@ -38,39 +34,31 @@ from transformers import (
 from trl import SFTConfig, SFTTrainer
 
 from peft_perft.config import PerftConfig
-from peft_perft.evaluation import build_prompt, generate_batch, is_correct
+from peft_perft.evaluation import generate_batch
 from peft_perft.layer import PerftMoeBlock
-from peft_perft.quantization import add_quantize_argument, load_quantized_base
+from peft_perft.quantization import add_quantize_argument
+from peft_perft.workflow import (
+    ALL_TASKS,
+    BUNDLED_DATASET,
+    BUNDLED_MODEL_DIR,
+    CHECKPOINTING_FIELD,
+    DemoTask,
+    answer_rule_scorer,
+    bundled_task,
+    datasets_progress_bars_off,
+    exact_match_scorer,
+    inference_mode,
+    load_base_model,
+    load_tokenizer,
+    load_user_splits,
+)
 
-from .checks import BUNDLED_DATASET, check_data_fits, texts_to_check, validate_demo_args
-from .data import DEMO_TASKS, MAX_INPUT_LENGTH, demo_task_splits
+from .checks import check_data_fits, texts_to_check, validate_demo_args
 from .output import claim_output_dir
 from .pictures import write_heatmaps
 
-BUNDLED_MODEL_DIR = str(Path(__file__).resolve().parent / "assets" / "demo-olmoe")
-"""The bundled tiny OLMoE's folder, as a ``str``: every Hugging Face API takes it (TRL's ``SFTTrainer(model=...)``
-takes a model id or path as a string, not a ``Path``)."""
 REPORT_FILE_NAME = "report.json"
 ADAPTER_DIR_NAME = "adapter"
-ALL_TASKS = "all"
-# Transformers renamed gradient_checkpointing (now a deprecated alias that warns) to activation_checkpointing.
-CHECKPOINTING_FIELD = (
-    "activation_checkpointing"
-    if "activation_checkpointing" in SFTConfig.__dataclass_fields__
-    else "gradient_checkpointing"
-)
-Scorer = Callable[[str, dict[str, Any]], bool]
-
-
-@dataclass
-class DemoTask:
-    """What the demo trains on and scores: prompt/completion splits and how a generation counts as correct."""
-
-    train: Dataset
-    test: Dataset
-    scorer: Scorer
-    max_new_tokens: int
-    description: str
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -248,39 +236,6 @@ def _run_pipeline(args: argparse.Namespace, device: torch.device, output_dir: Pa
     return report
 
 
-@contextmanager
-def datasets_progress_bars_off() -> Iterator[None]:
-    """Hide the many one-line bars of dataset preparation so the training bar and the report stand out."""
-    was_enabled = is_progress_bar_enabled()
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            enable_progress_bars()
-
-
-def load_tokenizer(model_name_or_path: str) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, left-padded for batched generation, with a pad token."""
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"The tokenizer of {model_name_or_path} has neither a pad nor an eos token; add one.")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_base_model(model_name_or_path: str, device: torch.device, quantize: str | None = None) -> torch.nn.Module:
-    """The frozen base: float32 on a CPU (exact reload check), bfloat16 on a GPU; quantized if ``quantize`` names
-    one of peft_perft.quantization's schemes."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if quantize:
-        return load_quantized_base(model_name_or_path, quantize, dtype, device).eval()
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
-    return model.to(device).eval()
-
-
 def load_demo_task(args: argparse.Namespace) -> DemoTask:
     """The bundled task, or a user data set turned into prompt/completion splits with a held-out test split."""
     if args.dataset == BUNDLED_DATASET:
@@ -290,91 +245,6 @@ def load_demo_task(args: argparse.Namespace) -> DemoTask:
     scorer = answer_rule_scorer(args.eval_task) if args.eval_task else exact_match_scorer
     max_new_tokens = args.max_new_tokens or (256 if args.eval_task else 64)
     return DemoTask(splits["train"], splits["test"], scorer, max_new_tokens, f"data set {args.dataset}")
-
-
-def bundled_task(num_train: int, max_eval_samples: int, seed: int, max_new_tokens: int | None = None) -> DemoTask:
-    """Four string sub-tasks the bundled model never saw, with the same number of held-out examples each."""
-    per_task_test = max(1, max_eval_samples // len(DEMO_TASKS))
-    splits = demo_task_splits(num_train=num_train, num_test=per_task_test * len(DEMO_TASKS), seed=seed)
-    names = ", ".join(task.name for task in DEMO_TASKS)
-    return DemoTask(
-        splits["train"],
-        splits["test"],
-        exact_match_scorer,
-        max_new_tokens or MAX_INPUT_LENGTH + 2,
-        f"bundled task ({names})",
-    )
-
-
-def load_user_splits(dataset: str, max_eval_samples: int, seed: int) -> DatasetDict:
-    """Train and test splits with prompt/completion/answer/task columns from a local file or a datasets name.
-
-    A data set without a test split gets one: ``max_eval_samples`` records held out by a seeded shuffle.
-    """
-    path = Path(dataset)
-    if path.is_file():
-        loaded = DatasetDict({"train": load_dataset("json", data_files=str(path), split="train")})
-    else:
-        loaded = load_dataset(dataset)
-    if "train" not in loaded:
-        raise ValueError(
-            f"Data set {dataset} has splits {list(loaded)}; the demo needs a 'train' split to fine-tune on."
-        )
-    if "test" not in loaded:
-        held_out = min(max_eval_samples, len(loaded["train"]) // 5)
-        if held_out < 1:
-            raise ValueError(
-                f"Data set {dataset} has {len(loaded['train'])} records: too few to hold out a test split."
-            )
-        loaded = loaded["train"].train_test_split(test_size=held_out, seed=seed)
-    test = loaded["test"].select(range(min(max_eval_samples, len(loaded["test"]))))
-    return DatasetDict({"train": to_prompt_completion(loaded["train"]), "test": to_prompt_completion(test)})
-
-
-def to_prompt_completion(records: Dataset) -> Dataset:
-    """Map prompt/completion records as they are, and LLM-Adapters records through the paper's Alpaca prompt."""
-    columns = set(records.column_names)
-    if {"prompt", "completion"} <= columns:
-        convert = _from_prompt_completion
-    elif {"instruction", "output"} <= columns or {"instruction", "answer"} <= columns:
-        convert = _from_llm_adapters
-    else:
-        raise ValueError(
-            f"Cannot use records with columns {sorted(columns)}: expected prompt/completion, or LLM-Adapters "
-            "instruction/input/output (with an optional answer)."
-        )
-    return records.map(convert, remove_columns=records.column_names)
-
-
-def _from_prompt_completion(record: dict[str, Any]) -> dict[str, str]:
-    answer = record.get("answer")
-    return {
-        "prompt": record["prompt"],
-        "completion": record["completion"],
-        "answer": str(answer) if answer is not None else record["completion"],
-        "task": str(record.get("task") or ALL_TASKS),
-    }
-
-
-def _from_llm_adapters(record: dict[str, Any]) -> dict[str, str]:
-    answer = record.get("answer")
-    output = record.get("output") or str(answer)
-    return {
-        "prompt": build_prompt(record),
-        "completion": output,
-        "answer": str(answer) if answer is not None else output,
-        "task": str(record.get("task") or ALL_TASKS),
-    }
-
-
-def exact_match_scorer(generated: str, row: dict[str, Any]) -> bool:
-    """The generation, stripped, is exactly the reference answer."""
-    return generated.strip() == str(row.get("answer", row["completion"])).strip()
-
-
-def answer_rule_scorer(eval_task: str) -> Scorer:
-    """Score with an LLM-Adapters task's rule (last number, label word, option letter) against ``answer``."""
-    return lambda generated, row: is_correct(eval_task, generated, row.get("answer", row["completion"]))
 
 
 @torch.no_grad()
@@ -421,12 +291,6 @@ def perft_config_summary(peft_model: PeftModel) -> dict[str, Any]:
         "top_k": top_k,
         "adapted_blocks": sum(isinstance(module, PerftMoeBlock) for module in peft_model.modules()),
     }
-
-
-def inference_mode(model: torch.nn.Module) -> torch.nn.Module:
-    """Eval mode, and no router logits: TRL turns them on for the aux loss, and generation cannot use them."""
-    model.config.get_text_config().output_router_logits = False
-    return model.eval()
 
 
 def build_trainer(

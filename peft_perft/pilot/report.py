@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peft_perft.demo import BUNDLED_DATASET, BUNDLED_MODEL_DIR
+from peft_perft.workflow import BUNDLED_DATASET, BUNDLED_MODEL_DIR
 
 from .pictures import draw_plot
 

@@ -18,13 +18,11 @@ import argparse
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftConfig, get_peft_model
@@ -35,18 +33,19 @@ from trl import SFTConfig, SFTTrainer
 
 from peft_perft.cli.inputs import InputError, require_dataset, require_model
 from peft_perft.config import PerftConfig
-from peft_perft.demo import (
+from peft_perft.evaluation import EvaluationReport, GenerationSettings, evaluate, resolve_tasks
+from peft_perft.quantization import add_quantize_argument
+from peft_perft.workflow import (
     BUNDLED_DATASET,
     BUNDLED_MODEL_DIR,
     CHECKPOINTING_FIELD,
     bundled_task,
+    datasets_progress_bars_off,
     inference_mode,
     load_base_model,
     load_tokenizer,
     load_user_splits,
 )
-from peft_perft.evaluation import EvaluationReport, GenerationSettings, evaluate, resolve_tasks
-from peft_perft.quantization import add_quantize_argument
 
 from .measure import (
     PeakMemory,
@@ -398,15 +397,3 @@ def test_accuracy(model: nn.Module, tokenizer: Any, settings: PilotSettings) -> 
         report = evaluate(model, tokenizer, source, settings=generation, max_samples=settings.test_samples)
         results.update(report.results)
     return EvaluationReport(results)
-
-
-@contextmanager
-def datasets_progress_bars_off() -> Iterator[None]:
-    """Hide the one-line bars of TRL's dataset preparation, which would bury the pilot's own lines."""
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
