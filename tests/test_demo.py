@@ -13,7 +13,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from peft_perft import workflow
 from peft_perft.cli import main
+from peft_perft.demo import report as demo_report
 from peft_perft.demo import run as demo
+from peft_perft.demo import settings as demo_settings
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = 12
@@ -61,7 +63,7 @@ def test_the_report_records_the_seed_and_a_command_that_repeats_the_run(demo_run
     words = shlex.split(report["command"])
     assert words[:2] == ["peft-perft", "demo"]
     parser = argparse.ArgumentParser()
-    demo.add_cli_arguments(parser)
+    demo_settings.add_cli_arguments(parser)
     recorded = vars(parser.parse_args(words[2:]))
     assert recorded["steps"] == STEPS and recorded["batch_size"] == 16 and recorded["seed"] == 0
     assert recorded["output_dir"] == output_dir and recorded["variant"] == "R"
@@ -112,7 +114,7 @@ def test_heatmaps_are_png_files(demo_run):
 
 def test_printed_report_names_accuracy_and_paths(demo_run):
     _, report, _ = demo_run
-    text = demo.format_report(report)
+    text = demo_report.format_report(report)
     assert "logits match" in text and report["adapter_dir"] in text
     assert f"{report['accuracy_after']['all']:7.1%}" in text
 

@@ -1,6 +1,9 @@
 """``peft-perft demo``: the bundled pretrained MoE fine-tuned with PERFT end to end.
 
-``run`` is the pipeline and its command line; ``pictures`` draws its heatmaps; ``assets/`` holds the bundled model.
+One module per job: ``settings`` (the flags and the typed `DemoSettings` built from them once), ``checks`` (flags,
+names and data checked before anything heavy), ``output`` (the output folder), ``run`` (the pipeline),
+``scoring`` (accuracy and the reload check), ``pictures`` (heatmaps), ``report``; ``assets/`` holds the bundled
+model.
 What the pilot shares with the demo (model loading, the bundled task, data sets) lives in `peft_perft.workflow`;
 the names re-exported below keep ``from peft_perft.demo import BUNDLED_MODEL_DIR`` working.
 """
@@ -17,12 +20,14 @@ from peft_perft.workflow import (
     load_user_splits,
 )
 
-from .run import add_cli_arguments, run_cli, run_demo
+from .run import run_cli, run_demo
+from .settings import DemoSettings, add_cli_arguments
 
 __all__ = [
     "BUNDLED_DATASET",
     "BUNDLED_MODEL_DIR",
     "CHECKPOINTING_FIELD",
+    "DemoSettings",
     "DemoTask",
     "add_cli_arguments",
     "bundled_task",

@@ -9,7 +9,6 @@ with a message that says how many.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -22,11 +21,12 @@ from peft_perft.evaluation import get_task
 from peft_perft.workflow import BUNDLED_DATASET
 
 from .output import require_usable_output_dir
+from .settings import DemoSettings
 
 SHOWN_CHARACTERS = 12
 
 
-def validate_demo_args(args: argparse.Namespace) -> PerftConfig:
+def validate_demo_args(args: DemoSettings) -> PerftConfig:
     """Check every flag and the model and data names; return the adapter configuration the flags describe."""
     for flag in ("steps", "batch_size", "r", "max_eval_samples", "max_length"):
         require_positive(getattr(args, flag), f"--{flag.replace('_', '-')}")
@@ -92,7 +92,7 @@ def check_data_fits(
     texts_by_split: dict[str, list[str]],
     tokenizer: PreTrainedTokenizerBase,
     model_config: PretrainedConfig,
-    args: argparse.Namespace,
+    args: DemoSettings,
     max_new_tokens: int,
     log: Callable[[str], object] = print,
 ) -> int:
@@ -125,7 +125,7 @@ def check_data_fits(
 
 
 def _refuse_unknown_characters(
-    texts_by_split: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace
+    texts_by_split: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, args: DemoSettings
 ) -> None:
     """Text whose characters the tokenizer maps to its unknown token would train and score on garbage."""
     if tokenizer.unk_token_id is None:
