@@ -27,14 +27,13 @@ from transformers import (
     PreTrainedTokenizerBase,
     set_seed,
 )
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
 from peft_perft.config import PerftConfig
 from peft_perft.workflow import (
     ALL_TASKS,
     BUNDLED_DATASET,
     BUNDLED_MODEL_DIR,
-    CHECKPOINTING_FIELD,
     DemoTask,
     answer_rule_scorer,
     bundled_task,
@@ -44,6 +43,7 @@ from peft_perft.workflow import (
     load_base_model,
     load_tokenizer,
     load_user_splits,
+    sft_config,
 )
 
 from .checks import check_data_fits, texts_to_check, validate_demo_args
@@ -187,24 +187,21 @@ def build_trainer(
     device: torch.device,
 ) -> SFTTrainer:
     """TRL's SFTTrainer with the PERFT adapter; completion-only loss, progress bar, no checkpoints."""
-    config = SFTConfig(
-        output_dir=str(output_dir / "trainer"),
+    config = sft_config(
+        output_dir,
+        device,
         max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
+        batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        seed=args.seed,
+        max_length=args.max_length,
+        # Recomputing activations saves memory a large model needs on a GPU and only costs time on a tiny one.
+        checkpointing=device.type == "cuda",
         lr_scheduler_type="cosine",
         warmup_steps=max(1, args.steps // 20),
         logging_steps=max(1, args.steps // 5),
-        save_strategy="no",
         report_to=args.report_to,
-        seed=args.seed,
-        max_length=args.max_length,
-        bf16=device.type == "cuda",
-        use_cpu=device.type == "cpu",
         disable_tqdm=False,
-        dataloader_num_workers=0,
-        # Recomputing activations saves memory a large model needs on a GPU and only costs time on a tiny one.
-        **{CHECKPOINTING_FIELD: device.type == "cuda"},
     )
     return SFTTrainer(
         model=model,

@@ -38,7 +38,6 @@ from peft_perft.quantization import add_quantize_argument
 from peft_perft.workflow import (
     BUNDLED_DATASET,
     BUNDLED_MODEL_DIR,
-    CHECKPOINTING_FIELD,
     bundled_task,
     datasets_progress_bars_off,
     inference_mode,
@@ -46,6 +45,7 @@ from peft_perft.workflow import (
     load_tokenizer,
     load_user_splits,
 )
+from peft_perft.workflow import sft_config as shared_sft_config
 
 from .measure import (
     PeakMemory,
@@ -367,25 +367,22 @@ def sft_config(settings: PilotSettings, device: torch.device) -> SFTConfig:
     checkpointing = (
         device.type == "cuda" if settings.gradient_checkpointing is None else settings.gradient_checkpointing
     )
-    return SFTConfig(
-        output_dir=str(Path(settings.output_dir) / "trainer"),
+    return shared_sft_config(
+        Path(settings.output_dir),
+        device,
         max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.batch_size,
+        batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
         seed=settings.seed,
         max_length=settings.max_length,
-        bf16=device.type == "cuda",
-        use_cpu=device.type == "cpu",
+        checkpointing=checkpointing,
+        per_device_eval_batch_size=settings.batch_size,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        eval_strategy="no",
+        report_to="none",
         disable_tqdm=True,
-        dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
-        **{CHECKPOINTING_FIELD: checkpointing},
     )
 
 

@@ -18,7 +18,7 @@ from .data import (
     to_prompt_completion,
 )
 from .models import BUNDLED_MODEL_DIR, inference_mode, load_base_model, load_tokenizer
-from .training import CHECKPOINTING_FIELD, datasets_progress_bars_off
+from .training import CHECKPOINTING_FIELD, datasets_progress_bars_off, sft_config
 
 __all__ = [
     "ALL_TASKS",
@@ -35,5 +35,6 @@ __all__ = [
     "load_base_model",
     "load_tokenizer",
     "load_user_splits",
+    "sft_config",
     "to_prompt_completion",
 ]
