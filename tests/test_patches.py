@@ -22,7 +22,8 @@ TIMEOUT_S = 600
 
 
 def _python(*arguments: str, cwd: Path | None = None) -> str:
-    environment = {**os.environ, "PEFT_PERFT_AUTOLOAD": "0", "PYTHONPATH": str(TESTS.parent)}
+    # A fixed hash seed: peft writes LoraConfig.target_modules, a set, in the set's iteration order.
+    environment = {**os.environ, "PEFT_PERFT_AUTOLOAD": "0", "PYTHONPATH": str(TESTS.parent), "PYTHONHASHSEED": "0"}
     result = subprocess.run(
         [sys.executable, *arguments], capture_output=True, text=True, timeout=TIMEOUT_S, env=environment, cwd=cwd
     )
