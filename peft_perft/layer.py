@@ -314,7 +314,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
 
     @staticmethod
     def local_shard(values: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
-        """This rank's shard of whole ``values`` for a sharded (DTensor) parameter; `parallel.install_sharding_hooks`
+        """This rank's shard of whole ``values`` for a sharded (DTensor) parameter; `peft_perft.patches`
         puts the distributed implementation here, as this module imports nothing distributed."""
         raise RuntimeError(
             f"PERFT: cannot initialise a sharded ({type(parameter).__name__}) adapter parameter without "

@@ -16,13 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peft_perft.config import VARIANTS, PerftConfig
 from peft_perft.workflow import BUNDLED_DATASET, BUNDLED_MODEL_DIR
 
 from .pictures import draw_plot
 
 CONFIG_NAMES = {"R": "PERFT-R", "E": "PERFT-E", "D": "PERFT-D", "S": "PERFT-S", "lora": "LoRA-attn"}
 DEFAULT_CONFIGS = "R,E,D,S,lora"
-ALWAYS_ACTIVE = {CONFIG_NAMES["D"], CONFIG_NAMES["S"]}
+ALWAYS_ACTIVE = {CONFIG_NAMES[variant] for variant in VARIANTS if not PerftConfig(variant=variant).is_routed}
 SIGNIFICANT = 2.0
 JSON_NAME = "pilot.json"
 PLOT_NAME = "pilot.png"
