@@ -23,11 +23,13 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.utils import register_peft_method
 
 from .config import PerftConfig, perft_peft_type
-from .hub import pushing_saved_folder, with_perft_card
+from .hub.model_card import pushing_saved_folder, with_perft_card
 from .layer import PerftMoeBlock
 from .loading import atomic_for_perft, guard_config_reading, guard_weight_loading
 from .model import PerftModel
-from .parallel import install_expert_parallel, local_shard, saving_gathered_adapter
+from .parallel.expert_parallel import install_expert_parallel
+from .parallel.replication import local_shard
+from .parallel.saving import saving_gathered_adapter
 
 INSTALLED = "__perft_patch__"
 """The one marker: an attribute set to True on every wrapper this module installs."""

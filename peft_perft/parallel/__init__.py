@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .expert_parallel import install_expert_parallel, offer_token_slices, shard_routed_adapter
-from .replication import local_shard, refuse_unsupported_layout, replicate_adapter
-from .saving import distribute_adapter_state_dict, saving_gathered_adapter
+from .expert_parallel import offer_token_slices, shard_routed_adapter
+from .replication import refuse_unsupported_layout, replicate_adapter
+from .saving import distribute_adapter_state_dict
 from .tensor_parallel import (
     attach_tensor_parallel_mesh,
     find_tensor_parallel_mesh,
@@ -30,14 +30,11 @@ from .tensor_parallel import (
 
 __all__ = [
     "distribute_adapter_state_dict",
-    "install_expert_parallel",
-    "local_shard",
     "place",
     "prepare",
     "refuse_unsupported_layout",
     "release",
     "replicate_adapter",
-    "saving_gathered_adapter",
 ]
 
 
