@@ -139,6 +139,44 @@ class PerftConfig(PeftConfig):
         """PERFT-R's number of active adapter experts per token."""
         return self.top_k if self.top_k is not None else min(DEFAULT_TOP_K_R, self.resolved_num_experts(0))
 
+    @property
+    def has_own_router(self) -> bool:
+        """PERFT-R: the adapter trains a router of its own (a tensor, an aux loss, a routing to monitor)."""
+        return self.variant == "R"
+
+    @property
+    def follows_base_routing(self) -> bool:
+        """PERFT-E: the model's frozen router picks and weights the adapter experts, one per base expert."""
+        return self.variant == "E"
+
+    @property
+    def is_routed(self) -> bool:
+        """Each token reaches only some adapter experts (R, E); D and S apply every expert to every token."""
+        return self.has_own_router or self.follows_base_routing
+
+    def routed_top_k(self, model_top_k: int | None) -> int | None:
+        """Adapter experts a routed variant picks per token (E: the model's top-k); None for D and S."""
+        if self.has_own_router:
+            return self.resolved_top_k()
+        return model_top_k if self.follows_base_routing else None
+
+    def active_experts_per_token(self, model_num_experts: int, model_top_k: int | None) -> int | None:
+        """Adapter experts that compute on each token: the top-k of a routed variant, else all of them (None for
+        E on a model whose top-k is unknown)."""
+        if self.is_routed:
+            return self.routed_top_k(model_top_k)
+        return self.resolved_num_experts(model_num_experts)
+
+    def trainable_parameters_per_block(self, hidden_size: int, model_num_experts: int, block_name: str = "") -> int:
+        """Parameters this adapter trains in one MoE block: A (N, r, D) and B (N, D, r) for its N experts, plus
+        PERFT-R's router (N, D). ``block_name`` picks the block's rank (``rank_pattern``) and, for selective
+        PERFT-E, its selected experts (``target_experts``)."""
+        block_config = self.for_block(block_name)
+        selected = self.experts_for(block_name)
+        num_experts = len(selected) if selected is not None else self.resolved_num_experts(model_num_experts)
+        router = num_experts * hidden_size if self.has_own_router else 0
+        return 2 * num_experts * block_config.r * hidden_size + router
+
     def _validate(self) -> None:
         """Fail early with the field name and what is allowed."""
         _require(self.variant in VARIANTS, "variant", self.variant, f"one of {', '.join(VARIANTS)}")

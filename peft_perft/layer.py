@@ -83,7 +83,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: PerftConfig) -> None:
         """Create (or replace) the tensors of one adapter for this block."""
-        if config.variant == "E" and not self.spec.experts_routable:
+        if config.follows_base_routing and not self.spec.experts_routable:
             raise ValueError(
                 f"PERFT-E cannot adapt {type(self.base_layer).__name__}: {self.spec.why_not_routable}, so the "
                 f"model's own routing cannot be reused. Use variant 'R', 'D' or 'S' for this model."
@@ -97,13 +97,13 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         hidden, rank = self.spec.hidden_size, config.r
         self.perft_A[adapter_name] = nn.Parameter(torch.empty(num_experts, rank, hidden, **like_base))
         self.perft_B[adapter_name] = nn.Parameter(torch.empty(num_experts, hidden, rank, **like_base))
-        if config.variant == "R":
+        if config.has_own_router:
             self.perft_router[adapter_name] = nn.Parameter(torch.empty(num_experts, hidden, **like_base))
         self.perft_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         self.perft_configs[adapter_name] = config
         if adapter_name in self.perft_expert_slots:
             del self.perft_expert_slots[adapter_name]
-        if config.variant == "E" and self._experts_hook_handle is None:
+        if config.follows_base_routing and self._experts_hook_handle is None:
             self._experts_hook_handle = self._register_base_routing_hook()
         self.reset_parameters(adapter_name)
         self.term_owners.pop(adapter_name, None)  # the block's until parallel.place hands it to a layout
@@ -159,8 +159,8 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         """Run the frozen block, with E adapters inside the experts call and R/D/S adapters added to its output."""
         active = self.active_perft_adapters()
         self.routing_records.clear()
-        routed_by_base = [name for name in active if self.perft_configs[name].variant == "E"]
-        beside_block = [n for n in active if self.perft_configs[n].variant != "E" and n not in self.term_owners]
+        routed_by_base = [name for name in active if self.perft_configs[name].follows_base_routing]
+        beside_block = [n for n in active if n not in routed_by_base and n not in self.term_owners]
         # Someone inside the base call may add some of them (TP with EP: on its token rows): offered to it, and
         # those it did not take are added here after the base.
         offer = self.token_slice_terms if beside_block else None
@@ -345,7 +345,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
 
     @staticmethod
     def local_shard(values: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
-        """This rank's shard of whole ``values`` for a sharded (DTensor) parameter; `parallel.install_sharding_hooks`
+        """This rank's shard of whole ``values`` for a sharded (DTensor) parameter; `peft_perft.patches`
         puts the distributed implementation here, as this module imports nothing distributed."""
         raise RuntimeError(
             f"PERFT: cannot initialise a sharded ({type(parameter).__name__}) adapter parameter without "

@@ -191,7 +191,7 @@ class PerftModel(BaseTuner):
         total = None
         for name in self.active_adapters:
             config = self.peft_config[name]
-            if config.variant != "R":
+            if not config.has_own_router:
                 continue
             records = [m.routing_records[name] for m in self.model.modules() if _has_record(m, name)]
             if not records:
@@ -242,7 +242,7 @@ def _materialise_adapter(block: PerftMoeBlock, adapter_name: str) -> None:
 def _refuse_unrunnable_backend(block: PerftMoeBlock, adapter_name: str) -> None:
     """A ValueError naming the block and the rule where the configured dispatch backend cannot run this adapter."""
     config = block.perft_configs[adapter_name]
-    if config.variant not in ("R", "E"):  # D and S compute all their experts with two matmuls, no backend
+    if not config.is_routed:  # D and S compute all their experts with two matmuls, no backend
         return
     reason = refusal(config.dispatch_backend, block.spec.hidden_size, block.perft_A[adapter_name].dtype)
     if reason is not None:

@@ -88,7 +88,7 @@ def adapter_delta(
     lora_A, lora_B, router = tensors
     adapter_input = as_dtype(adapter_input, lora_A.dtype)
     expert_input = dropout(adapter_input)
-    if config.variant in ("D", "S"):
+    if not config.is_routed:
         return always_on_experts(expert_input, lora_A, lora_B, activation(config))
     if routing is None:
         router_input = adapter_input if router_input is None else as_dtype(router_input, lora_A.dtype)

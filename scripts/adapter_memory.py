@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from peft_perft.config import PerftConfig
+
 BYTES_PER_TRAINED_PARAMETER = 4 + 4 + 8  # fp32 weight, gradient, Adam exp_avg and exp_avg_sq
 BASE_EXPERT_BYTES = 2  # bf16
 GIB = 2**30
@@ -45,11 +47,15 @@ MODELS = (
 )
 
 
+def perft_config(variant: str, rank: int, routed: int, dense: int) -> PerftConfig:
+    """The adapter a row describes: ``routed`` experts for R, ``dense`` for D (E and S fix their own count)."""
+    return PerftConfig(variant=variant, r=rank, num_experts={"R": routed, "D": dense}.get(variant))
+
+
 def adapter_parameters(shape: MoeShape, variant: str, rank: int, routed: int, dense: int) -> int:
-    """PERFT parameters over all MoE layers: A (N, r, D) and B (N, D, r) per block, plus R's router (N, D)."""
-    experts = {"R": routed, "E": shape.routed_experts, "D": dense, "S": 1}[variant]
-    per_block = 2 * experts * rank * shape.hidden_size + (experts * shape.hidden_size if variant == "R" else 0)
-    return per_block * shape.moe_layers
+    """PERFT parameters over all MoE layers, by the formula on `PerftConfig`."""
+    config = perft_config(variant, rank, routed, dense)
+    return config.trainable_parameters_per_block(shape.hidden_size, shape.routed_experts) * shape.moe_layers
 
 
 def selected_experts(shape: MoeShape, share: float) -> int:
@@ -84,11 +90,13 @@ def rows(rank: int, routed: int, dense: int, ep_degrees: list[int], shares: tupl
     for shape in MODELS:
         for variant in ("R", "E", "D", "S"):
             parameters = adapter_parameters(shape, variant, rank, routed, dense)
+            # Under EP with ep_implementation="perft" only the adapter that follows the base routing is sharded.
+            sharded_over_ep = perft_config(variant, rank, routed, dense).follows_base_routing
             replicated = parameters * BYTES_PER_TRAINED_PARAMETER / GIB
             row = [shape.name, _variant_label(variant, routed, dense, shape), f"{parameters / 1e6:,.1f}M"]
             row.append(f"{replicated:,.2f}")
             for ep in ep_degrees:
-                sharded = replicated / ep if variant == "E" else replicated
+                sharded = replicated / ep if sharded_over_ep else replicated
                 base_share = shape.base_expert_parameters() * BASE_EXPERT_BYTES / ep / GIB
                 row.append(f"{sharded:,.2f} (base {base_share:,.1f})")
             table.append(row)
@@ -98,8 +106,8 @@ def rows(rank: int, routed: int, dense: int, ep_degrees: list[int], shares: tupl
 
 
 def _variant_label(variant: str, routed: int, dense: int, shape: MoeShape) -> str:
-    experts = {"R": f"{routed} experts", "E": f"{shape.routed_experts} experts", "D": f"{dense} experts"}
-    return f"{variant} ({experts[variant]})" if variant in experts else "S (1 expert)"
+    experts = perft_config(variant, 1, routed, dense).resolved_num_experts(shape.routed_experts)
+    return f"{variant} ({experts} expert{'s' if experts > 1 else ''})"
 
 
 def markdown(rank: int, routed: int, dense: int, ep_degrees: list[int], shares: tuple[float, ...] = ()) -> str:

@@ -17,16 +17,9 @@ import torch
 from torch import nn
 
 from ..model import PerftModel
+from .adapted_layers import AdaptedLayer, active_perft_adapters, find_adapted_layers
 from .stats import BASE_ROUTER, PERFT_ROUTER, RouterStats, RoutingReport
-from .trace import (
-    ROUTED_BY_OWN_ROUTER,
-    AdaptedLayer,
-    BaseRoutingTap,
-    TokenGroupTap,
-    active_perft_adapters,
-    find_adapted_layers,
-    perft_routing,
-)
+from .trace import BaseRoutingTap, TokenGroupTap, perft_routing
 
 # perft aux-loss sum and count, base aux-loss sum and count, forward passes
 LOSS_SLOTS = 5
@@ -99,7 +92,7 @@ class RoutingMonitor:
             )
             for adapter in layer.block.perft_configs:
                 config = layer.block.perft_configs[adapter]
-                if config.variant == ROUTED_BY_OWN_ROUTER:
+                if config.has_own_router:
                     routers.append((PERFT_ROUTER, adapter, config.resolved_num_experts(0), config.resolved_top_k()))
             for router, adapter, num_experts, top_k in routers:
                 counters.append(_Counter(layer, router, adapter, num_experts, top_k, offset))

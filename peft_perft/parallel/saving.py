@@ -4,9 +4,9 @@ peft's `get_peft_model_state_dict` gathers the *whole* model state dict (every b
 ``DTensor.full_tensor()`` per tensor) before keeping the adapter keys. That does not fit at DeepSeek-V3 scale, and
 since the Trainer calls ``save_pretrained`` with ``is_main_process`` false on the other ranks, any extra gather done
 only on the main process (the model card used to do one) leaves one rank waiting in a collective the others never
-join. `install_save_hook` makes `PeftModel.save_pretrained` gather only the adapter's tensors, on every rank, in one
-fixed order, and hand peft that small state dict; `distribute_adapter_state_dict` lays a loaded one out as the
-model's.
+join. `saving_gathered_adapter` (installed by `peft_perft.patches`) makes `PeftModel.save_pretrained` gather only the
+adapter's tensors, on every rank, in one fixed order, and hand peft that small state dict;
+`distribute_adapter_state_dict` lays a loaded one out as the model's.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from ..loading import ADAPTER_KEY_MARKERS
 from .expert_parallel import SELECTED_ROWS_ATTRIBUTE
 from .replication import is_distributed
 
-_HOOKED = "__perft_sharding_hook__"
 MODULES_TO_SAVE_MARKER = ".modules_to_save."
 
 
@@ -111,13 +110,7 @@ def is_zero3_partitioned(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, "ds_id")
 
 
-def install_save_hook() -> None:
-    """Make `PeftModel.save_pretrained` gather only the adapter on sharded PERFT models (idempotent)."""
-    if not getattr(PeftModel.save_pretrained, _HOOKED, False):
-        PeftModel.save_pretrained = _saving_gathered_adapter(PeftModel.save_pretrained)
-
-
-def _saving_gathered_adapter(save_pretrained: Callable) -> Callable:
+def saving_gathered_adapter(save_pretrained: Callable) -> Callable:
     """Wrap peft's save: in a multi-process run, a PERFT model passes peft its gathered adapter as ``state_dict``
     (unless the caller gives one, as the Trainer does under Accelerate's FSDP and DeepSpeed)."""
 
@@ -127,7 +120,6 @@ def _saving_gathered_adapter(save_pretrained: Callable) -> Callable:
             kwargs["state_dict"] = gathered_adapter_state_dict(self)
         return save_pretrained(self, save_directory, *args, **kwargs)
 
-    setattr(save_perft_adapter, _HOOKED, True)
     return save_perft_adapter
 
 

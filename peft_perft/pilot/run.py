@@ -18,13 +18,11 @@ import argparse
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftConfig, get_peft_model
@@ -33,20 +31,21 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, set
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
-from peft_perft import PerftConfig
 from peft_perft.cli.inputs import InputError, require_dataset, require_model
-from peft_perft.demo import (
+from peft_perft.config import PerftConfig
+from peft_perft.evaluation import EvaluationReport, GenerationSettings, evaluate, resolve_tasks
+from peft_perft.quantization import add_quantize_argument
+from peft_perft.workflow import (
     BUNDLED_DATASET,
     BUNDLED_MODEL_DIR,
-    CHECKPOINTING_FIELD,
     bundled_task,
+    datasets_progress_bars_off,
     inference_mode,
     load_base_model,
     load_tokenizer,
     load_user_splits,
 )
-from peft_perft.evaluation import EvaluationReport, GenerationSettings, evaluate, resolve_tasks
-from peft_perft.quantization import add_quantize_argument
+from peft_perft.workflow import sft_config as shared_sft_config
 
 from .measure import (
     PeakMemory,
@@ -387,25 +386,22 @@ def sft_config(settings: PilotSettings, device: torch.device) -> SFTConfig:
     checkpointing = (
         device.type == "cuda" if settings.gradient_checkpointing is None else settings.gradient_checkpointing
     )
-    return SFTConfig(
-        output_dir=str(Path(settings.output_dir) / "trainer"),
+    return shared_sft_config(
+        Path(settings.output_dir),
+        device,
         max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.batch_size,
+        batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
         seed=settings.seed,
         max_length=settings.max_length,
-        bf16=device.type == "cuda",
-        use_cpu=device.type == "cpu",
+        checkpointing=checkpointing,
+        per_device_eval_batch_size=settings.batch_size,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        eval_strategy="no",
+        report_to="none",
         disable_tqdm=True,
-        dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
-        **{CHECKPOINTING_FIELD: checkpointing},
     )
 
 
@@ -417,15 +413,3 @@ def test_accuracy(model: nn.Module, tokenizer: Any, settings: PilotSettings) -> 
         report = evaluate(model, tokenizer, source, settings=generation, max_samples=settings.test_samples)
         results.update(report.results)
     return EvaluationReport(results)
-
-
-@contextmanager
-def datasets_progress_bars_off() -> Iterator[None]:
-    """Hide the one-line bars of TRL's dataset preparation, which would bury the pilot's own lines."""
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
