@@ -178,12 +178,56 @@ ROUTER_OUTPUT_ROUTING: dict[str, RouterRouting] = {
 ROUTER_TOP_K: dict[str, int] = {"SwitchTransformersTop1Router": 1}
 """Routers (by class) whose top-k is fixed by design rather than stored on the router or its block."""
 
+TokenSelector = Callable[[torch.Tensor], torch.Tensor]
+"""From per-token type ids (batch, positions), the bool mask of the tokens one expert group receives."""
+
+
+@dataclass(frozen=True)
+class TokenGroups:
+    """A layer whose tokens are split among expert groups, each its own MoE block with its own router and experts.
+
+    Each group block sees only its tokens, flattened in (batch, position) order, so its routing rows pair with
+    tokens only through the split. ``type_ids`` names the argument of the layer's block that carries the per-token
+    type ids (absent: every id 0), ``members`` the group blocks (children) and the tokens each one receives.
+    """
+
+    type_ids: str
+    members: dict[str, TokenSelector]
+
+    def masks(self, block: nn.Module, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        """Per group child, the flat bool mask of the tokens of one call of ``block`` that it receives."""
+        bound = inspect.signature(block.forward).bind(*args, **kwargs).arguments
+        hidden_states = next(iter(bound.values()))
+        type_ids = bound.get(self.type_ids)
+        if type_ids is None:
+            type_ids = torch.zeros(hidden_states.shape[:-1], dtype=torch.long, device=hidden_states.device)
+        return {child: select(type_ids).reshape(-1) for child, select in self.members.items()}
+
+
+TOKEN_GROUPS: dict[str, TokenGroups] = {
+    # ERNIE-4.5-VL: text tokens (type 0) to the text experts, image and video tokens (1, 2) to the vision experts.
+    "Ernie4_5_VLMoeMoeBlock": TokenGroups(
+        "moe_mm_token_type_ids", {"text_moe": lambda ids: ids == 0, "vision_moe": lambda ids: ids != 0}
+    ),
+}
+"""Layer blocks (by class) that hand each token to one of several expert groups, each adapted as its own block."""
+
+
+def token_groups(module: nn.Module) -> TokenGroups | None:
+    """How ``module`` splits its tokens among expert-group children, or None when it does not."""
+    return TOKEN_GROUPS.get(type(_unwrapped(module)).__name__)
+
+
+WHOLE_SHAPE_ATTRIBUTE = "perft_whole_shape"
+"""Set on a plain tensor that holds one rank's rows of a larger adapter tensor (selective PERFT-E under expert
+parallelism, whose ranks hold unequal row counts): the whole tensor's shape."""
+
 
 def global_shape(tensor: torch.Tensor) -> torch.Size:
     """The shape of the whole tensor, also on one rank's share of it: a DeepSpeed ZeRO-3 parameter is an empty
     placeholder outside the forward of its module and keeps the real shape in ``ds_shape``; a DTensor reports its
-    global shape as ``shape`` already."""
-    ds_shape = getattr(tensor, "ds_shape", None)
+    global shape as ``shape`` already; selective PERFT-E's rows of a rank carry ``WHOLE_SHAPE_ATTRIBUTE``."""
+    ds_shape = getattr(tensor, "ds_shape", None) or getattr(tensor, WHOLE_SHAPE_ATTRIBUTE, None)
     return torch.Size(ds_shape) if ds_shape is not None else tensor.shape
 
 
@@ -237,20 +281,36 @@ def find_moe_blocks(model: nn.Module) -> dict[str, MoeBlockSpec]:
 
 
 def _check_hidden_sizes(model: nn.Module, blocks: dict[str, MoeBlockSpec]) -> None:
-    """Refuse a block whose detected hidden size is not the model's: its adapters would have the wrong width."""
+    """Refuse a block whose detected hidden size is none of the model's: its adapters would have the wrong width.
+
+    A block may sit in any tower of a composite model (dots.3's vision encoder has MoE layers of its own width), so
+    the widths of the text config and of every sub-config count."""
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     expected = getattr(text_config, "hidden_size", None)
     if not isinstance(expected, int):
         return
+    widths = {expected} | _tower_widths(config)
     for name, spec in blocks.items():
-        if spec.hidden_size != expected:
+        if spec.hidden_size not in widths:
             raise ValueError(
                 f"MoE block {name!r} was detected with hidden size {spec.hidden_size}, but the model's config has "
-                f"hidden_size={expected}: its router's weight is stored in a layout PERFT does not recognise (packed "
-                f"or sharded). Report the block class and the quantizer or engine that stored it; PERFT will not "
-                f"build adapters of the wrong width."
+                f"hidden_size={expected} (towers: {sorted(widths - {expected})}): its router's weight is stored in a "
+                f"layout PERFT does not recognise (packed or sharded). Report the block class and the quantizer or "
+                f"engine that stored it; PERFT will not build adapters of the wrong width."
             )
+
+
+def _tower_widths(config: object) -> set[int]:
+    """The hidden sizes of every sub-config (vision, audio, talker, ...) of a composite config, nested ones too."""
+    widths = set()
+    keys = {**(getattr(config, "sub_configs", None) or {}), **(getattr(config, "sub_configs_defaults", None) or {})}
+    for key in keys:
+        sub_config = getattr(config, key, None)
+        if sub_config is not None:
+            width = getattr(sub_config, "hidden_size", None)
+            widths |= ({width} if isinstance(width, int) else set()) | _tower_widths(sub_config)
+    return widths
 
 
 def _locate(module: nn.Module) -> tuple[str, MoeBlockSpec] | None:

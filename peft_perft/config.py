@@ -87,6 +87,23 @@ class PerftConfig(PeftConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
         default=None, metadata={"help": "Token ids whose embeddings are trained (written by TRL)."}
     )
+    target_experts: dict[str, list[int]] | None = field(
+        default=None,
+        metadata={
+            "help": "PERFT-E only: per MoE block (its module name, e.g. 'model.layers.3.mlp'), the base experts that "
+            "get an adapter expert; blocks left out get none. None: every expert of every block."
+        },
+    )
+    target_experts_source: str | None = field(
+        default=None, metadata={"help": "How target_experts was chosen (written by peft_perft.selection; the card)."}
+    )
+    rank_pattern: dict[str, int] | None = field(
+        default=None,
+        metadata={
+            "help": "Per MoE block name, its own rank (other blocks: r); the block's scaling is lora_alpha / its "
+            "rank, as with peft LoRA's rank_pattern. peft_perft.selection.spread_rank writes one from the routing."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,6 +114,8 @@ class PerftConfig(PeftConfig):
         self._validate()
         if isinstance(self.target_modules, list):
             self.target_modules = list(dict.fromkeys(self.target_modules))
+        if self.target_experts is not None:
+            self.target_experts = {block: sorted(set(experts)) for block, experts in self.target_experts.items()}
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Save as peft does, naming the bundled demo model by `BUNDLED_MODEL_ID` so the folder loads anywhere."""
@@ -117,9 +136,61 @@ class PerftConfig(PeftConfig):
             return model_num_experts
         return self.num_experts if self.num_experts is not None else DEFAULT_NUM_EXPERTS[self.variant]
 
+    def for_block(self, block_name: str) -> PerftConfig:
+        """The configuration one MoE block uses: this one, with the block's rank where ``rank_pattern`` names it."""
+        if not self.rank_pattern or block_name not in self.rank_pattern:
+            return self
+        block_config = copy.copy(self)
+        block_config.r = self.rank_pattern[block_name]
+        return block_config
+
+    def experts_for(self, block_name: str) -> list[int] | None:
+        """The base experts of one MoE block that get an adapter expert (sorted); None: all of them."""
+        if self.target_experts is None:
+            return None
+        return self.target_experts.get(block_name, [])
+
     def resolved_top_k(self) -> int:
         """PERFT-R's number of active adapter experts per token."""
         return self.top_k if self.top_k is not None else min(DEFAULT_TOP_K_R, self.resolved_num_experts(0))
+
+    @property
+    def has_own_router(self) -> bool:
+        """PERFT-R: the adapter trains a router of its own (a tensor, an aux loss, a routing to monitor)."""
+        return self.variant == "R"
+
+    @property
+    def follows_base_routing(self) -> bool:
+        """PERFT-E: the model's frozen router picks and weights the adapter experts, one per base expert."""
+        return self.variant == "E"
+
+    @property
+    def is_routed(self) -> bool:
+        """Each token reaches only some adapter experts (R, E); D and S apply every expert to every token."""
+        return self.has_own_router or self.follows_base_routing
+
+    def routed_top_k(self, model_top_k: int | None) -> int | None:
+        """Adapter experts a routed variant picks per token (E: the model's top-k); None for D and S."""
+        if self.has_own_router:
+            return self.resolved_top_k()
+        return model_top_k if self.follows_base_routing else None
+
+    def active_experts_per_token(self, model_num_experts: int, model_top_k: int | None) -> int | None:
+        """Adapter experts that compute on each token: the top-k of a routed variant, else all of them (None for
+        E on a model whose top-k is unknown)."""
+        if self.is_routed:
+            return self.routed_top_k(model_top_k)
+        return self.resolved_num_experts(model_num_experts)
+
+    def trainable_parameters_per_block(self, hidden_size: int, model_num_experts: int, block_name: str = "") -> int:
+        """Parameters this adapter trains in one MoE block: A (N, r, D) and B (N, D, r) for its N experts, plus
+        PERFT-R's router (N, D). ``block_name`` picks the block's rank (``rank_pattern``) and, for selective
+        PERFT-E, its selected experts (``target_experts``)."""
+        block_config = self.for_block(block_name)
+        selected = self.experts_for(block_name)
+        num_experts = len(selected) if selected is not None else self.resolved_num_experts(model_num_experts)
+        router = num_experts * hidden_size if self.has_own_router else 0
+        return 2 * num_experts * block_config.r * hidden_size + router
 
     def _validate(self) -> None:
         """Fail early with the field name and what is allowed."""
@@ -156,6 +227,36 @@ class PerftConfig(PeftConfig):
         if self.top_k is not None:
             _require(_is_int(self.top_k) and self.top_k > 0, "top_k", self.top_k, "a positive integer")
         self._validate_variant_shape()
+        self._validate_target_experts()
+        ranks = self.rank_pattern
+        _require(
+            ranks is None
+            or (isinstance(ranks, dict) and all(isinstance(b, str) and _is_int(r) and r > 0 for b, r in ranks.items())),
+            "rank_pattern",
+            self.rank_pattern,
+            "None or a dict of MoE block name (e.g. 'model.layers.3.mlp') to a positive rank",
+        )
+
+    def _validate_target_experts(self) -> None:
+        """Per block name, a list of expert indices (>= 0), and only for PERFT-E: the other variants do not have
+        one adapter expert per base expert. Ranges and block names are checked against the model when injected."""
+        experts = self.target_experts
+        if experts is None:
+            return
+        _require(
+            isinstance(experts, dict)
+            and all(isinstance(block, str) and _is_list_of(indices, int) for block, indices in experts.items())
+            and all(min(indices, default=0) >= 0 for indices in experts.values()),
+            "target_experts",
+            experts,
+            "None or a dict of MoE block name (e.g. 'model.layers.3.mlp') to a list of expert indices (>= 0)",
+        )
+        if self.variant != "E":
+            raise ValueError(
+                f"PerftConfig.target_experts is set with variant={self.variant!r}: selecting base experts only means "
+                f"something for PERFT-E, whose adapter experts pair with the base experts. Use variant='E', or drop "
+                f"target_experts (num_experts sets the adapter experts of R and D)."
+            )
 
     def _validate_dispatch_backend(self) -> None:
         """'auto' or a registered backend, so that a typo fails here and not at the first forward."""

@@ -20,12 +20,13 @@ from collections.abc import Callable
 from typing import Protocol
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import terms
-from .architectures import MoeBlockSpec
+from .architectures import WHOLE_SHAPE_ATTRIBUTE, MoeBlockSpec
 from .config import PerftConfig
 from .dispatch import RoutedFn
 from .dispatch.in_experts import AdapterTerm
@@ -47,9 +48,16 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
     """A frozen MoE block plus one or more PERFT adapters."""
 
     adapter_layer_names = ("perft_A", "perft_B", "perft_router")
-    other_param_names = ("perft_dropout",)
+    other_param_names = ("perft_dropout", "perft_expert_slots")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: PerftConfig, spec: MoeBlockSpec) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: PerftConfig,
+        spec: MoeBlockSpec,
+        block_name: str | None = None,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.spec = spec
@@ -57,6 +65,9 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self.perft_B = nn.ParameterDict()
         self.perft_router = nn.ParameterDict()
         self.perft_dropout = nn.ModuleDict()
+        # selective PERFT-E: per adapter, base expert -> its adapter expert's row, or the row count where it has none
+        # (not saved: the config's target_experts rebuilds it, so plain peft loads the adapter as it is)
+        self.perft_expert_slots = BufferDict(persistent=False)
         self.perft_configs: dict[str, PerftConfig] = {}
         self.routing_records: dict[str, RoutingRecord] = {}
         self._experts_call_adapters: list[str] = []
@@ -66,29 +77,33 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self.token_slice_terms: TermOffer | None = None  # set by parallel.place under TP with EP
         # set by routing_replay.RoutingReplay while it records/replays: PERFT-R's top-k goes through it
         self.routing_replay: Callable | None = None
-        self.block_name = type(base_layer).__name__
+        self.block_name = block_name or type(base_layer).__name__
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: PerftConfig) -> None:
         """Create (or replace) the tensors of one adapter for this block."""
-        if config.variant == "E" and not self.spec.experts_routable:
+        if config.follows_base_routing and not self.spec.experts_routable:
             raise ValueError(
                 f"PERFT-E cannot adapt {type(self.base_layer).__name__}: {self.spec.why_not_routable}, so the "
                 f"model's own routing cannot be reused. Use variant 'R', 'D' or 'S' for this model."
             )
-        num_experts = config.resolved_num_experts(self.spec.num_experts)
+        config = config.for_block(self.block_name)
+        selected = config.experts_for(self.block_name) if config.variant == "E" else None
+        num_experts = config.resolved_num_experts(self.spec.num_experts) if selected is None else len(selected)
         # peft's convention (as LoRA): the base weights' device, meta included, and floating dtype; peft then
         # upcasts bf16/fp16 adapters to fp32 unless get_peft_model(..., autocast_adapter_dtype=False).
         like_base = {"device": _device_of(self.base_layer), "dtype": _floating_dtype_of(self.base_layer)}
         hidden, rank = self.spec.hidden_size, config.r
         self.perft_A[adapter_name] = nn.Parameter(torch.empty(num_experts, rank, hidden, **like_base))
         self.perft_B[adapter_name] = nn.Parameter(torch.empty(num_experts, hidden, rank, **like_base))
-        if config.variant == "R":
+        if config.has_own_router:
             self.perft_router[adapter_name] = nn.Parameter(torch.empty(num_experts, hidden, **like_base))
         self.perft_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout else nn.Identity()
         self.perft_configs[adapter_name] = config
-        if config.variant == "E" and self._experts_hook_handle is None:
+        if adapter_name in self.perft_expert_slots:
+            del self.perft_expert_slots[adapter_name]
+        if config.follows_base_routing and self._experts_hook_handle is None:
             self._experts_hook_handle = self._register_base_routing_hook()
         self.reset_parameters(adapter_name)
         self.term_owners.pop(adapter_name, None)  # the block's until parallel.place hands it to a layout
@@ -117,13 +132,20 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             if name in self.perft_router:
                 router = nn.init.normal_(_fp32_like(self.perft_router[name]), std=config.router_init_std)
                 self._assign(self.perft_router[name], router)
+            selected = config.experts_for(self.block_name) if config.variant == "E" else None
+            if selected is not None:  # here too, as to_empty() leaves buffers uninitialised
+                device = _device_of(self.base_layer)
+                self.perft_expert_slots[name] = expert_slots(selected, self.spec.num_experts, device)
 
     def _assign(self, parameter: torch.Tensor, values: torch.Tensor) -> None:
         """Store whole fp32 values in a parameter, rounded through the base dtype; a sharded (DTensor) parameter
-        keeps its own shard of rank 0's values (`local_shard`), so every rank holds the same adapter."""
+        keeps its own shard of rank 0's values (`local_shard`), so every rank holds the same adapter; so do a rank's
+        rows of a selective PERFT-E adapter under expert parallelism."""
         values = values.to(_floating_dtype_of(self.base_layer)).to(parameter.dtype)
         if hasattr(parameter, "device_mesh"):  # a DTensor: the parallel code cuts this rank's shard
             values, parameter = PerftMoeBlock.local_shard(values, parameter), parameter.to_local()
+        elif hasattr(parameter, WHOLE_SHAPE_ATTRIBUTE):  # a rank's rows: the parallel code cuts them
+            values = PerftMoeBlock.local_shard(values, parameter)
         parameter.copy_(values)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -137,8 +159,8 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         """Run the frozen block, with E adapters inside the experts call and R/D/S adapters added to its output."""
         active = self.active_perft_adapters()
         self.routing_records.clear()
-        routed_by_base = [name for name in active if self.perft_configs[name].variant == "E"]
-        beside_block = [n for n in active if self.perft_configs[n].variant != "E" and n not in self.term_owners]
+        routed_by_base = [name for name in active if self.perft_configs[name].follows_base_routing]
+        beside_block = [n for n in active if n not in routed_by_base and n not in self.term_owners]
         # Someone inside the base call may add some of them (TP with EP: on its token rows): offered to it, and
         # those it did not take are added here after the base.
         offer = self.token_slice_terms if beside_block else None
@@ -241,6 +263,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
                 lora_A=self.perft_A[name],
                 scaling=self.perft_configs[name].scaling,
                 delta=functools.partial(self.adapter_term, name),
+                expert_slots=self.selected_expert_slots(name),
             )
             for name in names
         ]
@@ -285,10 +308,12 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         local_routing: LocalRouting | None = None,
         experts: RoutedFn | None = None,
         record: Record | None = None,
+        expert_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One adapter's unscaled term (`terms.adapter_delta`) with this block's tensors, dropout and routing
-        records; a parallel layout passes its slices (``tensors``), its routing rows (``local_routing``) and, where
-        the block records the routing itself, ``record=terms.no_record``."""
+        records; a parallel layout passes its slices (``tensors``), its routing rows (``local_routing``), the
+        selective PERFT-E rows of its own experts (``expert_slots``) and, where the block records the routing
+        itself, ``record=terms.no_record``."""
         return terms.adapter_delta(
             self.perft_configs[adapter_name],
             tensors or self.adapter_tensors(adapter_name),
@@ -300,6 +325,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             local_routing=local_routing,
             experts=experts,
             replay=None if self.routing_replay is None else functools.partial(self.routing_replay, self, adapter_name),
+            expert_slots=self.selected_expert_slots(adapter_name) if expert_slots is None else expert_slots,
         )
 
     def adapter_tensors(self, adapter_name: str) -> AdapterTensors:
@@ -308,13 +334,18 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             self.perft_A[adapter_name], self.perft_B[adapter_name], self.perft_router.get(adapter_name)
         )
 
+    def selected_expert_slots(self, adapter_name: str) -> torch.Tensor | None:
+        """Selective PERFT-E's map from base experts to the adapter's rows (`expert_slots`); None: every expert."""
+        # peft's BufferDict has no get()
+        return self.perft_expert_slots[adapter_name] if adapter_name in self.perft_expert_slots else None  # noqa: SIM401
+
     def _dropout(self, adapter_name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The adapter's dropout, skipped outside training where it is the identity anyway."""
         return self.perft_dropout[adapter_name] if self.training else _identity
 
     @staticmethod
     def local_shard(values: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
-        """This rank's shard of whole ``values`` for a sharded (DTensor) parameter; `parallel.install_sharding_hooks`
+        """This rank's shard of whole ``values`` for a sharded (DTensor) parameter; `peft_perft.patches`
         puts the distributed implementation here, as this module imports nothing distributed."""
         raise RuntimeError(
             f"PERFT: cannot initialise a sharded ({type(parameter).__name__}) adapter parameter without "
@@ -331,6 +362,14 @@ MERGE_ERROR = (
     "frozen weights reproduces them. Keep the adapter separate (PeftModel.from_pretrained at inference), or use "
     "unload() to get the original model back without the adapter."
 )
+
+
+def expert_slots(selected: list[int], num_experts: int, device: torch.device) -> torch.Tensor:
+    """Selective PERFT-E's map from the ``num_experts`` base experts to the rows of its stacked adapter experts:
+    ``selected[i]`` -> ``i``, every other expert -> ``len(selected)`` (no row: it adds nothing)."""
+    slots = torch.full((num_experts,), len(selected), dtype=torch.long, device=device)
+    slots[torch.tensor(selected, dtype=torch.long, device=device)] = torch.arange(len(selected), device=device)
+    return slots
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
@@ -352,4 +391,5 @@ def _floating_dtype_of(module: nn.Module) -> torch.dtype:
 
 def _fp32_like(parameter: torch.Tensor) -> torch.Tensor:
     """An uninitialised fp32 tensor of the parameter's whole (unsharded) shape, on its (local) device."""
-    return torch.empty(parameter.shape, dtype=torch.float32, device=parameter.device)
+    shape = getattr(parameter, WHOLE_SHAPE_ATTRIBUTE, parameter.shape)
+    return torch.empty(shape, dtype=torch.float32, device=parameter.device)

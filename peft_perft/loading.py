@@ -2,9 +2,9 @@
 
 Loading refuses pickle-based ``adapter_model.bin`` files for PERFT adapters unless the user opts in, so that loading
 never unpickles anything by default. A damaged ``adapter_config.json`` (not JSON) or weights file (truncated or
-corrupt safetensors) is reported with the file's path and what is wrong with it, for every peft adapter. Saving
-writes the weights to a temporary file and renames it into place, so a save that fails halfway leaves the previous
-file intact.
+corrupt safetensors) is reported with the file's path and what is wrong with it, for every peft adapter. Saving a
+PERFT adapter writes the weights to a temporary file and renames it into place, so a save that fails halfway leaves
+the previous file intact. `peft_perft.patches` installs these wrappers in peft.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
+
+from .architectures import WHOLE_SHAPE_ATTRIBUTE
 
 ALLOW_PICKLE_ENV = "PEFT_PERFT_ALLOW_PICKLE"
 ADAPTER_KEY_MARKERS = (".perft_A.", ".perft_B.", ".perft_router.")
@@ -37,8 +39,8 @@ def check_adapter_fits(model: nn.Module, adapter_name: str, state_dict: dict[str
     """Compare the adapter's PERFT tensors with the model's slots for ``adapter_name``; raise on any difference."""
     own_suffix = f".{adapter_name}"
     expected = {
-        key: tuple(value.shape)
-        for key, value in model.state_dict().items()
+        key: tuple(getattr(value, WHOLE_SHAPE_ATTRIBUTE, value.shape))
+        for key, value in model.state_dict(keep_vars=True).items()
         if _is_perft_key(key) and key.endswith(own_suffix)
     }
     found = {key: tuple(value.shape) for key, value in state_dict.items() if _is_perft_key(key)}
@@ -90,7 +92,6 @@ def guard_weight_loading(load_weights: Callable) -> Callable:
                 f"download. Save the adapter again, or delete the file and download it again."
             ) from None
 
-    load_checked.__perft_guarded__ = True
     return load_checked
 
 
@@ -107,8 +108,20 @@ def guard_config_reading(from_json_file: Callable) -> Callable:
                 f"adapter again, or download it again."
             ) from None
 
-    read_checked.__perft_guarded__ = True
     return read_checked
+
+
+def atomic_for_perft(save_file: Callable) -> Callable:
+    """Wrap safetensors' ``save_file`` as peft calls it: a state dict holding PERFT tensors is saved atomically
+    (`save_atomically`), any other goes to ``save_file`` unchanged, so other methods write what peft writes."""
+
+    @functools.wraps(save_file)
+    def save_checked(tensors: dict[str, torch.Tensor], filename: str, metadata: dict | None = None) -> None:
+        if not any(_is_perft_key(key) for key in tensors):
+            return save_file(tensors, filename, metadata=metadata)
+        return save_atomically(tensors, filename, metadata)
+
+    return save_checked
 
 
 def save_atomically(tensors: dict[str, torch.Tensor], filename: str, metadata: dict | None = None) -> None:
@@ -124,19 +137,6 @@ def save_atomically(tensors: dict[str, torch.Tensor], filename: str, metadata: d
 
 def _write_tensors(tensors: dict[str, torch.Tensor], filename: str, metadata: dict | None) -> None:
     save_file(tensors, filename, metadata=metadata)
-
-
-def install_loading_guard() -> None:
-    """Install the load guard and the atomic save where ``PeftModel`` looks them up (once, also across reloads)."""
-    import peft.config
-    import peft.peft_model
-
-    if not getattr(peft.peft_model.load_peft_weights, "__perft_guarded__", False):
-        peft.peft_model.load_peft_weights = guard_weight_loading(peft.peft_model.load_peft_weights)
-    reader = peft.config.PeftConfigMixin.from_json_file
-    if not getattr(reader, "__perft_guarded__", False):
-        peft.config.PeftConfigMixin.from_json_file = classmethod(guard_config_reading(reader.__func__))
-    peft.peft_model.safe_save_file = save_atomically
 
 
 def _lacks_weights(folder: Path) -> bool:

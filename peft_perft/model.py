@@ -41,6 +41,7 @@ class PerftModel(BaseTuner):
                 f"experts module with 3-D expert weights). PERFT adapts MoE models only; for a dense model use "
                 f"another PEFT method such as LoRA."
             )
+        _check_block_names(peft_config, self._moe_blocks)
         parallel.prepare(model, self._experts_modules(model))
 
     def _experts_modules(self, model: nn.Module) -> list[nn.Module]:
@@ -58,6 +59,8 @@ class PerftModel(BaseTuner):
         """Target only MoE blocks: all of them when target_modules is None, else those the patterns select."""
         if key not in self._moe_blocks:
             return False
+        if peft_config.target_experts is not None and not peft_config.experts_for(key):
+            return False  # selective PERFT-E: a block with no selected expert stays as it is
         if peft_config.target_modules is None:
             peft_config = _targeting_block(peft_config, key)
         return check_target_module_exists(peft_config, key)
@@ -81,8 +84,7 @@ class PerftModel(BaseTuner):
         spec = self._moe_blocks.get(current_key)
         if spec is None:
             raise ValueError(f"Module {current_key!r} is not an MoE block; PERFT can only adapt MoE blocks.")
-        new_module = PerftMoeBlock(target, adapter_name, peft_config, spec)
-        new_module.block_name = current_key
+        new_module = PerftMoeBlock(target, adapter_name, peft_config, spec, block_name=current_key)
         parallel.place(new_module, adapter_name)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -189,7 +191,7 @@ class PerftModel(BaseTuner):
         total = None
         for name in self.active_adapters:
             config = self.peft_config[name]
-            if config.variant != "R":
+            if not config.has_own_router:
                 continue
             records = [m.routing_records[name] for m in self.model.modules() if _has_record(m, name)]
             if not records:
@@ -197,6 +199,35 @@ class PerftModel(BaseTuner):
             loss = config.router_aux_loss_coef * _switch_loss(records, attention_mask)
             total = loss if total is None else total + loss
         return total
+
+
+def _check_block_names(config: PerftConfig, moe_blocks: dict[str, MoeBlockSpec]) -> None:
+    """``target_experts`` and ``rank_pattern`` name real MoE blocks; selective PERFT-E names experts they have and
+    selects at least one expert."""
+    for field_name in ("target_experts", "rank_pattern"):
+        unknown = sorted(set(getattr(config, field_name) or {}) - set(moe_blocks))
+        if unknown:
+            raise ValueError(
+                f"PerftConfig.{field_name} names {unknown}, which are not MoE blocks of this model. Its MoE blocks "
+                f"are {sorted(moe_blocks)[:4]}{' ...' if len(moe_blocks) > 4 else ''} ({len(moe_blocks)} in all): "
+                f"key {field_name} by those module names (peft_perft.selection writes them for you)."
+            )
+    if config.target_experts is None:
+        return
+    for block_name, experts in config.target_experts.items():
+        count = moe_blocks[block_name].num_experts
+        outside = [index for index in experts if index >= count]
+        if outside:
+            raise ValueError(
+                f"PerftConfig.target_experts[{block_name!r}] selects experts {outside}, but that block has "
+                f"{count} experts (indices 0 to {count - 1}). Select experts of the block, or check that the "
+                f"selection was measured on this base model."
+            )
+    if not any(config.target_experts.values()):
+        raise ValueError(
+            "PerftConfig.target_experts selects no expert in any block, so PERFT-E would add nothing. Select at "
+            "least one expert, or set target_experts=None to adapt them all."
+        )
 
 
 def _materialise_adapter(block: PerftMoeBlock, adapter_name: str) -> None:
@@ -211,7 +242,7 @@ def _materialise_adapter(block: PerftMoeBlock, adapter_name: str) -> None:
 def _refuse_unrunnable_backend(block: PerftMoeBlock, adapter_name: str) -> None:
     """A ValueError naming the block and the rule where the configured dispatch backend cannot run this adapter."""
     config = block.perft_configs[adapter_name]
-    if config.variant not in ("R", "E"):  # D and S compute all their experts with two matmuls, no backend
+    if not config.is_routed:  # D and S compute all their experts with two matmuls, no backend
         return
     reason = refusal(config.dispatch_backend, block.spec.hidden_size, block.perft_A[adapter_name].dtype)
     if reason is not None:

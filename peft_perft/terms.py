@@ -76,17 +76,19 @@ def adapter_delta(
     local_routing: LocalRouting | None = None,
     experts: RoutedFn | None = None,
     replay: Replay | None = None,
+    expert_slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The adapter's unscaled term on ``adapter_input`` (T, D), in the adapter's dtype.
 
     R routes ``router_input`` (``adapter_input`` if None) with its own router and records that routing; E takes
     ``routing`` (the base model's, which the block records) as given; D and S use every expert. ``experts``
     computes the routed experts (the configured dispatch backend if None); ``replay``, where given, decides R's
-    top-k from its router logits in place of the router's own choice."""
+    top-k from its router logits in place of the router's own choice. ``expert_slots`` (selective PERFT-E) maps
+    each expert of the routing to its row of ``A`` and ``B``, the row count for an expert without one."""
     lora_A, lora_B, router = tensors
     adapter_input = as_dtype(adapter_input, lora_A.dtype)
     expert_input = dropout(adapter_input)
-    if config.variant in ("D", "S"):
+    if not config.is_routed:
         return always_on_experts(expert_input, lora_A, lora_B, activation(config))
     if routing is None:
         router_input = adapter_input if router_input is None else as_dtype(router_input, lora_A.dtype)
@@ -101,11 +103,24 @@ def adapter_delta(
     expert_weight = as_dtype(expert_weight, lora_A.dtype)
     if local_routing is not None:
         expert_index, expert_weight = local_routing(expert_index, expert_weight)
+    if expert_slots is not None:
+        expert_index, expert_weight = selected_routing(expert_index, expert_weight, expert_slots, lora_A.shape[0])
     if experts is None:
         return routed_experts(
             expert_input, lora_A, lora_B, expert_index, expert_weight, activation(config), config.dispatch_backend
         )
     return experts(expert_input, lora_A, lora_B, expert_index, expert_weight, activation(config))
+
+
+def selected_routing(
+    expert_index: torch.Tensor, expert_weight: torch.Tensor, expert_slots: torch.Tensor, rows: int
+) -> Routing:
+    """Selective PERFT-E's routing over its ``rows`` adapter experts: each pair's expert mapped to its row, and a
+    pair whose expert has none (slot ``rows``) sent to row 0 with weight 0, so that it adds exactly nothing, in
+    the output as in the gradients."""
+    slots = expert_slots.index_select(0, expert_index.reshape(-1)).view_as(expert_index)
+    unselected = slots >= rows
+    return slots.masked_fill(unselected, 0), expert_weight.masked_fill(unselected, 0)
 
 
 def add_term(output, delta: torch.Tensor, scaling: float):

@@ -9,6 +9,7 @@ class) come from building the same tiny models.
     python scripts/support_matrix.py                    # run the tests, write docs/support_matrix.md
     python scripts/support_matrix.py --check            # fail if it is out of date
     python scripts/support_matrix.py --junitxml run.xml # render an existing run instead of running the tests
+    python scripts/support_matrix.py --junitxml causal.xml other.xml  # the two files run separately
 """
 
 from __future__ import annotations
@@ -92,8 +93,7 @@ def render(outcomes: dict[tuple[str, str, str], str]) -> str:
         f"variant adapts every MoE layer and no dense one, trains only adapter tensors through forward and backward "
         f"(text tokens into the language tower; encoder and decoder tokens for seq2seq), changes the output, and "
         f"reproduces it after save / load. *Experts impl.* compares PERFT's logits under the `eager`, `grouped_mm` "
-        f"and `batched_mm` experts implementations (n/a: the model has a single implementation; not run: walked "
-        f"for causal LMs only).",
+        f"and `batched_mm` experts implementations (n/a: the model has a single implementation).",
         "",
         "| architecture | class | MoE block | detected | R | E | D | S | experts impl. |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -106,7 +106,12 @@ def render(outcomes: dict[tuple[str, str, str], str]) -> str:
     for model_type in other.COVERED:
         label = other.moe_cases()[model_type][0]
         row = _row(outcomes, other, "test_architectures_multimodal", model_type)
-        lines.append(f"| `{model_type}` | {label} | {row} | not run |")
+        implementations = _outcome(
+            outcomes, "test_architectures_multimodal", "test_experts_implementations_agree", model_type
+        )
+        lines.append(
+            f"| `{model_type}` | {label} | {row} | {implementations if model_type in other.SWITCHABLE else 'n/a'} |"
+        )
     from_router = [t for t in tests.COVERED if routes_from_router(tests, t)]
     from_router += [t for t in other.COVERED if routes_from_router(other, t) and t not in from_router]
     lines += ["", "## PERFT-E from the router's output", ""]
@@ -155,13 +160,15 @@ def _row(outcomes: dict[tuple[str, str, str], str], tests, module: str, model_ty
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="Markdown file to write.")
-    parser.add_argument("--junitxml", type=Path, help="Render this JUnit XML report instead of running the tests.")
+    parser.add_argument(
+        "--junitxml", type=Path, nargs="+", help="Render these JUnit XML reports instead of running the tests."
+    )
     parser.add_argument("--check", action="store_true", help="Do not write; fail if --output differs.")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as directory:
-        junit_path = args.junitxml or Path(directory) / "coverage.xml"
-        exit_code = 0 if args.junitxml else run_coverage(junit_path)
-        document = render(read_outcomes(junit_path))
+        junit_paths = args.junitxml or [Path(directory) / "coverage.xml"]
+        exit_code = 0 if args.junitxml else run_coverage(junit_paths[0])
+        document = render({key: value for path in junit_paths for key, value in read_outcomes(path).items()})
     if args.check:
         current = args.output.read_text() if args.output.exists() else ""
         if current != document:

@@ -2,7 +2,7 @@
 
 Rerun with ``python scripts/train_demo_model.py`` (about four minutes on one idle CPU thread). It builds a
 character-level tokenizer, pretrains a tiny ``OlmoeForCausalLM`` from scratch on the generic-skills
-mixture of ``peft_perft.demo.data`` (copy, reverse, upper-case), and writes config, safetensors weights,
+mixture of ``peft_perft.workflow.bundled_tasks`` (copy, reverse, upper-case), and writes config, safetensors weights,
 tokenizer files and a metadata file into ``peft_perft/demo/assets/demo-olmoe``. The demo's fine-tuning task is
 never shown to this model; the script prints the base model's accuracy on it to prove that.
 
@@ -47,7 +47,13 @@ from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
 
-from peft_perft.demo.data import CHARACTERS, DEMO_TASKS, PRETRAINING_TASKS, demo_task_splits, pretraining_dataset
+from peft_perft.workflow.bundled_tasks import (
+    CHARACTERS,
+    DEMO_TASKS,
+    PRETRAINING_TASKS,
+    demo_task_splits,
+    pretraining_dataset,
+)
 
 DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent.parent / "peft_perft" / "demo" / "assets" / "demo-olmoe"
 SPECIAL_TOKENS = {"pad": "<pad>", "eos": "<eos>", "unk": "<unk>"}

@@ -23,6 +23,7 @@ from peft import PeftModel, get_peft_model
 from test_architectures import CONFIG_FIXES as CAUSAL_CONFIG_FIXES
 from test_architectures import (
     EXPERT_COUNT_FIELDS,
+    EXPERTS_IMPLEMENTATIONS,
     SUB_CONFIG_FIXES,
     TINY_EXPERTS,
     TINY_HIDDEN,
@@ -45,6 +46,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from peft_perft import PerftMoeBlock
 from peft_perft.architectures import find_moe_blocks
+from peft_perft.monitor import RoutingMonitor, modality_load, routing_trace
 
 MODEL_CLASSES: dict[str, dict[str, str]] = {
     "image-text-to-text": modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
@@ -137,6 +139,15 @@ CONFIG_FIXES: dict[str, dict] = {
 """What the generic shrinking cannot infer, per model type (merged over the causal-LM walk's fixes)."""
 
 TOWER_FIXES: dict[str, dict[str, dict]] = {
+    # dots.3's vision encoder has MoE layers of its own ("sparse"), sized per layer: one such layer, 4 experts.
+    "dots3_note": {
+        "vision_config": {
+            "mlp_layer_types": ["sparse"],
+            "num_local_experts": TINY_EXPERTS,
+            "moe_intermediate_size": 16,
+            "per_layer_config": {0: {"num_local_experts": TINY_EXPERTS, "num_experts_per_tok": 2}},
+        }
+    },
     "muse_spark": {
         "vision_config": {"num_hidden_layers": 4, "depths": [1, 1, 1, 1], "hidden_sizes": [8, 8, 16, 32]},
         "audio_config": {"num_hidden_layers": 4, "depths": [1, 1, 1, 1], "hidden_sizes": [8, 8, 16, 32]},
@@ -149,15 +160,33 @@ TOWER_FIXES: dict[str, dict[str, dict]] = {
         "vision_config": {"video_temporal_patch_size": 2},
         "": {"vision_hidden_size": TINY_HIDDEN, "projector_hidden_size": TINY_HIDDEN},
     },
+    # Inkling's vision encoder plans its layer widths from the patch size (at 40 pixels, one projection is 23 GB).
+    "inkling_mm_model": {"vision_config": {"n_layers": 2, "patch_size": 2, "temporal_patch_size": 2}},
+    # The omni model's talker (an MoE codec decoder) reads the thinker's hidden states; checkpoints carry the two
+    # sizes its config does not default (shared expert width, merge size).
+    "qwen3_omni_moe": {
+        "talker_config": {
+            "": {
+                "thinker_hidden_size": TINY_HIDDEN,
+                "accept_hidden_layer": 1,
+                "num_code_groups": 2,
+                "spatial_merge_size": 2,
+            },
+            "text_config": {"shared_expert_intermediate_size": 16},
+            "code_predictor_config": {"num_code_groups": 2},
+        },
+        "code2wav_config": {
+            "codebook_size": 64,
+            "decoder_dim": TINY_HIDDEN,
+            "num_quantizers": 2,
+            "upsample_rates": [2, 2],
+            "upsampling_ratios": [2],
+        },
+    },
 }
 """Per tower (sub-config) settings beyond TOWER_SIZES; key "" holds settings of the composite config itself."""
 
-PENDING: dict[str, str] = {
-    "inkling_mm_model": "a size this walk does not shrink still asks for 23 GB at the shrunk config, and its "
-    "modeling code imports scipy, which the test environment does not install",
-    "qwen3_omni_moe": "the full omni model nests its thinker, talker and code-to-wave configs one level deeper than "
-    "this walk shrinks; its thinker (qwen3_omni_moe_thinker) is covered",
-}
+PENDING: dict[str, str] = {}
 
 """MoE model types whose tiny model is not built here yet, each with what stops it (rendered in the matrix)."""
 
@@ -218,10 +247,11 @@ def _tower_settings(config_class: type, default: PretrainedConfig, fixes: dict) 
     values = default.to_dict()
     settings = {name: value for name, value in TOWER_SIZES.items() if name in values}
     settings.update({name: {} for name in ("per_layer_config",) if name in values})
-    for key, sub_class in _sub_config_classes(config_class).items():
+    towers = _sub_config_classes(config_class)
+    for key, sub_class in towers.items():
         if getattr(default, key, None) is not None:
             settings[key] = _tower_settings(sub_class, sub_class(), fixes.get(key, {}))
-    return {**settings, **{name: value for name, value in fixes.items() if not isinstance(value, dict)}}
+    return {**settings, **{name: value for name, value in fixes.items() if name not in towers}}
 
 
 @functools.cache
@@ -229,28 +259,58 @@ def tiny_config(model_type: str) -> PretrainedConfig:
     """A tiny config: the language part as in the causal-LM walk, other towers one narrow layer."""
     config_class = CONFIG_MAPPING[model_type]
     fixes = {**CAUSAL_CONFIG_FIXES.get(model_type, {}), **CONFIG_FIXES.get(model_type, {})}
-    subs = _sub_config_classes(config_class)
-    if "text_config" not in subs:
+    if not _is_composite(config_class):
         return config_class(**_shrunk_settings(config_class, config_class(), fixes))
-    settings = dict(TOWER_FIXES.get(model_type, {}).get("", {}))
+    tower_fixes = TOWER_FIXES.get(model_type, {})
+    overrides = SUB_CONFIG_FIXES.get(model_type, {})
+    return config_class(**_composite_settings(config_class, fixes, tower_fixes, overrides))
+
+
+def _is_composite(config_class: type) -> bool:
+    """Whether the config holds a language tower, directly or one level down (an omni model's thinker and talker)."""
+    subs = _sub_config_classes(config_class)
+    return "text_config" in subs or any("text_config" in _sub_config_classes(sub) for sub in subs.values())
+
+
+def _composite_settings(config_class: type, fixes: dict, tower_fixes: dict, overrides: dict) -> dict:
+    """Settings of a composite config: each language tower shrunk as in the causal-LM walk (with ``fixes``), each
+    nested composite (an omni model's thinker or talker) shrunk the same way, every other tower one narrow layer.
+    ``tower_fixes`` holds per-key settings (key "" for the composite itself), ``overrides`` the causal walk's."""
+    settings = dict(tower_fixes.get("", {}))
     default = config_class()
-    for key, sub_class in subs.items():
+    for key, sub_class in _sub_config_classes(config_class).items():
         if getattr(default, key, None) is None:
             continue  # an optional tower (an omni model's audio encoder) that the default model leaves out
         if key == "text_config":
-            sub_settings = _shrunk_settings(sub_class, sub_class(), fixes)
+            sub_settings = {**_shrunk_settings(sub_class, sub_class(), fixes), **tower_fixes.get(key, {})}
+        elif _is_composite(sub_class):
+            sub_settings = _composite_settings(sub_class, fixes, tower_fixes.get(key, {}), {})
         else:
-            sub_settings = _tower_settings(sub_class, sub_class(), TOWER_FIXES.get(model_type, {}).get(key, {}))
-        sub_settings.update(SUB_CONFIG_FIXES.get(model_type, {}).get(key, {}))
+            sub_settings = _tower_settings(sub_class, sub_class(), tower_fixes.get(key, {}))
+        sub_settings.update(overrides.get(key, {}))
         settings[key] = sub_settings
-    return config_class(**settings)
+    return settings
+
+
+LEFT_UNINITIALIZED: dict[str, str] = {
+    # Transformers 5.25 builds the omni talker's experts with torch.empty and its init skips them: from a config
+    # (not a checkpoint) they hold whatever memory was there, NaN in some runs.
+    "qwen3_omni_moe": r"^talker\.model\.layers\.\d+\.mlp\.experts\.",
+}
+"""Parameters (by name pattern) that a model's from-config init leaves uninitialized: the walk initializes them."""
 
 
 @functools.cache
 def _pristine_model(model_type: str) -> torch.nn.Module:
     torch.manual_seed(0)
     _, class_name = moe_cases()[model_type]
-    return getattr(transformers, class_name)(tiny_config(model_type)).eval()
+    model = getattr(transformers, class_name)(tiny_config(model_type)).eval()
+    pattern = LEFT_UNINITIALIZED.get(model_type)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if pattern is not None and re.match(pattern, name):
+                parameter.normal_(0.0, 0.02)
+    return model
 
 
 def tiny_model(model_type: str) -> torch.nn.Module:
@@ -280,12 +340,28 @@ def _inputs(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's main output tensor: logits where it has a head, else the last hidden state."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if type(base).forward is torch.nn.Module.forward:
+        return _thinker_and_talker_output(base, inputs)
     output = model(**inputs)
     for name in ("logits", "last_hidden_state", "heatmaps"):
         value = getattr(output, name, None)
         if isinstance(value, torch.Tensor):
             return value
     return output.feature_maps[-1]
+
+
+def _thinker_and_talker_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """An omni model has no forward of its own (it generates text, then speech): the thinker's logits beside the
+    talker's codec logits, the talker reading the thinker's token embeddings through its text projection as in
+    generation, so that both MoE decoders are run."""
+    input_ids = inputs["input_ids"]
+    thinker_logits = model.thinker(input_ids=input_ids).logits
+    talker_inputs = model.talker.text_projection(model.thinker.get_input_embeddings()(input_ids))
+    talker_logits = model.talker(
+        inputs_embeds=talker_inputs, talker_input_ids=input_ids, attention_mask=torch.ones_like(input_ids)
+    ).logits
+    return torch.cat([thinker_logits, talker_logits], dim=-1)
 
 
 def _no_grad_output(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -317,6 +393,7 @@ def test_every_moe_model_type_is_walked_by_one_of_the_two_files():
     for expected in ("qwen3_vl_moe", "ernie4_5_vl_moe", "aria", "switch_transformers", "nllb-moe", "llama4"):
         assert expected in cases
     assert cases["switch_transformers"][0] == "seq2seq" and cases["qwen3_vl_moe"][0] == "image-text-to-text"
+    assert {"inkling_mm_model", "qwen3_omni_moe"} <= set(COVERED), "the omni models with the deepest nesting"
     assert (set(PENDING) | set(NOT_ROUTED)) <= set(cases) and set(PERFT_E_UNAVAILABLE) <= set(COVERED)
     assert not set(PENDING) & set(NOT_ROUTED)
 
@@ -366,6 +443,29 @@ def test_variant(model_type: str, variant: str):
         peft_model.save_pretrained(directory)
         reloaded = PeftModel.from_pretrained(tiny_model(model_type), directory).eval()
     torch.testing.assert_close(_no_grad_output(reloaded, inputs), adapted, rtol=1e-5, atol=1e-5)
+
+
+def _has_experts_implementations(model_type: str) -> bool:
+    """Whether the model's experts dispatch through Transformers' experts interface (eager, grouped_mm, ...)."""
+    return getattr(transformers, moe_cases()[model_type][1])._can_set_experts_implementation()
+
+
+SWITCHABLE = [t for t in COVERED if _has_experts_implementations(t)]
+
+
+@pytest.mark.parametrize("model_type", SWITCHABLE)
+def test_experts_implementations_agree(model_type: str):
+    """PERFT gives the same output with every experts implementation of Transformers (where the model has them)."""
+    variant = "R" if model_type in PERFT_E_UNAVAILABLE else "E"
+    peft_model = get_peft_model(tiny_model(model_type), _perft_config(variant)).eval()
+    inputs = _inputs(peft_model)
+    results = {}
+    for implementation in EXPERTS_IMPLEMENTATIONS:
+        peft_model.get_base_model().set_experts_implementation(implementation)
+        assert peft_model.get_base_model().config._experts_implementation == implementation
+        results[implementation] = _no_grad_output(peft_model, inputs)
+    for implementation in EXPERTS_IMPLEMENTATIONS[1:]:
+        torch.testing.assert_close(results[implementation], results["eager"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", sorted(PERFT_E_UNAVAILABLE))
@@ -442,3 +542,135 @@ def test_ernie_vl_vision_expert_group_trains_on_image_tokens(variant: str):
         peft_model.save_pretrained(directory)
         reloaded = PeftModel.from_pretrained(tiny_model("ernie4_5_vl_moe"), directory).eval()
     torch.testing.assert_close(_no_grad_output(reloaded, inputs), adapted, rtol=1e-5, atol=1e-5)
+
+
+TEXT_EXPERTS, VISION_EXPERTS = [1, 3], [0, 2]
+IMAGE_TOKEN = 5
+
+
+def _ernie_with_known_routing(variant: str) -> PeftModel:
+    """The tiny ERNIE-4.5-VL, adapted, whose routers' score-correction biases send every text token to text experts
+    1 and 3 and every image token to vision experts 0 and 2, whatever the hidden states."""
+    peft_model = get_peft_model(tiny_model("ernie4_5_vl_moe"), _perft_config(variant))
+    for name, module in peft_model.named_modules():
+        if isinstance(module, PerftMoeBlock):
+            chosen = TEXT_EXPERTS if name.endswith("text_moe") else VISION_EXPERTS
+            bias = module.base_layer.gate.moe_statics.e_score_correction_bias
+            bias.data.zero_()
+            bias.data[:, chosen] = 50.0
+    return peft_model
+
+
+def _ernie_image_text_batch() -> dict[str, torch.Tensor]:
+    """Two sequences of six tokens, the last three image tokens (id 5, type 1); no text token has id 5."""
+    input_ids = _inputs(_pristine_model("ernie4_5_vl_moe"))["input_ids"].clone()
+    input_ids[input_ids == IMAGE_TOKEN] = IMAGE_TOKEN + 1
+    image = (torch.arange(6) >= 3).expand(2, 6)
+    input_ids[image] = IMAGE_TOKEN
+    return {"input_ids": input_ids, "moe_mm_token_type_ids": image.long()}
+
+
+@pytest.mark.parametrize("variant", ["R", "E"])
+def test_ernie_vl_trace_pairs_each_expert_group_with_its_own_tokens(variant: str):
+    """Each token's row comes from the expert group that processed it: text tokens from ``text_moe`` with experts
+    {1, 3}, image tokens from ``vision_moe`` with {0, 2} (set by construction); PERFT's rows are the group block's
+    own records in token order; a text-only input gets no row from the vision group's earlier forward."""
+    peft_model = _ernie_with_known_routing(variant)
+    batch = _ernie_image_text_batch()
+    trace = routing_trace(peft_model, batch)
+    blocks = {name: m for name, m in peft_model.base_model.model.named_modules() if isinstance(m, PerftMoeBlock)}
+    layers = sorted({row["layer"] for row in trace.rows})
+    assert len(trace.rows) == 2 * 6 * len(layers), "one row per token and layer, from one group only"
+    image = batch["moe_mm_token_type_ids"].reshape(-1).bool()
+    for row in trace.rows:
+        is_image = row["token_id"] == IMAGE_TOKEN
+        assert row["module"].endswith("vision_moe" if is_image else "text_moe")
+        assert sorted(row["base_experts"]) == (VISION_EXPERTS if is_image else TEXT_EXPERTS)
+        received = image if is_image else ~image
+        rank = int(received[: row["example"] * 6 + row["position"]].sum())
+        recorded = blocks[row["module"]].routing_records["default"].expert_index[rank].tolist()
+        assert row["perft_experts"] == recorded
+        if variant == "E":
+            assert row["perft_experts"] == row["base_experts"]
+
+    text_only = routing_trace(peft_model, {"input_ids": batch["input_ids"].clamp(min=IMAGE_TOKEN + 1)})
+    assert {row["module"].rsplit(".", 1)[-1] for row in text_only.rows} == {"text_moe"}
+    assert len(text_only.rows) == 2 * 6 * len(layers)
+
+
+def test_ernie_vl_modality_load_counts_each_group_in_its_own_columns():
+    """Text and vision experts are different experts: the modality load gives the vision group its own columns
+    (4 + index), so image tokens load columns 4 and 6, text tokens 1 and 3, and the two modalities never overlap."""
+    trace = routing_trace(_ernie_with_known_routing("R"), _ernie_image_text_batch())
+    load = modality_load(trace, {IMAGE_TOKEN: "image"})
+    assert load.modalities == ("text", "image") and load.num_experts == 2 * TINY_EXPERTS
+    expected = torch.zeros(2, TINY_EXPERTS * 2)
+    expected[0, TEXT_EXPERTS] = 2 * 3  # 2 sequences x 3 text tokens, each choosing both text experts
+    expected[1, [TINY_EXPERTS + e for e in VISION_EXPERTS]] = 2 * 3
+    for layer in range(len(load.layers)):
+        torch.testing.assert_close(load.counts[:, layer], expected, rtol=0, atol=0)
+    torch.testing.assert_close(load.overlap(), torch.zeros(len(load.layers)))
+
+
+VISION_WIDTH = 16
+
+
+def _dots3_with_narrow_vision_experts() -> torch.nn.Module:
+    """dots.3 whose vision encoder (one MoE layer, 4 experts) is narrower than its language model, as in the real
+    model (1536 vs 5120)."""
+    config = tiny_config("dots3_note").to_dict()
+    config["vision_config"].update(hidden_size=VISION_WIDTH, adapter_in_dim=VISION_WIDTH)
+    torch.manual_seed(0)
+    return transformers.Dots3NoteForConditionalGeneration(type(tiny_config("dots3_note"))(**config)).eval()
+
+
+def _vision_output(model: torch.nn.Module) -> torch.Tensor:
+    """The vision encoder's output on four 14-pixel patches (a 2 x 2 grid, one image)."""
+    pixels = torch.randn(4, 3 * 14 * 14, generator=torch.Generator().manual_seed(2))
+    tower = (model.get_base_model() if isinstance(model, PeftModel) else model).model.vision_tower
+    return tower(pixels, torch.tensor([[1, 2, 2]])).last_hidden_state
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_dots3_vision_encoder_experts_are_adapted_at_their_own_width(variant: str):
+    """dots.3's vision encoder has MoE layers of its own width: they are adapted (not refused as a misread width),
+    their adapters train on image patches, change the encoder's output and reload exactly."""
+    base = _vision_output(_dots3_with_narrow_vision_experts()).detach()
+    peft_model = get_peft_model(_dots3_with_narrow_vision_experts(), _perft_config(variant))
+    blocks = {n: m for n, m in peft_model.named_modules() if isinstance(m, PerftMoeBlock)}
+    vision = [m for n, m in blocks.items() if ".vision_tower." in n]
+    assert len(vision) == 1 and vision[0].spec.hidden_size == VISION_WIDTH and len(blocks) == 3
+    peft_model.train()
+    _vision_output(peft_model).pow(2).mean().backward()
+    grads = [p.grad for n, p in peft_model.named_parameters() if ".vision_tower." in n and ".perft_" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = _vision_output(peft_model)
+    assert not torch.allclose(adapted, base, atol=1e-6)
+    with tempfile.TemporaryDirectory() as directory:
+        peft_model.save_pretrained(directory)
+        reloaded = PeftModel.from_pretrained(_dots3_with_narrow_vision_experts(), directory).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_vision_output(reloaded), adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_ernie_vl_routing_monitor_counts_each_group_on_its_own_real_tokens():
+    """The routing monitor counts an expert group's choices on the tokens that group received, padding left out,
+    and a group that got no token in a forward (the vision experts on text only) does not count its last records
+    again: text experts 1 and 3 see 5 + 12 real tokens, vision experts 0 and 2 see 6, for base and PERFT-R alike."""
+    peft_model = _ernie_with_known_routing("R").eval()
+    image_batch = _ernie_image_text_batch()
+    image_batch["attention_mask"] = torch.ones(2, 6, dtype=torch.long)
+    image_batch["attention_mask"][1, 0] = 0  # one padded text token
+    with RoutingMonitor(peft_model) as monitor, torch.no_grad():
+        peft_model(**image_batch)
+        peft_model(input_ids=image_batch["input_ids"].clamp(min=IMAGE_TOKEN + 1))
+        report = monitor.read()
+    groups = {(stats.module.rsplit(".", 1)[-1], stats.router) for stats in report.routers}
+    assert groups == {(group, router) for group in ("text_moe", "vision_moe") for router in ("base", "perft")}
+    for stats in report.routers:
+        text = stats.module.endswith("text_moe")
+        assert stats.tokens == (5 + 12 if text else 6), (stats.module, stats.router)
+        if stats.router == "base":
+            assert stats.load == pytest.approx([0.0, 1.0, 0.0, 1.0] if text else [1.0, 0.0, 1.0, 0.0])

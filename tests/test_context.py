@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 from transformers import AutoConfig, AutoTokenizer, OlmoeConfig, PretrainedConfig, Qwen3VLMoeConfig
 
 from peft_perft.cli.inputs import InputError
 from peft_perft.context import context_length, prompts_past_the_context
-from peft_perft.demo import BUNDLED_MODEL_DIR
+from peft_perft.demo import BUNDLED_MODEL_DIR, DemoSettings
 from peft_perft.demo.checks import check_data_fits
 
 
@@ -37,7 +35,7 @@ def test_the_demo_refuses_held_out_prompts_past_the_bundled_models_context() -> 
     """`peft-perft demo`'s data check asks the same rule: a 60-character prompt plus 12 new tokens exceeds 64."""
     tokenizer = AutoTokenizer.from_pretrained(BUNDLED_MODEL_DIR)
     config = AutoConfig.from_pretrained(BUNDLED_MODEL_DIR)
-    args = argparse.Namespace(dataset="mine.json", model="bundled", max_length=512)
+    args = DemoSettings(dataset="mine.json", max_length=512)
     texts = {"train": ["copy: abc => abc"], "test": ["copy: " + "a" * 54, "copy: ab => "]}
     with pytest.raises(InputError, match=r"1 held-out prompts plus 12 generated tokens .* \(64 positions; longest"):
         check_data_fits(texts, tokenizer, config, args, max_new_tokens=12, log=lambda _: None)

@@ -11,8 +11,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from peft_perft import workflow
 from peft_perft.cli import main
+from peft_perft.demo import report as demo_report
 from peft_perft.demo import run as demo
+from peft_perft.demo import settings as demo_settings
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = 12
@@ -60,7 +63,7 @@ def test_the_report_records_the_seed_and_a_command_that_repeats_the_run(demo_run
     words = shlex.split(report["command"])
     assert words[:2] == ["peft-perft", "demo"]
     parser = argparse.ArgumentParser()
-    demo.add_cli_arguments(parser)
+    demo_settings.add_cli_arguments(parser)
     recorded = vars(parser.parse_args(words[2:]))
     assert recorded["steps"] == STEPS and recorded["batch_size"] == 16 and recorded["seed"] == 0
     assert recorded["output_dir"] == output_dir and recorded["variant"] == "R"
@@ -72,11 +75,11 @@ def test_the_report_records_the_seed_and_a_command_that_repeats_the_run(demo_run
 
 def test_trainable_parameters_are_exactly_the_perft_r_experts_and_routers(demo_run):
     _, report, _ = demo_run
-    base = AutoConfig.from_pretrained(demo.BUNDLED_MODEL_DIR)
+    base = AutoConfig.from_pretrained(workflow.BUNDLED_MODEL_DIR)
     num_experts, rank, hidden = 8, 8, base.hidden_size  # PERFT-R defaults: 8 experts of rank 8
     per_layer = num_experts * rank * hidden * 2 + num_experts * hidden  # A and B of every expert, plus the router
     assert report["trainable_parameters"] == base.num_hidden_layers * per_layer
-    base_parameters = AutoModelForCausalLM.from_pretrained(demo.BUNDLED_MODEL_DIR).num_parameters()
+    base_parameters = AutoModelForCausalLM.from_pretrained(workflow.BUNDLED_MODEL_DIR).num_parameters()
     assert report["total_parameters"] == base_parameters + report["trainable_parameters"]
     assert report["trainable_share"] == pytest.approx(report["trainable_parameters"] / report["total_parameters"])
 
@@ -89,10 +92,10 @@ def test_saved_adapter_reloads_and_reproduces_the_reported_accuracy(demo_run):
     assert report["reload_check"]["passed"] and report["reload_check"]["max_abs_diff"] == 0.0
 
     # Score the held-out split again, independently: a fresh base, the saved adapter, plain greedy generate.
-    base = AutoModelForCausalLM.from_pretrained(demo.BUNDLED_MODEL_DIR, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(workflow.BUNDLED_MODEL_DIR, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir, padding_side="left")
-    test = demo.bundled_task(num_train=0, max_eval_samples=EVAL_SAMPLES, seed=0).test
+    test = workflow.bundled_task(num_train=0, max_eval_samples=EVAL_SAMPLES, seed=0).test
     batch = tokenizer(list(test["prompt"]), return_tensors="pt", padding=True)
     with torch.no_grad():
         output = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
@@ -111,7 +114,7 @@ def test_heatmaps_are_png_files(demo_run):
 
 def test_printed_report_names_accuracy_and_paths(demo_run):
     _, report, _ = demo_run
-    text = demo.format_report(report)
+    text = demo_report.format_report(report)
     assert "logits match" in text and report["adapter_dir"] in text
     assert f"{report['accuracy_after']['all']:7.1%}" in text
 
@@ -123,13 +126,13 @@ def test_user_json_in_llm_adapters_format_gets_a_disjoint_held_out_split(tmp_pat
     ]
     path = tmp_path / "math.json"
     path.write_text(json.dumps(records))
-    splits = demo.load_user_splits(str(path), max_eval_samples=8, seed=0)
+    splits = workflow.load_user_splits(str(path), max_eval_samples=8, seed=0)
     assert len(splits["test"]) == 8 and len(splits["train"]) == 42
     assert set(splits["test"]["prompt"]).isdisjoint(splits["train"]["prompt"])
     row = splits["test"][0]
     assert row["prompt"].endswith("### Response:\n") and "### Instruction:\nWhat is" in row["prompt"]
     assert row["completion"].endswith(f"is {row['answer']}.")
-    scorer = demo.answer_rule_scorer("gsm8k")
+    scorer = workflow.answer_rule_scorer("gsm8k")
     assert scorer(f"so the total is {row['answer']}", row)
     assert not scorer("so the total is -1", row)
 
@@ -137,11 +140,11 @@ def test_user_json_in_llm_adapters_format_gets_a_disjoint_held_out_split(tmp_pat
 def test_user_prompt_completion_records_and_a_clear_error_for_others(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": f"q{i} ", "completion": f"a{i}"}) for i in range(20)))
-    splits = demo.load_user_splits(str(path), max_eval_samples=4, seed=1)
+    splits = workflow.load_user_splits(str(path), max_eval_samples=4, seed=1)
     assert len(splits["test"]) == 4
     assert all(row["answer"] == row["completion"] for row in splits["test"])
-    assert demo.exact_match_scorer(" a3 ", {"completion": "a3", "answer": "a3"})
+    assert workflow.exact_match_scorer(" a3 ", {"completion": "a3", "answer": "a3"})
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"question": "x", "reply": "y"}] * 10))
     with pytest.raises(ValueError, match="expected prompt/completion"):
-        demo.load_user_splits(str(bad), max_eval_samples=2, seed=0)
+        workflow.load_user_splits(str(bad), max_eval_samples=2, seed=0)

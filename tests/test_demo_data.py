@@ -6,7 +6,7 @@ import string
 
 import pytest
 
-from peft_perft.demo.data import (
+from peft_perft.workflow.bundled_tasks import (
     CHARACTERS,
     DEMO_TASKS,
     MAX_INPUT_LENGTH,

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_perft"
-TOOLS = ("demo", "evaluation", "hub", "monitor", "pilot")
+TOOLS = ("demo", "evaluation", "hub", "monitor", "pilot", "selection", "workflow")
+WIRING = ("__init__.py", "patches.py")
+"""The package root and the patches it installs: they wire the core, the tools and the layouts together."""
 CORE_MODULES = sorted(
-    path for path in PACKAGE.rglob("*.py") if path.relative_to(PACKAGE).parts[0] not in TOOLS + ("__init__.py", "cli")
+    path for path in PACKAGE.rglob("*.py") if path.relative_to(PACKAGE).parts[0] not in TOOLS + WIRING + ("cli",)
 )
 
 
@@ -38,8 +40,9 @@ def all_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
             module = node.module if node.level == 0 else ".".join(filter(None, [base, node.module]))
-            names.add(module)
-            names |= {f"{module}.{alias.name}" for alias in node.names if f"{module}.{alias.name}" in ALL_MODULES}
+            submodules = {f"{module}.{alias.name}" for alias in node.names} & ALL_MODULES
+            # ``from . import terms`` imports the module terms, not the package's names.
+            names |= submodules | ({module} if len(submodules) < len(node.names) else set())
     return names
 
 
@@ -119,8 +122,8 @@ def test_the_block_imports_nothing_distributed() -> None:
 
 
 def test_only_the_tuner_reaches_the_parallel_layouts() -> None:
-    """`parallel` depends on the core; of the core, only the tuner model (which places each adapter) and the
-    package's ``__init__`` (which installs the save and expert-parallel hooks) import it."""
+    """`parallel` depends on the core; of the core, only the tuner model (which places each adapter) imports it,
+    and the patches module installs its save and expert-parallel hooks."""
     importers = {
         module_name(path)
         for path in CORE_MODULES
@@ -128,10 +131,50 @@ def test_only_the_tuner_reaches_the_parallel_layouts() -> None:
         and any(name.startswith("peft_perft.parallel") for name in imported_modules(path))
     }
     assert importers == {"peft_perft.model"}
-    assert "peft_perft.parallel" in imported_modules(PACKAGE / "__init__.py")
+    assert any(name.startswith("peft_perft.parallel.") for name in imported_modules(PACKAGE / "patches.py"))
 
 
 def test_the_checks_see_real_imports() -> None:
     """The import reader finds a known cross-tool import, so the checks above cannot pass vacuously."""
-    assert "peft_perft.demo" in imported_modules(PACKAGE / "pilot" / "run.py")
-    assert "peft_perft.layer" in imported_modules(PACKAGE / "monitor" / "trace.py")
+    assert "peft_perft.workflow" in imported_modules(PACKAGE / "pilot" / "run.py")
+    assert "peft_perft.layer" in imported_modules(PACKAGE / "monitor" / "adapted_layers.py")
+
+
+LAYERS = (
+    ("the core block", lambda parts: True),
+    ("the parallel layouts", lambda parts: parts[:1] == ["parallel"]),
+    ("the tuner model", lambda parts: parts == ["model"]),
+    ("the tools and their command line", lambda parts: parts[:1] and parts[0] in (*TOOLS, "cli")),
+    ("the wiring (package root and patches)", lambda parts: parts in ([], ["patches"])),
+)
+"""From the bottom up; a module belongs to the highest layer whose rule it matches."""
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")[1:]
+    return max(index for index, (_, matches) in enumerate(LAYERS) if matches(parts))
+
+
+def test_no_module_imports_one_above_it() -> None:
+    """Imports point down the layers: nothing imports the package root (the wiring that installs the patches),
+    the tools are imported by no core or parallel module, the tuner model by no layout."""
+    upward = [
+        f"{module_name(path)} ({LAYERS[layer_of(module_name(path))][0]}) imports {name} ({LAYERS[layer_of(name)][0]})"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for name in imported_modules(path)
+        if name in ALL_MODULES and layer_of(name) > layer_of(module_name(path))
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_nothing_inside_imports_the_package_root() -> None:
+    importers = [module_name(path) for path in PACKAGE.rglob("*.py") if "peft_perft" in imported_modules(path)]
+    assert importers == []
+
+
+@pytest.mark.parametrize(("tool", "other"), [("demo", "pilot"), ("pilot", "demo")])
+def test_demo_and_pilot_do_not_import_each_other(tool: str, other: str) -> None:
+    """They share pieces through `peft_perft.workflow`, not through each other, directly or through a third."""
+    reached = set().union(*(reached_from(module_name(path)) for path in (PACKAGE / tool).rglob("*.py")))
+    assert sorted(name for name in reached if tool_of(name) == other) == []
+    assert "peft_perft.workflow" in reached

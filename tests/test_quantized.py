@@ -177,7 +177,8 @@ def test_demo_quantize_flag_loads_the_base_quantized_and_its_reload_check_is_exa
     """``peft-perft demo --quantize`` reaches load_base_model, and the demo's reload check rebuilds the same
     quantized base (an unquantized one would not reproduce the logits)."""
     from peft_perft.cli import build_parser
-    from peft_perft.demo.run import check_reload, load_base_model
+    from peft_perft.demo.scoring import check_reload
+    from peft_perft.workflow import load_base_model
 
     assert build_parser("demo").parse_args(["demo", "--quantize", "int8-experts"]).quantize == "int8-experts"
     with pytest.raises(SystemExit):

@@ -35,3 +35,17 @@ def test_deepseek_v3_perft_e_figures() -> None:
     assert row[2] == f"{parameters / 1e6:,.1f}M"
     assert row[3] == f"{parameters * 16 / 2**30:,.2f}"
     assert row[4].startswith(f"{parameters * 16 / 2**30 / 64:,.2f} ")
+
+
+def test_selective_perft_e_rows_count_a_real_selective_adapter() -> None:
+    """The "E sel." rows: a share of each block's experts, counted as a real selective adapter on the tiny OLMoE;
+    under EP the range runs from an even spread to the busiest rank (its local experts all selected)."""
+    shape = adapter_memory.MoeShape("tiny", hidden_size=32, moe_layers=2, routed_experts=4, expert_width=16)
+    selected = adapter_memory.selected_experts(shape, 0.5)
+    selection = {f"model.layers.{layer}.mlp": list(range(selected)) for layer in range(2)}
+    model = get_peft_model(build_tiny(), PerftConfig(variant="E", r=4, target_experts=selection))
+    counted = sum(p.numel() for name, p in model.named_parameters() if ".perft_" in name)
+    row = adapter_memory.selective_row(shape, rank=4, share=0.5, ep_degrees=[4])
+    assert row[2] == f"{counted / 1e6:,.1f}M" and row[1].startswith("E sel. (50%: 2 experts")
+    # 4 ranks of 1 local expert each: evenly a quarter of the adapter per rank; the busiest holds 1 of the 2 experts.
+    assert adapter_memory.selective_bytes_per_rank(shape, rank=4, share=0.5, ep=4) == (counted * 16 / 4, counted * 8)

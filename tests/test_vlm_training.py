@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "examples" / "vlm_perft.py"
+FIXTURES = REPO / "tests" / "fixtures" / "llm_adapters"
 
 
 def load_example():
@@ -85,13 +86,57 @@ def test_the_collator_masks_everything_but_the_answer() -> None:
     assert (batch["mm_token_type_ids"] == (batch["input_ids"] == 3)).all()
 
 
-def test_evaluation_refuses_an_image_text_only_model_as_documented(tmp_path: Path) -> None:
-    """docs/evaluation.md says that `peft-perft eval` loads causal LMs only: an image-text-only MoE checkpoint is
-    refused by Transformers' causal-LM auto class, naming its config class, before anything is evaluated."""
-    from peft_perft.evaluation import load_model
+def test_evaluation_scores_an_image_text_only_model_on_text(tmp_path: Path) -> None:
+    """`peft-perft eval` loads an image-text-only MoE checkpoint (no causal-LM class in Transformers) through its
+    image-text-to-text class and generates from the text prompt alone: the answer it scores is the greedy
+    continuation computed here token by token from the model's own logits."""
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    from peft_perft.evaluation import GenerationSettings, evaluate, load_model
 
     example = load_example()
-    example.tiny_qwen3_vl_moe().save_pretrained(tmp_path)
-    example.tiny_tokenizer().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="Unrecognized configuration class .*Qwen3VLMoeConfig"):
-        load_model(str(tmp_path), device="cpu")
+    tiny = example.tiny_qwen3_vl_moe()
+    tiny.config.text_config.max_position_embeddings = 2048  # the character-level prompts are long
+    tiny.save_pretrained(tmp_path)
+    tokenizer = example.tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    model, loaded_tokenizer = load_model(str(tmp_path), device="cpu", dtype="float32")
+    assert isinstance(model, Qwen3VLMoeForConditionalGeneration)
+    settings = GenerationSettings(batch_size=1, max_new_tokens=6)
+    report = evaluate(model, loaded_tokenizer, FIXTURES, ["SingleEq"], settings, max_samples=1)
+    prediction = report.results["SingleEq"].predictions[0]
+    tokens = tokenizer(prediction.prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        for _ in range(6):
+            following = model(input_ids=tokens).logits[0, -1].argmax()
+            if following.item() == tokenizer.eos_token_id:
+                break
+            tokens = torch.cat([tokens, following.view(1, 1)], dim=1)
+    prompt_length = len(tokenizer(prediction.prompt)["input_ids"])
+    assert prediction.generated_text, "a continuation to compare"
+    assert prediction.generated_text == tokenizer.decode(tokens[0, prompt_length:], skip_special_tokens=True)
+
+
+def test_evaluation_and_pilot_refuse_what_they_cannot_run_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An encoder-decoder MoE model is refused by the evaluation with a message naming its type and why; the pilot
+    (text training through the causal-LM class) refuses an image-text-only one on the command line, saying what
+    trains it, before building any model."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Qwen3MoeConfig, SwitchTransformersConfig
+
+    from peft_perft.cli import main
+    from peft_perft.evaluation.runner import text_generation_class
+
+    example = load_example()
+    assert text_generation_class(example.tiny_qwen3_vl_moe().config, "vl") is AutoModelForImageTextToText
+    assert text_generation_class(Qwen3MoeConfig(), "causal") is AutoModelForCausalLM
+    with pytest.raises(ValueError, match=r"'switch_transformers' model .*encoder-decoder MoE models .*not evaluated"):
+        text_generation_class(SwitchTransformersConfig(), "switch")
+
+    example.tiny_qwen3_vl_moe().save_pretrained(tmp_path / "vl")
+    example.tiny_tokenizer().save_pretrained(tmp_path / "vl")
+    status = main(["pilot", "--model", str(tmp_path / "vl"), "--output-dir", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert status == 2 and not (tmp_path / "out").exists()
+    assert "'qwen3_vl_moe' model" in error and "no causal-LM class" in error and "examples/vlm_perft.py" in error

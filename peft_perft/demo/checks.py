@@ -9,25 +9,25 @@ with a message that says how many.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from datasets import Dataset
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from peft_perft import PerftConfig
 from peft_perft.cli.inputs import InputError, require_dataset, require_model, require_moe_model, require_positive
+from peft_perft.config import PerftConfig
 from peft_perft.context import context_length, prompts_past_the_context
 from peft_perft.evaluation import get_task
+from peft_perft.workflow import BUNDLED_DATASET
 
 from .output import require_usable_output_dir
+from .settings import DemoSettings
 
-BUNDLED_DATASET = "bundled"
 SHOWN_CHARACTERS = 12
 
 
-def validate_demo_args(args: argparse.Namespace) -> PerftConfig:
+def validate_demo_args(args: DemoSettings) -> PerftConfig:
     """Check every flag and the model and data names; return the adapter configuration the flags describe."""
     for flag in ("steps", "batch_size", "r", "max_eval_samples", "max_length"):
         require_positive(getattr(args, flag), f"--{flag.replace('_', '-')}")
@@ -93,7 +93,7 @@ def check_data_fits(
     texts_by_split: dict[str, list[str]],
     tokenizer: PreTrainedTokenizerBase,
     model_config: PretrainedConfig,
-    args: argparse.Namespace,
+    args: DemoSettings,
     max_new_tokens: int,
     log: Callable[[str], object] = print,
 ) -> int:
@@ -124,7 +124,7 @@ def check_data_fits(
 
 
 def _refuse_unknown_characters(
-    texts_by_split: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace
+    texts_by_split: dict[str, list[str]], tokenizer: PreTrainedTokenizerBase, args: DemoSettings
 ) -> None:
     """Text whose characters the tokenizer maps to its unknown token would train and score on garbage."""
     if tokenizer.unk_token_id is None:

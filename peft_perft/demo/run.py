@@ -2,7 +2,7 @@
 
 With no arguments it needs no network: it loads the small pretrained OLMoE shipped in
 ``peft_perft/demo/assets/demo-olmoe`` (made by ``scripts/train_demo_model.py``), measures its accuracy on the held-out
-split of a bundled task it never saw (``peft_perft.demo.data``), fine-tunes a PERFT adapter with TRL's
+split of a bundled task it never saw (``peft_perft.workflow.bundled_tasks``), fine-tunes a PERFT adapter with TRL's
 ``SFTTrainer``, measures again, saves the adapter and reloads it with ``PeftModel.from_pretrained`` to check that
 the logits match exactly, draws routing heatmaps and prints a short report (also written as ``report.json``).
 ``--model`` and ``--dataset`` run the same pipeline on any causal MoE LM and data set, e.g. on a GPU with
@@ -13,150 +13,70 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import shlex
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
-from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
-from peft import PeftModel
+from datasets import Dataset
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
     PreTrainedTokenizerBase,
     set_seed,
 )
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
 
-from peft_perft import PerftConfig, PerftMoeBlock
-from peft_perft.evaluation import build_prompt, generate_batch, is_correct
-from peft_perft.monitor import draw_load_heatmap, routing_report
-from peft_perft.quantization import add_quantize_argument, load_quantized_base
+from peft_perft.config import PerftConfig
+from peft_perft.workflow import (
+    ALL_TASKS,
+    BUNDLED_DATASET,
+    BUNDLED_MODEL_DIR,
+    DemoTask,
+    answer_rule_scorer,
+    bundled_task,
+    datasets_progress_bars_off,
+    exact_match_scorer,
+    inference_mode,
+    load_base_model,
+    load_tokenizer,
+    load_user_splits,
+    sft_config,
+)
 
-from .checks import BUNDLED_DATASET, check_data_fits, texts_to_check, validate_demo_args
-from .data import DEMO_TASKS, MAX_INPUT_LENGTH, demo_task_splits
+from .checks import check_data_fits, texts_to_check, validate_demo_args
 from .output import claim_output_dir
+from .pictures import write_heatmaps
+from .report import format_report, peak_memory_mb, perft_config_summary
+from .scoring import check_reload, measure_accuracy
+from .settings import DemoSettings
 
-BUNDLED_MODEL_DIR = str(Path(__file__).resolve().parent / "assets" / "demo-olmoe")
-"""The bundled tiny OLMoE's folder, as a ``str``: every Hugging Face API takes it (TRL's ``SFTTrainer(model=...)``
-takes a model id or path as a string, not a ``Path``)."""
 REPORT_FILE_NAME = "report.json"
 ADAPTER_DIR_NAME = "adapter"
-TASK_HEATMAP_NAME = "routing_by_task.png"
-ALL_TASKS = "all"
-# Transformers renamed gradient_checkpointing (now a deprecated alias that warns) to activation_checkpointing.
-CHECKPOINTING_FIELD = (
-    "activation_checkpointing"
-    if "activation_checkpointing" in SFTConfig.__dataclass_fields__
-    else "gradient_checkpointing"
-)
-Scorer = Callable[[str, dict[str, Any]], bool]
-
-
-@dataclass
-class DemoTask:
-    """What the demo trains on and scores: prompt/completion splits and how a generation counts as correct."""
-
-    train: Dataset
-    test: Dataset
-    scorer: Scorer
-    max_new_tokens: int
-    description: str
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``peft-perft demo``; the defaults reproduce the bundled demo on a CPU in under three minutes."""
-    parser.add_argument("--variant", choices=["R", "E", "D", "S"], default="R", help="PERFT variant")
-    parser.add_argument("--r", type=int, default=8, help="bottleneck rank of each adapter expert")
-    parser.add_argument(
-        "--lora-alpha", type=float, default=16.0, help="adapter scaling numerator; the scale is alpha/r"
-    )
-    parser.add_argument(
-        "--num-experts",
-        type=int,
-        default=None,
-        help="adapter experts per block, R, D and S only (default: R 8, D 2, S 1)",
-    )
-    parser.add_argument("--top-k", type=int, default=None, help="PERFT-R adapter experts per token (default: 2)")
-    parser.add_argument("--steps", type=int, default=800, help="optimizer steps")
-    parser.add_argument("--learning-rate", type=float, default=5e-3, help="peak learning rate of the cosine schedule")
-    parser.add_argument("--batch-size", type=int, default=32, help="training examples per optimizer step")
-    parser.add_argument(
-        "--output-dir", type=Path, default=Path("perft-demo-output"), help="where the adapter, heatmaps and report go"
-    )
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an --output-dir that already holds files, once this run has finished (default: refuse it)",
-    )
-    parser.add_argument(
-        "--model", default=str(BUNDLED_MODEL_DIR), help="Hub model id or local path (default: the bundled OLMoE)"
-    )
-    parser.add_argument(
-        "--dataset",
-        default=BUNDLED_DATASET,
-        help="'bundled', a datasets name, or a local JSON/JSONL file with prompt/completion or LLM-Adapters "
-        "instruction/input/output(/answer) records",
-    )
-    parser.add_argument(
-        "--eval-task",
-        default=None,
-        help="score with this LLM-Adapters task's answer rule, e.g. gsm8k (default: exact match of the completion)",
-    )
-    parser.add_argument("--max-eval-samples", type=int, default=200, help="held-out examples to score")
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=None,
-        help="generation length when scoring (default: bundled task 10, --eval-task 256, other data 64)",
-    )
-    parser.add_argument(
-        "--max-length",
-        type=int,
-        default=512,
-        help="truncate training sequences to this many tokens, capped at the model's context, 64 tokens for the "
-        "bundled model",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the adapter's init and training")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads for torch (default: 1 for the bundled model, whose tiny matrices gain nothing from more; "
-        "torch's choice otherwise)",
-    )
-    parser.add_argument("--report-to", default="none", help="Trainer logging backends, e.g. tensorboard or wandb")
-    add_quantize_argument(parser)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     """Run the demo, print the report; exit status 1 when the reloaded adapter does not reproduce the logits."""
-    report = run_demo(args)
+    report = run_demo(DemoSettings.from_args(args))
     print(format_report(report))
     return 0 if report["reload_check"]["passed"] else 1
 
 
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
+def run_demo(settings: DemoSettings) -> dict[str, Any]:
     """The whole pipeline; returns the report that is also written to ``<output-dir>/report.json``.
 
     Every flag and the model and data names are checked first, before anything is loaded.
     """
-    validate_demo_args(args)
+    validate_demo_args(settings)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with torch_threads(demo_threads(args, device)), claim_output_dir(Path(args.output_dir), args.overwrite) as work:
-        return _run_pipeline(args, device, work)
+    output_dir = Path(settings.output_dir)
+    with torch_threads(demo_threads(settings, device)), claim_output_dir(output_dir, settings.overwrite) as work:
+        return _run_pipeline(settings, device, work)
 
 
-def demo_threads(args: argparse.Namespace, device: torch.device) -> int | None:
+def demo_threads(args: DemoSettings, device: torch.device) -> int | None:
     """Threads to run with: the flag, else one for the bundled model on a CPU, else None (torch decides)."""
     if args.threads is not None:
         if args.threads < 1:
@@ -164,17 +84,6 @@ def demo_threads(args: argparse.Namespace, device: torch.device) -> int | None:
         return args.threads
     bundled = Path(args.model).resolve() == Path(BUNDLED_MODEL_DIR)
     return 1 if bundled and device.type == "cpu" else None
-
-
-def reproducing_command(args: argparse.Namespace) -> str:
-    """The ``peft-perft demo`` command line that repeats this run: every flag with the value it had (defaults too)."""
-    words = ["peft-perft", "demo"]
-    for name, value in vars(args).items():
-        if name == "command" or value is None or value is False:
-            continue
-        flag = "--" + name.replace("_", "-")
-        words += [flag] if value is True else [flag, str(value)]
-    return shlex.join(words)
 
 
 @contextmanager
@@ -189,7 +98,7 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _run_pipeline(args: argparse.Namespace, device: torch.device, output_dir: Path) -> dict[str, Any]:
+def _run_pipeline(args: DemoSettings, device: torch.device, output_dir: Path) -> dict[str, Any]:
     """Everything the demo does, writing into ``output_dir`` (the staging folder); the report names the paths the
     files will have once the finished folder is moved to ``--output-dir``."""
     started = time.perf_counter()
@@ -201,7 +110,7 @@ def _run_pipeline(args: argparse.Namespace, device: torch.device, output_dir: Pa
         model_config = AutoConfig.from_pretrained(args.model)
         texts = texts_to_check(task.train, task.test)
         max_length = check_data_fits(texts, tokenizer, model_config, args, task.max_new_tokens)
-        args = argparse.Namespace(**{**vars(args), "max_length": max_length})
+        args = replace(args, max_length=max_length)
     model = load_base_model(args.model, device, args.quantize)
     print(f"[demo] {task.description}: {len(task.train)} training and {len(task.test)} held-out examples", flush=True)
     accuracy_before = measure_accuracy(model, tokenizer, task)
@@ -221,7 +130,7 @@ def _run_pipeline(args: argparse.Namespace, device: torch.device, output_dir: Pa
     with datasets_progress_bars_off():
         heatmaps = write_heatmaps(peft_model, tokenizer, task.test, output_dir)
     report = {
-        "command": reproducing_command(args),
+        "command": args.command_line(),
         "seed": args.seed,
         "model": args.model,
         "dataset": args.dataset,
@@ -251,40 +160,7 @@ def _run_pipeline(args: argparse.Namespace, device: torch.device, output_dir: Pa
     return report
 
 
-@contextmanager
-def datasets_progress_bars_off() -> Iterator[None]:
-    """Hide the many one-line bars of dataset preparation so the training bar and the report stand out."""
-    was_enabled = is_progress_bar_enabled()
-    disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            enable_progress_bars()
-
-
-def load_tokenizer(model_name_or_path: str) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, left-padded for batched generation, with a pad token."""
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"The tokenizer of {model_name_or_path} has neither a pad nor an eos token; add one.")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_base_model(model_name_or_path: str, device: torch.device, quantize: str | None = None) -> torch.nn.Module:
-    """The frozen base: float32 on a CPU (exact reload check), bfloat16 on a GPU; quantized if ``quantize`` names
-    one of peft_perft.quantization's schemes."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if quantize:
-        return load_quantized_base(model_name_or_path, quantize, dtype, device).eval()
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype)
-    return model.to(device).eval()
-
-
-def load_demo_task(args: argparse.Namespace) -> DemoTask:
+def load_demo_task(args: DemoSettings) -> DemoTask:
     """The bundled task, or a user data set turned into prompt/completion splits with a held-out test split."""
     if args.dataset == BUNDLED_DATASET:
         # One fresh example per training row: the generator is cheap and repeats would invite memorisation.
@@ -295,170 +171,37 @@ def load_demo_task(args: argparse.Namespace) -> DemoTask:
     return DemoTask(splits["train"], splits["test"], scorer, max_new_tokens, f"data set {args.dataset}")
 
 
-def bundled_task(num_train: int, max_eval_samples: int, seed: int, max_new_tokens: int | None = None) -> DemoTask:
-    """Four string sub-tasks the bundled model never saw, with the same number of held-out examples each."""
-    per_task_test = max(1, max_eval_samples // len(DEMO_TASKS))
-    splits = demo_task_splits(num_train=num_train, num_test=per_task_test * len(DEMO_TASKS), seed=seed)
-    names = ", ".join(task.name for task in DEMO_TASKS)
-    return DemoTask(
-        splits["train"],
-        splits["test"],
-        exact_match_scorer,
-        max_new_tokens or MAX_INPUT_LENGTH + 2,
-        f"bundled task ({names})",
-    )
-
-
-def load_user_splits(dataset: str, max_eval_samples: int, seed: int) -> DatasetDict:
-    """Train and test splits with prompt/completion/answer/task columns from a local file or a datasets name.
-
-    A data set without a test split gets one: ``max_eval_samples`` records held out by a seeded shuffle.
-    """
-    path = Path(dataset)
-    if path.is_file():
-        loaded = DatasetDict({"train": load_dataset("json", data_files=str(path), split="train")})
-    else:
-        loaded = load_dataset(dataset)
-    if "train" not in loaded:
-        raise ValueError(
-            f"Data set {dataset} has splits {list(loaded)}; the demo needs a 'train' split to fine-tune on."
-        )
-    if "test" not in loaded:
-        held_out = min(max_eval_samples, len(loaded["train"]) // 5)
-        if held_out < 1:
-            raise ValueError(
-                f"Data set {dataset} has {len(loaded['train'])} records: too few to hold out a test split."
-            )
-        loaded = loaded["train"].train_test_split(test_size=held_out, seed=seed)
-    test = loaded["test"].select(range(min(max_eval_samples, len(loaded["test"]))))
-    return DatasetDict({"train": to_prompt_completion(loaded["train"]), "test": to_prompt_completion(test)})
-
-
-def to_prompt_completion(records: Dataset) -> Dataset:
-    """Map prompt/completion records as they are, and LLM-Adapters records through the paper's Alpaca prompt."""
-    columns = set(records.column_names)
-    if {"prompt", "completion"} <= columns:
-        convert = _from_prompt_completion
-    elif {"instruction", "output"} <= columns or {"instruction", "answer"} <= columns:
-        convert = _from_llm_adapters
-    else:
-        raise ValueError(
-            f"Cannot use records with columns {sorted(columns)}: expected prompt/completion, or LLM-Adapters "
-            "instruction/input/output (with an optional answer)."
-        )
-    return records.map(convert, remove_columns=records.column_names)
-
-
-def _from_prompt_completion(record: dict[str, Any]) -> dict[str, str]:
-    answer = record.get("answer")
-    return {
-        "prompt": record["prompt"],
-        "completion": record["completion"],
-        "answer": str(answer) if answer is not None else record["completion"],
-        "task": str(record.get("task") or ALL_TASKS),
-    }
-
-
-def _from_llm_adapters(record: dict[str, Any]) -> dict[str, str]:
-    answer = record.get("answer")
-    output = record.get("output") or str(answer)
-    return {
-        "prompt": build_prompt(record),
-        "completion": output,
-        "answer": str(answer) if answer is not None else output,
-        "task": str(record.get("task") or ALL_TASKS),
-    }
-
-
-def exact_match_scorer(generated: str, row: dict[str, Any]) -> bool:
-    """The generation, stripped, is exactly the reference answer."""
-    return generated.strip() == str(row.get("answer", row["completion"])).strip()
-
-
-def answer_rule_scorer(eval_task: str) -> Scorer:
-    """Score with an LLM-Adapters task's rule (last number, label word, option letter) against ``answer``."""
-    return lambda generated, row: is_correct(eval_task, generated, row.get("answer", row["completion"]))
-
-
-@torch.no_grad()
-def measure_accuracy(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, task: DemoTask, batch_size: int = 64
-) -> dict[str, float]:
-    """Greedy-generation accuracy on the held-out split: overall (key ``all``) and per sub-task."""
-    config = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=task.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    rows = list(task.test)
-    hits: dict[str, list[bool]] = {}
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        generated = generate_batch(model, tokenizer, [row["prompt"] for row in batch], config)
-        for row, text in zip(batch, generated, strict=True):
-            correct = task.scorer(text, row)
-            hits.setdefault(row.get("task", ALL_TASKS), []).append(correct)
-            if row.get("task", ALL_TASKS) != ALL_TASKS:
-                hits.setdefault(ALL_TASKS, []).append(correct)
-    return {name: sum(values) / len(values) for name, values in sorted(hits.items())}
-
-
-def perft_config_from_args(args: argparse.Namespace) -> PerftConfig:
+def perft_config_from_args(args: DemoSettings) -> PerftConfig:
     """The adapter the flags describe."""
     return PerftConfig(
         variant=args.variant, r=args.r, lora_alpha=args.lora_alpha, num_experts=args.num_experts, top_k=args.top_k
     )
 
 
-def perft_config_summary(peft_model: PeftModel) -> dict[str, Any]:
-    """The adapter hyper-parameters as applied: expert count and top-k resolved against the model."""
-    config = peft_model.peft_config["default"]
-    block = next(module for module in peft_model.modules() if isinstance(module, PerftMoeBlock))
-    top_k = {"R": config.resolved_top_k(), "E": block.spec.top_k}.get(config.variant)
-    return {
-        "variant": config.variant,
-        "r": config.r,
-        "lora_alpha": config.lora_alpha,
-        "num_experts": block.perft_A["default"].shape[0],
-        "top_k": top_k,
-        "adapted_blocks": sum(isinstance(module, PerftMoeBlock) for module in peft_model.modules()),
-    }
-
-
-def inference_mode(model: torch.nn.Module) -> torch.nn.Module:
-    """Eval mode, and no router logits: TRL turns them on for the aux loss, and generation cannot use them."""
-    model.config.get_text_config().output_router_logits = False
-    return model.eval()
-
-
 def build_trainer(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     train: Dataset,
-    args: argparse.Namespace,
+    args: DemoSettings,
     output_dir: Path,
     device: torch.device,
 ) -> SFTTrainer:
     """TRL's SFTTrainer with the PERFT adapter; completion-only loss, progress bar, no checkpoints."""
-    config = SFTConfig(
-        output_dir=str(output_dir / "trainer"),
+    config = sft_config(
+        output_dir,
+        device,
         max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
+        batch_size=args.batch_size,
         learning_rate=args.learning_rate,
+        seed=args.seed,
+        max_length=args.max_length,
+        # Recomputing activations saves memory a large model needs on a GPU and only costs time on a tiny one.
+        checkpointing=device.type == "cuda",
         lr_scheduler_type="cosine",
         warmup_steps=max(1, args.steps // 20),
         logging_steps=max(1, args.steps // 5),
-        save_strategy="no",
         report_to=args.report_to,
-        seed=args.seed,
-        max_length=args.max_length,
-        bf16=device.type == "cuda",
-        use_cpu=device.type == "cpu",
         disable_tqdm=False,
-        dataloader_num_workers=0,
-        # Recomputing activations saves memory a large model needs on a GPU and only costs time on a tiny one.
-        **{CHECKPOINTING_FIELD: device.type == "cuda"},
     )
     return SFTTrainer(
         model=model,
@@ -467,118 +210,3 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=perft_config_from_args(args),
     )
-
-
-@torch.no_grad()
-def check_reload(
-    trained: torch.nn.Module,
-    model_name_or_path: str,
-    adapter_dir: Path,
-    tokenizer: PreTrainedTokenizerBase,
-    test: Dataset,
-    device: torch.device,
-    quantize: str | None = None,
-    num_examples: int = 16,
-) -> dict[str, Any]:
-    """Load a fresh base, put the saved adapter on it with PeftModel.from_pretrained, compare the logits.
-
-    On a CPU the comparison is exact (the same float32 operations in the same order); on a GPU, kernels may
-    reorder sums, so a difference within bfloat16 rounding of the logit scale is accepted.
-    """
-    base = load_base_model(model_name_or_path, device, quantize)
-    reloaded = PeftModel.from_pretrained(base, adapter_dir).eval()
-    texts = [row["prompt"] + row["completion"] for row in test.select(range(min(num_examples, len(test))))]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, return_token_type_ids=False).to(device)
-    expected = trained(**batch).logits.float()
-    actual = reloaded(**batch).logits.float()
-    max_abs_diff = (expected - actual).abs().max().item()
-    tolerance = 0.0 if device.type == "cpu" else 1e-2 * expected.abs().max().item()
-    return {"passed": max_abs_diff <= tolerance, "max_abs_diff": max_abs_diff, "tolerance": tolerance}
-
-
-def write_heatmaps(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, test: Dataset, output_dir: Path
-) -> list[Path]:
-    """The routing monitor's layer x expert heatmaps over the held-out split, plus one per sub-task."""
-    routing_dir = output_dir / "routing"
-    description = f"held-out split ({len(test)} examples)"
-    overall = routing_report(
-        model, test, tokenizer=tokenizer, batch_size=32, output_dir=routing_dir, description=description
-    )
-    paths = sorted(routing_dir.glob("*.png"))
-    task_names = sorted(set(test["task"]))
-    if len(task_names) < 2 or overall.empty:
-        return paths
-    family = "perft" if any(stats.router == "perft" for stats in overall.routers) else "base"
-    reports = {}
-    for name in task_names:
-        rows = test.select([index for index, row_task in enumerate(test["task"]) if row_task == name])
-        reports[name] = routing_report(model, rows, tokenizer=tokenizer, batch_size=32)
-    return [*paths, draw_task_heatmap(reports, family, description, output_dir / TASK_HEATMAP_NAME)]
-
-
-def family_routers(report: Any, family: str) -> list[Any]:
-    """The chosen router family's statistics, one per adapted layer, in layer order."""
-    return sorted((stats for stats in report.routers if stats.router == family), key=lambda stats: stats.layer)
-
-
-def draw_task_heatmap(reports: dict[str, Any], family: str, description: str, path: Path) -> Path:
-    """Rows are (layer, sub-task), columns experts, on the routing monitor's shared relative-load scale."""
-
-    per_task = {name: family_routers(report, family) for name, report in reports.items()}
-    first = next(iter(per_task.values()))
-    labels, loads = [], []
-    for layer_index, stats in enumerate(first):
-        for name, routers in per_task.items():
-            labels.append(f"layer {stats.layer}  {name}")
-            loads.append(routers[layer_index].load)
-    router_name = "PERFT-R adapter router" if family == "perft" else "base model router"
-    tokens = ", ".join(f"{name} {routers[0].tokens:,.0f}" for name, routers in per_task.items())
-    return draw_load_heatmap(
-        f"{router_name}: where each sub-task's tokens go (top-{first[0].top_k or 1} of {first[0].num_experts})",
-        labels,
-        loads,
-        (first[0].top_k or 1) / first[0].num_experts,
-        path,
-        f"{description}, tokens per sub-task: {tokens}",
-        row_groups=len(first),
-    )
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory of the run: GPU memory allocated by torch on a GPU, else the process's peak resident set."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The human-readable summary printed at the end of the demo."""
-    before, after = report["accuracy_before"], report["accuracy_after"]
-    config = report["perft_config"]
-    routing = f"top-{config['top_k']} routed" if config["top_k"] else "always on"
-    lines = [
-        "",
-        "PERFT demo report",
-        f"  model:       {report['model']}",
-        f"  task:        {report['task']} ({report['train_examples']} train / {report['test_examples']} held out)",
-        f"  adapter:     PERFT-{config['variant']}, r={config['r']}, {config['num_experts']} experts ({routing}) "
-        f"in {config['adapted_blocks']} MoE blocks; {report['steps']} steps of batch {report['batch_size']}",
-        "  accuracy on held-out examples (exact match of greedy generation unless --eval-task):",
-    ]
-    for name in after:
-        lines.append(f"    {name:<8} {before.get(name, 0.0):7.1%} -> {after[name]:7.1%}")
-    reload = report["reload_check"]
-    lines += [
-        f"  trainable:   {report['trainable_parameters']:,} of {report['total_parameters']:,} parameters "
-        f"({report['trainable_share']:.2%})",
-        f"  time:        {report['wall_seconds']:.0f} s in all, {report['train_seconds']:.0f} s training",
-        f"  peak memory: {report['peak_memory_mb']:.0f} MiB ({report['device']})",
-        f"  reload:      {'logits match' if reload['passed'] else 'LOGITS DIFFER'} "
-        f"(max |diff| {reload['max_abs_diff']:.3g})",
-        f"  adapter:     {report['adapter_dir']}",
-    ]
-    lines += [f"  heatmap:     {path}" for path in report["heatmaps"]]
-    lines.append(f"  report:      {report['report_path']}")
-    return "\n".join(lines)

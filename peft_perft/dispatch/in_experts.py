@@ -44,11 +44,19 @@ _ALIGN_BYTES = 16
 class AdapterTerm:
     """One pending PERFT-E adapter for an experts call: its stacked ``A`` (which says whether the kernel fits), its
     scaling, and its term (the block's ``adapter_term``, `terms.adapter_delta` with the adapter's tensors, dropout
-    and routing record), which this path calls with the routing and its own computation of the routed experts."""
+    and routing record), which this path calls with the routing and its own computation of the routed experts.
+    ``expert_slots`` (selective PERFT-E) maps each base expert to its row of ``A`` and ``B``, or past the last row
+    where it has none."""
 
     lora_A: torch.Tensor
     scaling: float
     delta: Callable[..., torch.Tensor]
+    expert_slots: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        """The base experts the term covers (selective PERFT-E stores fewer adapter experts)."""
+        return self.lora_A.shape[0] if self.expert_slots is None else self.expert_slots.shape[0]
 
 
 PendingTerms = Callable[[], Sequence[AdapterTerm]]
@@ -127,12 +135,12 @@ def _fusable_call(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.T
 
 
 def _can_fuse_terms(experts: nn.Module, hidden: torch.Tensor, terms: Sequence[AdapterTerm]) -> bool:
-    """The adapters fit grouped_mm: an aligned hidden size, a kernel for their dtype, one expert per base expert."""
+    """The adapters fit grouped_mm: an aligned hidden size, a kernel for their dtype, one slot per base expert."""
     if hidden.shape[1] * terms[0].lora_A.element_size() % _ALIGN_BYTES:
         return False
     if not kernel_runs(hidden.device.type, terms[0].lora_A.dtype):
         return False
-    return all(term.lora_A.shape[0] == experts.num_experts for term in terms)
+    return all(term.num_experts == experts.num_experts for term in terms)
 
 
 def grouped_experts_with_adapters(
@@ -154,7 +162,7 @@ def grouped_experts_with_adapters(
     pair_output = _base_pairs(experts, rows, expert_ids, offsets)
     sorted_pairs = _SortedPairs(hidden_states, rows, token_of_pair, offsets, empty)
     for term in terms:
-        pairs = functools.partial(sorted_pairs.adapter_pairs, scaling=term.scaling)
+        pairs = functools.partial(sorted_pairs.adapter_pairs, scaling=term.scaling, expert_slots=term.expert_slots)
         delta = term.delta(hidden_states, routing=(top_k_index, top_k_weights), experts=pairs)
         pair_output = pair_output + as_dtype(delta, pair_output.dtype)
     pair_weight = top_k_weights.reshape(-1).index_select(0, order)
@@ -205,15 +213,19 @@ class _SortedPairs:
         activation: Callable[[torch.Tensor], torch.Tensor] | None,
         *,
         scaling: float,
+        expert_slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``scaling * B_e act(A_e h)`` per sorted pair as two grouped GEMMs, the rank padded for the kernel: the
         routed experts of `terms.adapter_delta` on the pairs already sorted (the routing is the base's, and its
         weights multiply base and adapter together afterwards). The scaling multiplies the r-wide bottleneck, not
-        the D-wide output, so neither pass multiplies T*K D-wide rows."""
+        the D-wide output, so neither pass multiplies T*K D-wide rows. Selective PERFT-E's rows are laid out per base
+        expert (``expert_slots``), zero where an expert has none, as the pairs are grouped by base expert."""
         # Without dropout or a dtype change the adapter reads the experts' own gathered rows: no second gather of
         # T*K D-wide rows, nor its scatter back in the backward.
         same_rows = adapter_input is self.hidden_states
         adapter_rows = self.rows if same_rows else adapter_input.index_select(0, self.token_of_pair)
+        if expert_slots is not None:
+            lora_A, lora_B = per_base_expert(lora_A, expert_slots), per_base_expert(lora_B, expert_slots)
         lora_A, lora_B = pad_rank(lora_A, lora_B, _ALIGN_BYTES // lora_A.element_size())
         down = GroupedLinear.apply(adapter_rows, aligned(lora_A), self.offsets, self.empty)
         if activation is not None:
@@ -221,3 +233,11 @@ class _SortedPairs:
         if scaling != 1:
             down = down * scaling
         return GroupedLinear.apply(down, aligned(lora_B), self.offsets, self.empty)
+
+
+def per_base_expert(stacked: torch.Tensor, expert_slots: torch.Tensor) -> torch.Tensor:
+    """Selective PERFT-E's stacked experts (S, ...) as one row per base expert (N, ...): a zero row for an expert
+    without an adapter expert (slot S), so that it adds exactly nothing; differentiable, the gradient reaching only
+    the S stored rows. A transient of the full E's size, for the kernel's groups (nothing stored)."""
+    zero_row = stacked.new_zeros(1, *stacked.shape[1:])
+    return torch.cat([stacked, zero_row]).index_select(0, expert_slots)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from peft_perft.context import prompts_past_the_context
 from peft_perft.evaluation.answers import ParsedAnswer, extract_answer, get_task, score_answer
@@ -136,18 +136,37 @@ def load_model(
     importing this module imported `peft_perft`, which registers the method with peft.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; choose one of {DTYPES}.")
     target = resolve_device(device)
     loaded_tokenizer = load_tokenizer(tokenizer or model_name_or_path)  # first: it fails in a second, weights do not
-    model = AutoModelForCausalLM.from_pretrained(
+    model_class = text_generation_class(AutoConfig.from_pretrained(model_name_or_path), model_name_or_path)
+    model = model_class.from_pretrained(
         model_name_or_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), device_map=str(target)
     )
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     return model.to(target).eval(), loaded_tokenizer
+
+
+def text_generation_class(config: PretrainedConfig, name: str) -> type:
+    """The auto class that generates text from a text prompt for ``config``: the causal LM where Transformers has
+    one, else the image-text-to-text model, which with no image runs its language tower on the prompt alone
+    (Qwen3-VL-MoE, ERNIE-4.5-VL, ...). Encoder-decoder and other models are refused by name: the evaluation
+    generates from left-padded decoder-only prompts."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto_class in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto_class._model_mapping:
+            return auto_class
+    raise ValueError(
+        f"{name} is a {config.model_type!r} model ({type(config).__name__}), which Transformers builds neither as a "
+        f"causal LM nor as an image-text-to-text model: the evaluation generates answers from decoder-only text "
+        f"prompts, so encoder-decoder MoE models (Switch Transformers, NLLB-MoE) are not evaluated here. Score them "
+        f"with their seq2seq generate() in your own loop."
+    )
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

@@ -3,6 +3,6 @@
 Import the public names from here; ``peft_perft.hub.model_card`` holds the code.
 """
 
-from .model_card import CardDetails, install_hub_hooks, render_model_card, set_card_details, write_model_card
+from .model_card import CardDetails, render_model_card, set_card_details, write_model_card
 
-__all__ = ["CardDetails", "install_hub_hooks", "render_model_card", "set_card_details", "write_model_card"]
+__all__ = ["CardDetails", "render_model_card", "set_card_details", "write_model_card"]

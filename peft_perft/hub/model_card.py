@@ -6,8 +6,8 @@ PERFT card from our template just before that step, so peft then adds its usual 
 base model, PEFT version) to our card; a ``base_model`` that is a local path, which the Hub would reject, is
 dropped from the metadata. `PeftModel.push_to_hub` is transformers' generic method, which replaces
 the README with a card fetched from the Hub after saving; for PERFT models it instead uploads exactly the folder
-`save_pretrained` writes. Both hooks leave every other peft model untouched; `install_hub_hooks` sets them up
-and `import peft_perft` calls it.
+`save_pretrained` writes. Both hooks leave every other peft model untouched; `peft_perft.patches` installs them
+when the package is imported.
 
 Training data, evaluation results and the routing monitor's summary are not known to the model; attach them with
 `set_card_details(model, ...)` before saving or pushing, or write a card at any time with `write_model_card`.
@@ -42,7 +42,6 @@ CARD_MARKER = "<!-- peft-perft model card:"
 CARD_TAGS = ("peft", "perft", "moe", "mixture-of-experts")
 MISSING_INFORMATION = "[More Information Needed]"
 DETAILS_ATTRIBUTE = "perft_card_details"
-_HOOKED = "__perft_card_hook__"
 # The Hub repository being pushed to, so that the card's loading snippet names it.
 _pushing_to: contextvars.ContextVar[str | None] = contextvars.ContextVar("perft_pushing_to", default=None)
 
@@ -190,18 +189,7 @@ def drop_local_base_model(path: Path) -> None:
     card.save(path)
 
 
-def install_hub_hooks() -> None:
-    """Give PERFT models their card on `save_pretrained` and a faithful `push_to_hub` (idempotent).
-
-    Only models holding a PERFT adapter behave differently; every other peft model runs peft's code unchanged.
-    """
-    if not getattr(PeftModel.create_or_update_model_card, _HOOKED, False):
-        PeftModel.create_or_update_model_card = _with_perft_card(PeftModel.create_or_update_model_card)
-    if not getattr(PeftModel.push_to_hub, _HOOKED, False):
-        PeftModel.push_to_hub = _pushing_saved_folder(PeftModel.push_to_hub)
-
-
-def _with_perft_card(create_or_update: Callable) -> Callable:
+def with_perft_card(create_or_update: Callable) -> Callable:
     """Wrap peft's card step: write the PERFT card first, let peft update it, then restore the PERFT tags."""
 
     @functools.wraps(create_or_update)
@@ -215,11 +203,10 @@ def _with_perft_card(create_or_update: Callable) -> Callable:
             add_card_tags(Path(output_dir) / CARD_FILE, _tags(card_details(self), *variants))
             drop_local_base_model(Path(output_dir) / CARD_FILE)
 
-    setattr(create_or_update_model_card, _HOOKED, True)
     return create_or_update_model_card
 
 
-def _pushing_saved_folder(push_to_hub: Callable) -> Callable:
+def pushing_saved_folder(push_to_hub: Callable) -> Callable:
     """Wrap `push_to_hub`: a PERFT model uploads exactly what `save_pretrained` writes, README included."""
 
     @functools.wraps(push_to_hub)
@@ -266,7 +253,6 @@ def _pushing_saved_folder(push_to_hub: Callable) -> Callable:
                 create_pr=create_pr,
             )
 
-    setattr(push_perft_adapter, _HOOKED, True)
     return push_perft_adapter
 
 
@@ -287,7 +273,7 @@ def _describe_adapter(model: PeftModel, name: str, base_parameters: int) -> dict
         raise ValueError(f"Adapter {name!r} has no adapted MoE block in this model, so there is nothing to describe.")
     spec = blocks[0].spec
     num_experts = global_shape(blocks[0].perft_A[name])[0]
-    active = {"R": config.resolved_top_k(), "E": spec.top_k, "D": num_experts, "S": 1}[config.variant]
+    active = config.active_experts_per_token(num_experts, spec.top_k)
     # Counted from the adapter's own tensors (global sizes for sharded ones): asking peft for the adapter state dict
     # here would gather sharded weights on the main process alone and leave the other ranks of a save waiting.
     saved = sum(global_shape(tensor).numel() for block in blocks for tensor in _adapter_tensors(block, name))
@@ -301,15 +287,23 @@ def _describe_adapter(model: PeftModel, name: str, base_parameters: int) -> dict
         ("dropout", config.lora_dropout),
         ("adapted MoE blocks", f"{len(blocks)} (hidden size {spec.hidden_size})"),
     ]
-    if config.variant == "R":
+    if config.has_own_router:
         settings += [
             ("top-k weights renormalised", config.normalize_top_k),
             ("router load-balancing loss weight", config.router_aux_loss_coef),
         ]
+    description = _variant_description(config, num_experts, active, len(blocks))
+    if config.rank_pattern:
+        ranks = [f"{block.block_name}: {block.perft_configs[name].r}" for block in blocks]
+        more = f"; ... {len(ranks) - _LISTED_BLOCKS} more" if len(ranks) > _LISTED_BLOCKS else ""
+        settings.append(("rank per MoE block (rank_pattern)", "; ".join(ranks[:_LISTED_BLOCKS]) + more))
+    if config.target_experts is not None:
+        settings[1:2] = _selection_settings(config, blocks)
+        description += _SELECTIVE_WORDS
     return {
         "name": name,
         "variant": config.variant,
-        "description": _variant_description(config, num_experts, active, len(blocks)),
+        "description": description,
         "settings": settings,
         "trainable_parameters": f"{saved:,}",
         # As peft's print_trainable_parameters and the peft-perft CLIs count: trainable / (base + this adapter).
@@ -318,17 +312,38 @@ def _describe_adapter(model: PeftModel, name: str, base_parameters: int) -> dict
     }
 
 
+_SELECTIVE_WORDS = (
+    " Only the selected base experts listed below have an adapter expert (selective PERFT-E): a token routed to "
+    "another expert gets nothing from the adapter for that expert, and MoE blocks with no selected expert are "
+    "left as they are."
+)
+_LISTED_BLOCKS = 8
+
+
+def _selection_settings(config: PerftConfig, blocks: list[PerftMoeBlock]) -> list[tuple[str, Any]]:
+    """Selective PERFT-E's rows of the settings table: which base experts are adapted, and how they were chosen."""
+    counts = {block.block_name: len(config.experts_for(block.block_name)) for block in blocks}
+    total = sum(block.spec.num_experts for block in blocks)
+    listed = "; ".join(f"{name}: {config.experts_for(name)}" for name in list(counts)[:_LISTED_BLOCKS])
+    more = f"; ... {len(counts) - _LISTED_BLOCKS} more in adapter_config.json" if len(counts) > _LISTED_BLOCKS else ""
+    return [
+        ("adapter experts per MoE block", f"{min(counts.values())} to {max(counts.values())} (selected)"),
+        ("adapted base experts", f"{sum(counts.values())} of {total} in the adapted blocks: {listed}{more}"),
+        ("experts chosen by", config.target_experts_source or "given by hand (target_experts)"),
+    ]
+
+
 def _variant_description(config: PerftConfig, num_experts: int, active: int | None, num_blocks: int) -> str:
     """The PERFT configuration in words, as the paper describes each variant."""
     expert = f"rank-{config.r} bottleneck (down-projection A, up-projection B{_activation_words(config)})"
     where = f"in each of the {num_blocks} adapted MoE blocks"
-    if config.variant == "R":
+    if config.has_own_router:
         return (
             f"{num_experts} adapter experts, each a {expert}, sit beside the frozen experts {where}. A new trainable "
             f"router scores them for every token and sends the token to its top-{active}; their weighted outputs "
             f"are added to the block's output. The router learns its own split of the work."
         )
-    if config.variant == "E":
+    if config.follows_base_routing:
         return (
             f"Every base expert gets its own adapter expert, a {expert}, {where} ({num_experts} per block). The "
             f"model's frozen router picks and weights them: a token that goes to base expert i with weight g also "

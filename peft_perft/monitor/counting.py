@@ -10,21 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..model import PerftModel
+from .adapted_layers import AdaptedLayer, active_perft_adapters, find_adapted_layers
 from .stats import BASE_ROUTER, PERFT_ROUTER, RouterStats, RoutingReport
-from .trace import (
-    ROUTED_BY_OWN_ROUTER,
-    AdaptedLayer,
-    BaseRoutingTap,
-    active_perft_adapters,
-    find_adapted_layers,
-    perft_routing,
-)
+from .trace import BaseRoutingTap, TokenGroupTap, perft_routing
 
 # perft aux-loss sum and count, base aux-loss sum and count, forward passes
 LOSS_SLOTS = 5
@@ -76,6 +71,8 @@ class RoutingMonitor:
         self.reduce_across_processes = reduce_across_processes
         self.measure_drift = measure_drift
         self._tap = BaseRoutingTap(self.layers) if track_base else None
+        self._groups = TokenGroupTap(self.root, self.layers)
+        self._groups_that_ran: set[str] = set()
         self._counters = self._plan_counters(track_base)
         self._aux_offset = sum(counter.num_experts + 1 for counter in self._counters)
         self._buffer = torch.zeros(self._aux_offset + LOSS_SLOTS, device=_device_of(self.layers[0].block))
@@ -95,7 +92,7 @@ class RoutingMonitor:
             )
             for adapter in layer.block.perft_configs:
                 config = layer.block.perft_configs[adapter]
-                if config.variant == ROUTED_BY_OWN_ROUTER:
+                if config.has_own_router:
                     routers.append((PERFT_ROUTER, adapter, config.resolved_num_experts(0), config.resolved_top_k()))
             for router, adapter, num_experts, top_k in routers:
                 counters.append(_Counter(layer, router, adapter, num_experts, top_k, offset))
@@ -112,6 +109,10 @@ class RoutingMonitor:
         self._handles.append(self.root.register_forward_hook(self._count_forward, with_kwargs=True))
         if self._tap is not None:
             self._tap.attach()
+        self._groups.attach()
+        for layer in self.layers:
+            if layer.name in self._groups.members:
+                self._handles.append(layer.block.register_forward_pre_hook(partial(self._mark_ran, layer.name)))
         return self
 
     def detach(self) -> None:
@@ -121,6 +122,7 @@ class RoutingMonitor:
         self._handles.clear()
         if self._tap is not None:
             self._tap.detach()
+        self._groups.detach()
 
     def __enter__(self) -> RoutingMonitor:
         return self.attach()
@@ -143,6 +145,7 @@ class RoutingMonitor:
         self._counting = not self.training_only or (module.training and torch.is_grad_enabled())
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         self._attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self._groups_that_ran.clear()
 
     @torch.no_grad()
     def _count_forward(self, module: nn.Module, args: tuple, kwargs: dict, outputs: Any) -> None:
@@ -155,7 +158,15 @@ class RoutingMonitor:
                 self._add_counts(counter, *routing)
         self._add_losses(outputs)
 
+    def _mark_ran(self, name: str, module: nn.Module, args: tuple) -> None:
+        self._groups_that_ran.add(name)
+
     def _routing_of(self, counter: _Counter) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This forward's routing of the counter's router; None where its block did not run (an expert group that
+        got no token keeps its previous forward's records, which must not count again)."""
+        name = counter.layer.name
+        if name in self._groups.members and name not in self._groups_that_ran:
+            return None
         if counter.router == BASE_ROUTER:
             return self._tap.latest.pop(counter.layer.name, None) if self._tap is not None else None
         if counter.adapter not in active_perft_adapters(counter.layer):
@@ -165,7 +176,7 @@ class RoutingMonitor:
     def _add_counts(self, counter: _Counter, expert_index: torch.Tensor, expert_weight: torch.Tensor) -> None:
         buffer = self._buffer_on(expert_index.device)
         index = expert_index.reshape(expert_index.shape[0], -1).to(buffer.device)
-        token_weight = self._token_weights(index.shape[0], buffer)
+        token_weight = self._token_weights(index.shape[0], buffer, counter.layer.name)
         per_choice = token_weight[:, None].expand_as(index)
         if counter.router == BASE_ROUTER:
             # Slots routed past the weighted experts (identity or skip experts) arrive as expert 0 with weight 0.
@@ -175,9 +186,13 @@ class RoutingMonitor:
         buffer[start : start + counter.num_experts].index_add_(0, index.reshape(-1), per_choice)
         buffer[start + counter.num_experts : start + counter.num_experts + 1].add_(token_weight.sum())
 
-    def _token_weights(self, num_tokens: int, buffer: torch.Tensor) -> torch.Tensor:
-        """1 per real token and 0 per padding token, when the attention mask lines up with the routed tokens."""
+    def _token_weights(self, num_tokens: int, buffer: torch.Tensor, layer_name: str) -> torch.Tensor:
+        """1 per real token and 0 per padding token, when the attention mask lines up with the routed tokens (for
+        an expert group, with the tokens the group received: selecting them reads the mask's size on the host)."""
         mask = self._attention_mask
+        received = self._groups.masks.get(layer_name)
+        if mask is not None and received is not None and mask.numel() == received.numel():
+            mask = mask.reshape(-1)[received.to(mask.device)]
         if mask is None or mask.numel() != num_tokens:
             return torch.ones(num_tokens, device=buffer.device, dtype=buffer.dtype)
         return mask.reshape(-1).to(device=buffer.device, dtype=buffer.dtype)

@@ -73,12 +73,16 @@ def modality_load(
 
     ``modality_of_token`` maps token ids to a modality (e.g. ``{config.image_token_id: "image"}``); other tokens
     count as ``default``. ``source`` is "base" (the model's own routing) or "perft" (a PERFT-R router's choices, of
-    ``adapter`` when the trace holds several). ``num_experts`` defaults to the highest expert index seen plus one.
+    ``adapter`` when the trace holds several). ``num_experts`` (per block) defaults to the highest expert index
+    seen plus one. Blocks that share a layer hold different experts (ERNIE-4.5-VL's text and vision expert groups):
+    each gets its own expert columns, in module-name order, so its experts never count as another group's.
     """
     modalities = tuple(dict.fromkeys([default, *sorted(set(modality_of_token.values()))]))
-    return _load(
-        trace, lambda row: modality_of_token.get(row["token_id"], default), modalities, source, adapter, num_experts
-    )
+
+    def classify(row: dict) -> str:
+        return modality_of_token.get(row["token_id"], default)
+
+    return _load(trace, classify, modalities, source, adapter, num_experts, separate_groups=True)
 
 
 def stack_load(
@@ -100,6 +104,7 @@ def _load(
     source: str,
     adapter: str | None,
     num_experts: int | None,
+    separate_groups: bool = False,
 ) -> ModalityLoad:
     if source not in ("base", "perft"):
         raise ValueError(f"source must be 'base' or 'perft', not {source!r}.")
@@ -111,12 +116,25 @@ def _load(
         rows = list({(row["example"], row["position"], row["module"]): row for row in rows}.values())
     layers = tuple(sorted({row["layer"] for row in rows}))
     experts = num_experts or 1 + max(expert for row in rows for expert in row[key])
-    counts = torch.zeros(len(modalities), len(layers), experts)
+    first_column = _group_columns(rows, experts) if separate_groups else {}
+    columns = experts * (1 + max(first_column.values(), default=0) // experts)
+    counts = torch.zeros(len(modalities), len(layers), columns)
     for row in rows:
+        offset = first_column.get(row["module"], 0)
         for expert in row[key]:
-            counts[modalities.index(classify(row)), layers.index(row["layer"]), expert] += 1
+            counts[modalities.index(classify(row)), layers.index(row["layer"]), offset + expert] += 1
     top_k = max(len(row[key]) for row in rows)
     return ModalityLoad(modalities, layers, counts, top_k)
+
+
+def _group_columns(rows: list[dict], experts: int) -> dict[str, int]:
+    """First expert column of each block: the blocks of one layer, in name order, get consecutive column ranges."""
+    modules_by_layer: dict[int, set[str]] = {}
+    for row in rows:
+        modules_by_layer.setdefault(row["layer"], set()).add(row["module"])
+    return {
+        module: rank * experts for modules in modules_by_layer.values() for rank, module in enumerate(sorted(modules))
+    }
 
 
 def draw_modality_load(

@@ -13,7 +13,12 @@ import math
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .stats import BASE_ROUTER
+
+if TYPE_CHECKING:
+    from .stats import RouterStats, RoutingReport
 
 RATIO_LIMIT = 8.0  # colour scale: 1/8x .. 8x the balanced load
 MAX_ANNOTATED_CELLS = 256
@@ -99,3 +104,17 @@ def _ratio_label(exponent: int) -> str:
     if exponent == 0:
         return "balanced"
     return f"{2**exponent:g}x" if exponent > 0 else f"1/{2**-exponent:g}x"
+
+
+def draw_router_heatmap(report: RoutingReport, label: str, group: list[RouterStats], path: Path) -> Path:
+    """One router family's layers x experts picture (`RoutingReport.save_heatmaps`)."""
+    router = "base model router" if label == BASE_ROUTER else f"PERFT-R router ({label})"
+    top_k = group[0].top_k or 1
+    return draw_load_heatmap(
+        f"{router}: tokens per expert and layer (top-{top_k} of {group[0].num_experts})",
+        [f"layer {stats.layer}" for stats in group],
+        [stats.load for stats in group],
+        top_k / group[0].num_experts,
+        path,
+        report_caption(report, group),
+    )

@@ -158,10 +158,12 @@ class RoutingReport:
     def save_heatmaps(self, directory: str | Path) -> list[Path]:
         """One PNG per router family: layers x experts, coloured by each expert's load relative to a balanced router
         on one scale shared by every picture (see `peft_perft.monitor.pictures`)."""
+        from .pictures import draw_router_heatmap  # pictures reads this module's names
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         return [
-            _draw_heatmap(self, label, group, directory / f"routing_{label}.png")
+            draw_router_heatmap(self, label, group, directory / f"routing_{label}.png")
             for label, group in self._groups().items()
         ]
 
@@ -190,18 +192,3 @@ def _layer_scalars(prefix: str, stats: RouterStats) -> dict[str, float]:
 def _mean(values: Iterable[float]) -> float:
     values = list(values)
     return sum(values) / len(values)
-
-
-def _draw_heatmap(report: RoutingReport, label: str, group: list[RouterStats], path: Path) -> Path:
-    from .pictures import draw_load_heatmap, report_caption
-
-    router = "base model router" if label == BASE_ROUTER else f"PERFT-R router ({label})"
-    top_k = group[0].top_k or 1
-    return draw_load_heatmap(
-        f"{router}: tokens per expert and layer (top-{top_k} of {group[0].num_experts})",
-        [f"layer {stats.layer}" for stats in group],
-        [stats.load for stats in group],
-        top_k / group[0].num_experts,
-        path,
-        report_caption(report, group),
-    )

@@ -19,54 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layer import PerftMoeBlock
-from ..model import PerftModel
+from ..architectures import token_groups
+from .adapted_layers import AdaptedLayer, active_perft_adapters, find_adapted_layers
 
 ROUTED_BY_OWN_ROUTER = "R"
 ROUTED_BY_BASE = "E"
 TOKENS_PER_STRIP = 64
-
-
-@dataclass(frozen=True)
-class AdaptedLayer:
-    """One PERFT-adapted MoE block, with its qualified name and the model layer it sits in."""
-
-    name: str
-    layer: int
-    block: PerftMoeBlock
-
-
-def find_adapted_layers(model: nn.Module) -> tuple[nn.Module, list[AdaptedLayer]]:
-    """The module whose forward is the whole model (where PERFT's aux-loss hook sits) and its adapted blocks.
-
-    Accepts a `PeftModel`, a model wrapped by DDP/FSDP/DeepSpeed, or a model with PERFT layers injected directly.
-    """
-    root = next((module.model for module in model.modules() if isinstance(module, PerftModel)), model)
-    named_blocks = [(name, module) for name, module in root.named_modules() if isinstance(module, PerftMoeBlock)]
-    if not named_blocks:
-        raise ValueError(
-            f"{type(model).__name__} holds no PERFT adapter (no PerftMoeBlock among its modules). Wrap the model "
-            f"first with peft.get_peft_model(model, peft_perft.PerftConfig(...)) or load one with "
-            f"PeftModel.from_pretrained."
-        )
-    return root, [
-        AdaptedLayer(name, _layer_index(name, ordinal), block) for ordinal, (name, block) in enumerate(named_blocks)
-    ]
-
-
-def _layer_index(module_name: str, ordinal: int) -> int:
-    """The model layer index in a name such as ``model.layers.3.mlp`` (``decoder.block.1.layer.2.mlp`` of a T5-style
-    model: block 1, whose sub-layer 2 is its feed-forward); the block's rank when the name has none."""
-    stacked = re.findall(r"(?:^|\.)(?:layers|blocks|block|h)\.(\d+)(?=\.|$)", module_name)
-    if stacked:
-        return int(stacked[-1])
-    numbers = re.findall(r"(?:^|\.)(\d+)(?=\.|$)", module_name)
-    return int(numbers[-1]) if numbers else ordinal
-
-
-def active_perft_adapters(layer: AdaptedLayer) -> list[str]:
-    """Adapters of this block that run in its forward."""
-    return layer.block.active_perft_adapters()
 
 
 class BaseRoutingTap:
@@ -108,6 +66,41 @@ class BaseRoutingTap:
         spec = layer.block.spec
         expert_index, expert_weight = spec.router_routing(output, spec.top_k)
         self.latest[layer.name] = (expert_index.detach(), expert_weight.detach())
+
+
+class TokenGroupTap:
+    """Forward pre-hooks on layer blocks that split their tokens among expert groups (ERNIE-4.5-VL's text and vision
+    experts): keeps, per adapted group block, the flat mask of the tokens it received in the last forward, so that
+    its routing rows (one per received token) are paired with those tokens and no others."""
+
+    def __init__(self, root: nn.Module, layers: Sequence[AdaptedLayer]) -> None:
+        self.groups: dict[str, list[tuple[str, str]]] = {}
+        for layer in layers:
+            parent, _, child = layer.name.rpartition(".")
+            groups = token_groups(root.get_submodule(parent))
+            if groups is not None and child in groups.members:
+                self.groups.setdefault(parent, []).append((layer.name, child))
+        self.root = root
+        self.members = {name for members in self.groups.values() for name, _ in members}
+        self.masks: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self) -> TokenGroupTap:
+        for parent, members in self.groups.items():
+            hook = partial(self._record, members)
+            self._handles.append(self.root.get_submodule(parent).register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.masks.clear()
+
+    def _record(self, members: list[tuple[str, str]], module: nn.Module, args: tuple, kwargs: dict) -> None:
+        masks = token_groups(module).masks(module, args, kwargs)
+        for name, child in members:
+            self.masks[name] = masks[child].detach()
 
 
 def perft_routing(layer: AdaptedLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -230,12 +223,14 @@ def routing_trace(
     batch = _as_batch(inputs, tokenizer, model)
     was_training = model.training
     tap = BaseRoutingTap(layers).attach()
+    groups = TokenGroupTap(root, layers).attach()
     try:
         model.eval()
         model(**batch, use_cache=False)
-        rows = _trace_rows(layers, tap, batch, tokenizer, adapter_names)
+        rows = _trace_rows(layers, tap, batch, tokenizer, adapter_names, groups.masks)
     finally:
         tap.detach()
+        groups.detach()
         model.train(was_training)
     return RoutingTrace(rows)
 
@@ -273,7 +268,11 @@ def _trace_rows(
     batch: dict[str, torch.Tensor],
     tokenizer: Any,
     adapter_names: Sequence[str] | None,
+    group_masks: Mapping[str, torch.Tensor],
 ) -> list[dict[str, Any]]:
+    """One row per kept token, adapted layer and adapter. A block of an expert group (``group_masks``) got only some
+    of the tokens, in order: its routing row r belongs to the r-th token it received, and other tokens get no row
+    from it (a group that received none, such as the vision experts of a text-only input, adds no row)."""
     sequences = {False: _sequence(batch, "input_ids", "attention_mask", tokenizer)}
     if "decoder_input_ids" in batch:
         sequences[True] = _sequence(batch, "decoder_input_ids", "decoder_attention_mask", tokenizer)
@@ -281,14 +280,18 @@ def _trace_rows(
     for layer in layers:
         decoder = in_decoder(layer.name) and True in sequences
         keep, positions, token_ids, tokens, texts = sequences[decoder]
+        received = group_masks[layer.name].cpu() if layer.name in group_masks else None
+        selected = keep if received is None else keep & received
+        routing_row = torch.arange(len(token_ids)) if received is None else received.long().cumsum(0) - 1
         base = _routing_lists(tap.latest.get(layer.name), drop_skipped=True)
         for adapter in active_perft_adapters(layer):
             if adapter_names is not None and adapter not in adapter_names:
                 continue
             variant = layer.block.perft_configs[adapter].variant
             perft = _adapter_lists(layer, adapter, len(token_ids))
-            for flat_index in keep.nonzero().flatten().tolist():
+            for flat_index in selected.nonzero().flatten().tolist():
                 example, position = positions[flat_index]
+                row = int(routing_row[flat_index])
                 rows.append(
                     {
                         "example": example,
@@ -300,10 +303,10 @@ def _trace_rows(
                         "module": layer.name,
                         "adapter": adapter,
                         "variant": variant,
-                        "base_experts": base[0][flat_index] if base else None,
-                        "base_weights": base[1][flat_index] if base else None,
-                        "perft_experts": perft[0][flat_index],
-                        "perft_weights": perft[1][flat_index],
+                        "base_experts": base[0][row] if base else None,
+                        "base_weights": base[1][row] if base else None,
+                        "perft_experts": perft[0][row],
+                        "perft_weights": perft[1][row],
                     }
                 )
     rows.sort(key=lambda row: (row["example"], row["position"], row["layer"], row["adapter"]))

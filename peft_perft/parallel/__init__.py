@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layer import PerftMoeBlock
-from .expert_parallel import install_expert_parallel, offer_token_slices, shard_routed_adapter
-from .replication import local_shard, refuse_unsupported_layout, replicate_adapter
-from .saving import distribute_adapter_state_dict, install_save_hook
+from .expert_parallel import offer_token_slices, shard_routed_adapter
+from .replication import refuse_unsupported_layout, replicate_adapter
+from .saving import distribute_adapter_state_dict
 from .tensor_parallel import (
     attach_tensor_parallel_mesh,
     find_tensor_parallel_mesh,
@@ -31,21 +30,12 @@ from .tensor_parallel import (
 
 __all__ = [
     "distribute_adapter_state_dict",
-    "install_sharding_hooks",
     "place",
     "prepare",
     "refuse_unsupported_layout",
     "release",
     "replicate_adapter",
 ]
-
-
-def install_sharding_hooks() -> None:
-    """Make `PeftModel.save_pretrained` gather only the adapter on sharded PERFT models, register
-    `PerftExpertParallel` with Transformers, and let the block initialise sharded (DTensor) adapters (idempotent)."""
-    install_expert_parallel()
-    install_save_hook()
-    PerftMoeBlock.local_shard = staticmethod(local_shard)
 
 
 def prepare(model: nn.Module, experts_modules: list[nn.Module]) -> None:
@@ -60,10 +50,10 @@ def place(block: nn.Module, adapter_name: str) -> None:
     """Lay a new adapter's tensors out as the engines shard its block: PERFT-E like the experts under expert
     parallelism (`PerftExpertParallel`), any variant on its bottleneck under tensor parallelism
     (`tensor_parallel`); replicated where neither applies."""
-    variant = block.perft_configs[adapter_name].variant
-    if variant == "E" and shard_routed_adapter(block, adapter_name):
+    follows_base_routing = block.perft_configs[adapter_name].follows_base_routing
+    if follows_base_routing and shard_routed_adapter(block, adapter_name):
         return
-    if not split_over_tensor_parallel(block, adapter_name) and variant != "E":
+    if not split_over_tensor_parallel(block, adapter_name) and not follows_base_routing:
         offer_token_slices(block)
 
 

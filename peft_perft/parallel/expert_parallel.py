@@ -9,14 +9,18 @@ tokens instead of on all of them on every rank.
 from __future__ import annotations
 
 import functools
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 from transformers.distributed.expert_parallel import AutoEP, EPImplementation, EPImplementationInterface
 
+from ..architectures import WHOLE_SHAPE_ATTRIBUTE
 from ..terms import AdapterTensors, add_term, no_record
 from .token_slices import TokenSlicedAllToAll, TokenSliceTerms, token_rows_available
 
@@ -24,6 +28,23 @@ EXPERT_PARALLEL_NAME = "perft"
 OWNER = "expert_parallel"
 """The block's ``term_owners`` entry of a PERFT-E adapter sharded here: its term is added inside the dispatch."""
 _EXPERT_PARALLEL_ATTRIBUTE = "perft_expert_parallel"
+SELECTED_ROWS_ATTRIBUTE = "perft_selected_rows"
+"""Set on the plain tensor holding one EP rank's rows of a selective PERFT-E adapter (its `SelectedRows`)."""
+
+
+class SelectedExpertsImbalanceWarning(UserWarning):
+    """Selective PERFT-E under expert parallelism: the EP ranks hold unequal numbers of adapter experts."""
+
+
+@dataclass(frozen=True)
+class SelectedRows:
+    """Which rows of a selective PERFT-E tensor (one per selected expert, in expert order) this EP rank holds: its
+    local base experts' selected ones, which are consecutive; the ranks in order hold them all. ``local_slots`` maps
+    each local base expert to its row here, or to the row count where it has none."""
+
+    group: dist.ProcessGroup
+    rows: list[int]
+    local_slots: torch.Tensor
 
 
 class PerftExpertParallel(EPImplementation):
@@ -69,9 +90,15 @@ class PerftExpertParallel(EPImplementation):
         routing = (local_index.masked_fill(off_rank, 0), weights.masked_fill(off_rank, 0.0))
         for name in names:
             lora_A, lora_B, _ = block.adapter_tensors(name)
-            local = AdapterTensors(lora_A.to_local(), lora_B.to_local())
+            local = AdapterTensors(_local(lora_A), _local(lora_B))
+            if local.lora_A.shape[0] == 0:
+                continue  # selective PERFT-E with none of this rank's experts selected
             # The routing record is the block's (global expert ids), kept by its experts hook.
-            delta = block.adapter_term(name, tokens, tensors=local, routing=routing, record=no_record)
+            selected = getattr(lora_A, SELECTED_ROWS_ATTRIBUTE, None)
+            slots = None if selected is None else selected.local_slots
+            delta = block.adapter_term(
+                name, tokens, tensors=local, routing=routing, record=no_record, expert_slots=slots
+            )
             output = add_term(output, delta, block.perft_configs[name].scaling)
         return output
 
@@ -97,6 +124,9 @@ def shard_routed_adapter(block: nn.Module, adapter_name: str) -> bool:
             f"Use such a layout, or load without ep_implementation={EXPERT_PARALLEL_NAME!r} to run PERFT-E "
             f"replicated."
         )
+    if block.selected_expert_slots(adapter_name) is not None:
+        _keep_local_selected_experts(block, adapter_name, implementation, distributed.dp_size)
+        return True
     for tensors in (block.perft_A, block.perft_B):
         full = tensors[adapter_name]
         # Every rank built the full tensor; rank 0's values are distributed, so all ranks agree whatever their seed.
@@ -108,6 +138,64 @@ def shard_routed_adapter(block: nn.Module, adapter_name: str) -> bool:
     block.term_owners[adapter_name] = OWNER
     implementation.block = block
     return True
+
+
+def _keep_local_selected_experts(
+    block: nn.Module, adapter_name: str, implementation: PerftExpertParallel, dp_size: int
+) -> None:
+    """Selective PERFT-E under EP: keep, as plain tensors, the rows of this rank's selected local experts (rank 0's
+    values, as for the full adapter), which the dispatch computes; warn where the ranks hold unequal numbers."""
+    slots = block.selected_expert_slots(adapter_name)
+    num_local, rank = implementation.num_local_experts, implementation.ep_mesh.get_local_rank()
+    selected_count = block.perft_A[adapter_name].shape[0]
+    counts = [int((part < selected_count).sum()) for part in slots.split(num_local)]
+    local_slots = slots[rank * num_local : (rank + 1) * num_local]
+    held = local_slots < selected_count
+    rows = local_slots[held]
+    group = implementation.ep_mesh.get_group()
+    rows_here = SelectedRows(
+        group, rows.tolist(), torch.where(held, torch.cumsum(held, 0) - 1, torch.full_like(local_slots, len(rows)))
+    )
+    for tensors in (block.perft_A, block.perft_B):
+        whole = tensors[adapter_name].data.clone()
+        dist.broadcast(whole, group=group, group_src=0)
+        local = nn.Parameter(whole[rows].clone(), requires_grad=tensors[adapter_name].requires_grad)
+        local.register_hook(functools.partial(_mean_over_batches, dp_size=dp_size))
+        setattr(local, SELECTED_ROWS_ATTRIBUTE, rows_here)
+        setattr(local, WHOLE_SHAPE_ATTRIBUTE, whole.shape)
+        tensors[adapter_name] = local
+    block.term_owners[adapter_name] = OWNER
+    implementation.block = block
+    if max(counts) != min(counts):
+        warnings.warn(
+            f"Selective PERFT-E adapter {adapter_name!r} in block {block.block_name!r}: the {len(counts)} "
+            f"expert-parallel ranks hold {counts} of its {selected_count} adapter experts (rank 0 first), so the "
+            f"busiest rank sets the adapter's memory and time there. Selected experts follow the data's routing; "
+            f"expert_parallel_balance(model) lists every block.",
+            SelectedExpertsImbalanceWarning,
+            stacklevel=2,
+        )
+
+
+def expert_parallel_balance(model: nn.Module, adapter_name: str = "default") -> dict[str, list[int]]:
+    """Selective PERFT-E under EP: per MoE block, how many of the adapter's experts each EP rank holds (rank 0
+    first), from the selection alone (no communication)."""
+    balance = {}
+    for module in model.modules():
+        slots = getattr(module, "selected_expert_slots", lambda name: None)(adapter_name)
+        implementation = None
+        if slots is not None and module.spec.experts_name is not None:
+            implementation = getattr(module.spec.experts_module(module.base_layer), _EXPERT_PARALLEL_ATTRIBUTE, None)
+        if implementation is not None:
+            selected_count = int(getattr(module.perft_A[adapter_name], WHOLE_SHAPE_ATTRIBUTE)[0])
+            parts = slots.split(implementation.num_local_experts)
+            balance[module.block_name] = [int((part < selected_count).sum()) for part in parts]
+    return balance
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of an adapter tensor sharded over EP: a DTensor's local shard, or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _layout_sizes(distributed: Any) -> str:

@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from .expert_parallel import SELECTED_ROWS_ATTRIBUTE
+
 # Transformers' Trainer registers its own gradient average for replicated parameters unless this flag is set.
 TRAINER_HOOK_FLAG = "_replicated_grad_hook_registered"
 
@@ -66,11 +68,22 @@ def _average_gradient(parameter: torch.Tensor) -> None:
 
 
 def _unmanaged_trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Trainable parameters that are plain tensors, in a fixed order (the same on every rank)."""
-    return [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+    """Trainable parameters that are plain tensors, in a fixed order (the same on every rank); not the rows of a
+    selective PERFT-E adapter that expert parallelism spreads over the ranks (each rank holds other rows)."""
+    return [
+        p
+        for p in model.parameters()
+        if p.requires_grad and not isinstance(p, DTensor) and not hasattr(p, SELECTED_ROWS_ATTRIBUTE)
+    ]
 
 
-def local_shard(values: torch.Tensor, parameter: DTensor) -> torch.Tensor:
-    """This rank's shard of whole ``values`` laid out as ``parameter`` (FSDP2's or a PERFT layout's), cut from
-    rank 0's values so that every rank holds the same adapter (`PerftMoeBlock.reset_parameters` stores it)."""
+def local_shard(values: torch.Tensor, parameter: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of whole ``values`` laid out as ``parameter`` (FSDP2's or a PERFT layout's, or this rank's
+    rows of a selective PERFT-E adapter under EP), cut from rank 0's values so that every rank holds the same
+    adapter (`PerftMoeBlock.reset_parameters` stores it)."""
+    selected = getattr(parameter, SELECTED_ROWS_ATTRIBUTE, None)
+    if selected is not None:
+        values = values.contiguous()
+        dist.broadcast(values, group=selected.group, group_src=0)
+        return values[selected.rows]
     return distribute_tensor(values, parameter.device_mesh, parameter.placements).to_local()

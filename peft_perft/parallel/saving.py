@@ -4,9 +4,9 @@ peft's `get_peft_model_state_dict` gathers the *whole* model state dict (every b
 ``DTensor.full_tensor()`` per tensor) before keeping the adapter keys. That does not fit at DeepSeek-V3 scale, and
 since the Trainer calls ``save_pretrained`` with ``is_main_process`` false on the other ranks, any extra gather done
 only on the main process (the model card used to do one) leaves one rank waiting in a collective the others never
-join. `install_save_hook` makes `PeftModel.save_pretrained` gather only the adapter's tensors, on every rank, in one
-fixed order, and hand peft that small state dict; `distribute_adapter_state_dict` lays a loaded one out as the
-model's.
+join. `saving_gathered_adapter` (installed by `peft_perft.patches`) makes `PeftModel.save_pretrained` gather only the
+adapter's tensors, on every rank, in one fixed order, and hand peft that small state dict;
+`distribute_adapter_state_dict` lays a loaded one out as the model's.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..loading import ADAPTER_KEY_MARKERS
+from .expert_parallel import SELECTED_ROWS_ATTRIBUTE
 from .replication import is_distributed
 
-_HOOKED = "__perft_sharding_hook__"
 MODULES_TO_SAVE_MARKER = ".modules_to_save."
 
 
@@ -40,11 +40,13 @@ def gathered_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     gathered = {}
     with _zero3_gathered(model):
-        for key, tensor in model.state_dict().items():
+        for key, tensor in model.state_dict(keep_vars=True).items():
             if not _is_adapter_key(key):
                 continue
             if isinstance(tensor, DTensor):
                 tensor = tensor.full_tensor()
+            elif hasattr(tensor, SELECTED_ROWS_ATTRIBUTE):
+                tensor = _all_selected_rows(tensor)
             # A copy, not a view of the live parameter: the optimiser must not change a state dict being saved, and
             # a ZeRO-3 parameter's gathered data is freed when the context ends.
             gathered[key] = tensor.detach().to("cpu", copy=True).contiguous()
@@ -108,13 +110,7 @@ def is_zero3_partitioned(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, "ds_id")
 
 
-def install_save_hook() -> None:
-    """Make `PeftModel.save_pretrained` gather only the adapter on sharded PERFT models (idempotent)."""
-    if not getattr(PeftModel.save_pretrained, _HOOKED, False):
-        PeftModel.save_pretrained = _saving_gathered_adapter(PeftModel.save_pretrained)
-
-
-def _saving_gathered_adapter(save_pretrained: Callable) -> Callable:
+def saving_gathered_adapter(save_pretrained: Callable) -> Callable:
     """Wrap peft's save: in a multi-process run, a PERFT model passes peft its gathered adapter as ``state_dict``
     (unless the caller gives one, as the Trainer does under Accelerate's FSDP and DeepSpeed)."""
 
@@ -124,7 +120,6 @@ def _saving_gathered_adapter(save_pretrained: Callable) -> Callable:
             kwargs["state_dict"] = gathered_adapter_state_dict(self)
         return save_pretrained(self, save_directory, *args, **kwargs)
 
-    setattr(save_perft_adapter, _HOOKED, True)
     return save_perft_adapter
 
 
@@ -147,10 +142,23 @@ def _is_adapter_key(key: str) -> bool:
     return MODULES_TO_SAVE_MARKER in key or any(marker in f"{key}." for marker in ADAPTER_KEY_MARKERS)
 
 
+def _all_selected_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """A selective PERFT-E tensor whole, from the rows each EP rank holds (unequal counts: gathered as objects),
+    which in rank order are the rows in expert order."""
+    group = getattr(tensor, SELECTED_ROWS_ATTRIBUTE).group
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, tensor.detach().cpu(), group=group)
+    return torch.cat(parts)
+
+
 def distribute_like(reference: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` (whole, as saved) laid out as ``reference``: this rank's shard when ``reference`` is a DTensor.
+    """``tensor`` (whole, as saved) laid out as ``reference``: this rank's shard when ``reference`` is a DTensor,
+    its rows for selective PERFT-E under expert parallelism.
 
     Every rank loads the same file, so each takes its own shard without communication."""
+    selected = getattr(reference, SELECTED_ROWS_ATTRIBUTE, None)
+    if selected is not None:
+        return tensor[selected.rows]
     if not isinstance(reference, DTensor) or isinstance(tensor, DTensor):
         return tensor
     return distribute_tensor(tensor, reference.device_mesh, reference.placements, src_data_rank=None)
@@ -158,5 +166,5 @@ def distribute_like(reference: torch.Tensor, tensor: torch.Tensor) -> torch.Tens
 
 def distribute_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A loaded adapter state dict with each tensor laid out as the model's (sharded PERFT-E tensors)."""
-    own = model.state_dict()
+    own = model.state_dict(keep_vars=True)
     return {key: distribute_like(own[key], tensor) if key in own else tensor for key, tensor in state_dict.items()}

@@ -175,7 +175,7 @@ def _experts_of(block: nn.Module) -> nn.Module | None:
 def _can_split(block: nn.Module, adapter_name: str, mesh: DeviceMesh) -> bool:
     """The adapters each TP rank can take ``r / tp`` of."""
     config = block.perft_configs[adapter_name]
-    if config.variant == "E" and block.spec.routes_from_router:
+    if config.follows_base_routing and block.spec.routes_from_router:
         return False
     return config.r % mesh.size() == 0
 
@@ -300,7 +300,7 @@ class TensorParallelExperts:
         return [
             name
             for name in block.active_perft_adapters()
-            if block.perft_configs[name].variant != "E" and is_split_over_tensor_parallel(block, name)
+            if not block.perft_configs[name].follows_base_routing and is_split_over_tensor_parallel(block, name)
         ]
 
     def _router_input(self, experts_input: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """``peft-perft pilot``: PERFT variants and LoRA measured on your model and a slice of your data before a full run.
 
 ``run`` trains and measures the grid and holds the command line, ``report`` records and presents the results
-(table, JSON, plot, recommendation), ``measure`` holds the instruments (step timer, peak memory, held-out losses).
+(table, JSON, recommendation), ``pictures`` draws their plot, ``measure`` holds the instruments (step timer, peak
+memory, held-out losses).
 """
 
 from .report import CandidateResult, PilotReport, PilotSettings, recommend

@@ -18,13 +18,11 @@ import argparse
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftConfig, get_peft_model
@@ -33,20 +31,21 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, set
 from transformers.trainer_callback import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
-from peft_perft import PerftConfig
 from peft_perft.cli.inputs import InputError, require_dataset, require_model
-from peft_perft.demo import (
+from peft_perft.config import PerftConfig
+from peft_perft.evaluation import EvaluationReport, GenerationSettings, evaluate, resolve_tasks
+from peft_perft.quantization import add_quantize_argument
+from peft_perft.workflow import (
     BUNDLED_DATASET,
     BUNDLED_MODEL_DIR,
-    CHECKPOINTING_FIELD,
     bundled_task,
+    datasets_progress_bars_off,
     inference_mode,
     load_base_model,
     load_tokenizer,
     load_user_splits,
 )
-from peft_perft.evaluation import EvaluationReport, GenerationSettings, evaluate, resolve_tasks
-from peft_perft.quantization import add_quantize_argument
+from peft_perft.workflow import sft_config as shared_sft_config
 
 from .measure import (
     PeakMemory,
@@ -65,6 +64,7 @@ from .report import (
     recommend,
     standard_error,
 )
+from .selective import SELECTIVE_KEY, measure_selection, selective_config
 
 REFERENCE_RANK = 8
 ALPHA_PER_RANK = 2
@@ -180,10 +180,12 @@ def run_pilot(settings: PilotSettings, log: Callable[[str], object] = print) -> 
     validate_settings(settings)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_config = AutoConfig.from_pretrained(settings.model)
+    require_causal_lm(model_config, settings.model)
     lora_targets = attention_projection_names(model_config) if "lora" in settings.configs else []
     budget = settings.budget or count_trainable_parameters(model_config, perft_config("R", REFERENCE_RANK))
-    candidates = [match_budget(model_config, key, budget, lora_targets) for key in settings.configs]
     data = load_pilot_data(settings)
+    selection = measure_selection(settings, data.train, device, log) if SELECTIVE_KEY in settings.configs else None
+    candidates = [match_budget(model_config, key, budget, lora_targets, selection) for key in settings.configs]
     log(f"[pilot] {settings.model}: {len(candidates)} configurations at ~{budget:,} trainable parameters")
     log(f"[pilot] {data.description}: {len(data.train)} training, {len(data.eval)} held-out examples")
     results = []
@@ -197,6 +199,18 @@ def run_pilot(settings: PilotSettings, log: Callable[[str], object] = print) -> 
     report = PilotReport(settings, environment(device), budget, results, data.description, data.full_examples)
     report.recommendation = recommend(report)
     return report
+
+
+def require_causal_lm(model_config: PretrainedConfig, name: str) -> None:
+    """The pilot trains text through the causal-LM class: refuse, before building anything, a model type that has
+    none (an image-text-only or encoder-decoder MoE model), saying what trains it instead."""
+    if type(model_config) not in AutoModelForCausalLM._model_mapping:
+        raise InputError(
+            f"--model {name} is a {model_config.model_type!r} model ({type(model_config).__name__}), which "
+            f"Transformers has no causal-LM class for (an image-text-only or encoder-decoder model), and the pilot "
+            f"trains text through AutoModelForCausalLM. Train an image-text MoE model with examples/vlm_perft.py "
+            f"(peft-perft eval scores it on text tasks); an encoder-decoder one with your own seq2seq training loop."
+        )
 
 
 def validate_settings(settings: PilotSettings) -> None:
@@ -264,7 +278,9 @@ def perft_config(variant: str, rank: int) -> PerftConfig:
     return PerftConfig(variant=variant, r=rank, lora_alpha=ALPHA_PER_RANK * rank, task_type="CAUSAL_LM")
 
 
-def build_peft_config(key: str, rank: int, lora_targets: Sequence[str]) -> PeftConfig:
+def build_peft_config(key: str, rank: int, lora_targets: Sequence[str], selection: Any = None) -> PeftConfig:
+    if key == SELECTIVE_KEY:
+        return selective_config(selection, rank, ALPHA_PER_RANK)
     if key == "lora":
         return LoraConfig(
             r=rank, lora_alpha=ALPHA_PER_RANK * rank, target_modules=list(lora_targets), task_type="CAUSAL_LM"
@@ -280,17 +296,19 @@ def count_trainable_parameters(model_config: PretrainedConfig, peft_config: Peft
     return trainable
 
 
-def match_budget(model_config: PretrainedConfig, key: str, budget: int, lora_targets: Sequence[str]) -> Candidate:
+def match_budget(
+    model_config: PretrainedConfig, key: str, budget: int, lora_targets: Sequence[str], selection: Any = None
+) -> Candidate:
     """The rank whose trainable parameters are closest to ``budget`` (at least 1).
 
     Parameters grow linearly with the rank (A and B are r x D and D x r; only PERFT-R's router does not grow), so
     the counts at r = 1 and r = 2 give the slope, and the chosen rank is counted again exactly.
     """
-    at_one = count_trainable_parameters(model_config, build_peft_config(key, 1, lora_targets))
-    at_two = count_trainable_parameters(model_config, build_peft_config(key, 2, lora_targets))
+    at_one = count_trainable_parameters(model_config, build_peft_config(key, 1, lora_targets, selection))
+    at_two = count_trainable_parameters(model_config, build_peft_config(key, 2, lora_targets, selection))
     per_rank = at_two - at_one
     rank = max(1, round((budget - (at_one - per_rank)) / per_rank))
-    peft_config = build_peft_config(key, rank, lora_targets)
+    peft_config = build_peft_config(key, rank, lora_targets, selection)
     return Candidate(key, rank, count_trainable_parameters(model_config, peft_config), peft_config)
 
 
@@ -368,25 +386,22 @@ def sft_config(settings: PilotSettings, device: torch.device) -> SFTConfig:
     checkpointing = (
         device.type == "cuda" if settings.gradient_checkpointing is None else settings.gradient_checkpointing
     )
-    return SFTConfig(
-        output_dir=str(Path(settings.output_dir) / "trainer"),
+    return shared_sft_config(
+        Path(settings.output_dir),
+        device,
         max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
-        per_device_eval_batch_size=settings.batch_size,
+        batch_size=settings.batch_size,
         learning_rate=settings.learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
         seed=settings.seed,
         max_length=settings.max_length,
-        bf16=device.type == "cuda",
-        use_cpu=device.type == "cpu",
+        checkpointing=checkpointing,
+        per_device_eval_batch_size=settings.batch_size,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        eval_strategy="no",
+        report_to="none",
         disable_tqdm=True,
-        dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
-        **{CHECKPOINTING_FIELD: checkpointing},
     )
 
 
@@ -398,15 +413,3 @@ def test_accuracy(model: nn.Module, tokenizer: Any, settings: PilotSettings) -> 
         report = evaluate(model, tokenizer, source, settings=generation, max_samples=settings.test_samples)
         results.update(report.results)
     return EvaluationReport(results)
-
-
-@contextmanager
-def datasets_progress_bars_off() -> Iterator[None]:
-    """Hide the one-line bars of TRL's dataset preparation, which would bury the pilot's own lines."""
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
