@@ -183,19 +183,33 @@ def test_inductor_compiled_forward_matches_eager(variant: str, tokens: torch.Ten
 CUDA_GRAPHS_REASON = "CUDA-graph capture of the decode step needs a CUDA GPU (scripts/gpu_session.sh runs this test)"
 
 
+def _cuda_graph_decode(model: torch.nn.Module, prompt: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """Generate twice (the second replays what the first recorded) with the transformer's forward compiled under
+    reduce-overhead: the tokens, how many times Inductor skipped CUDA graphs, and whether it recorded any."""
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.forward = torch.compile(base.forward, fullgraph=True, mode="reduce-overhead")
+    for _ in range(2):
+        generated = model.generate(input_ids=prompt, **_generate_settings())
+    manager = torch._inductor.cudagraph_trees.get_manager(prompt.device.index, create_if_none_exists=False)
+    recorded = manager is not None and any(manager.roots.values())
+    return generated, counters["inductor"]["cudagraph_skips"], recorded
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_GRAPHS_REASON)
 @pytest.mark.parametrize("variant", ["E", "R"])
 def test_reduce_overhead_decode_captures_the_perft_path_in_cuda_graphs(variant: str, tokens: torch.Tensor):
-    """bf16 on the GPU: Inductor must not skip CUDA graphs for the decode step (``cudagraph_or_error`` turns a skip,
-    such as a CPU op or a host read in the graph, into an error), and the captured steps give the eager tokens."""
+    """bf16 on the GPU: the PERFT model's decode is recorded in CUDA graphs, Inductor skips them no more often than
+    for the frozen model under the same calls (a skip comes from a CPU op, a host read or a mutated input in the
+    graph), and the replayed steps give the eager tokens."""
+    prompt = tokens[:1].cuda()
+    frozen = build_tiny().to(device="cuda", dtype=torch.bfloat16)
+    _, frozen_skips, _ = _cuda_graph_decode(frozen, prompt)
     model = _perft_model(variant, torch.bfloat16).cuda().eval()
     eager = copy.deepcopy(model)
-    base = model.get_base_model()
-    base.forward = torch.compile(base.forward, fullgraph=True, mode="reduce-overhead")
-    prompt = tokens[:1].cuda()
-    with torch._inductor.config.patch({"triton.cudagraph_or_error": True}):
-        for _ in range(2):  # the second generate replays the graphs recorded by the first
-            generated = model.generate(input_ids=prompt, **_generate_settings())
-    manager = torch._inductor.cudagraph_trees.get_manager(prompt.device.index, create_if_none_exists=False)
-    assert manager is not None and any(manager.roots.values()), "no CUDA graph was recorded"
+    generated, skips, recorded = _cuda_graph_decode(model, prompt)
+    assert recorded, "no CUDA graph was recorded"
+    assert skips <= frozen_skips, f"Inductor skipped CUDA graphs {skips} times for PERFT, {frozen_skips} for frozen"
     assert torch.equal(generated, eager.generate(input_ids=prompt, **_generate_settings()))
