@@ -180,9 +180,9 @@ def _refuses(hidden_size: int, dtype: torch.dtype) -> str | None:
 
 def _preferred(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
     """Eager: worth sorting (enough tokens, and the dense backend would spend most of its work on unselected
-    experts). Compiled: every call bigger than a decode step (those go to ``gather``), so the compiled step's
-    adapter FLOPs scale with the routed pairs, not with all N experts; the eager cost model was fitted to
-    uncompiled kernels, and under compile the gather and scatter around the GEMMs fuse into their neighbours."""
+    experts). Compiled: every call bigger than a decode step (those go to ``gather``), so that the compiled
+    step's adapter FLOPs follow the routed pairs, not all N experts, wherever it runs; the eager cost model was
+    fitted to uncompiled kernels on one CPU and says nothing about compiled code (BENCHMARKS.md)."""
     if torch.compiler.is_compiling():
         return not decode_sized(lora_A.shape[0], expert_index)
     return sorting_pays_off(hidden, lora_A, expert_index)
