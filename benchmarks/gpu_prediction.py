@@ -25,7 +25,7 @@ import argparse
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from peft_perft.architectures import find_moe_blocks
@@ -65,7 +65,11 @@ class AdapterCounts:
 
 def flagship_counts(model_type: str) -> FlagshipCounts:
     """Count the default-config model's weights on the meta device."""
-    config = CONFIG_MAPPING[model_type]()
+    return config_counts(CONFIG_MAPPING[model_type]())
+
+
+def config_counts(config: PretrainedConfig) -> FlagshipCounts:
+    """Count the weights of a causal LM of this config, built on the meta device (any size, no memory)."""
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(parameter.numel() for parameter in model.parameters())

@@ -224,23 +224,41 @@ def test_forced_backends_fail_clearly_where_they_cannot_run():
         select_backend("megablocks", hidden, lora_A, index)
 
 
-def test_compiled_call_falls_back_and_matches_the_loop():
-    """Under torch.compile the sorted backends step aside (data-dependent shapes); the result is unchanged."""
+@pytest.mark.parametrize(("tokens", "backend"), [(300, "grouped_mm"), (1, "gather")])
+def test_compiled_call_takes_a_routed_backend_and_matches_the_loop(tokens: int, backend: str):
+    """Under torch.compile (one graph) ``auto`` takes ``grouped_mm`` (through the ``peft_perft::grouped_mm``
+    operator), or ``gather`` for a decode step: never ``dense``, whose FLOPs grow with all N experts. Outputs and
+    all gradients equal the per-token loop."""
     generator = torch.Generator().manual_seed(0)
     hidden, lora_A, lora_B = (
-        torch.randn(300, 16, generator=generator),
+        torch.randn(tokens, 16, generator=generator),
         torch.randn(12, 8, 16, generator=generator),
         torch.randn(12, 16, 8, generator=generator),
     )
-    index, weight = make_routing("top_k", 300, 12, 2, generator)
-    compiled = torch.compile(routed_experts, backend="eager", fullgraph=True)
-    out = compiled(hidden, lora_A, lora_B, index, weight, F.silu)
-    assert_close(
-        out,
-        reference_routed(*(v.double() for v in (hidden, lora_A, lora_B)), index, weight.double(), F.silu),
-        torch.float32,
-        "compiled output",
-    )
+    index, weight = make_routing("top_k", tokens, 12, 2, generator)
+    chosen = []
+
+    def routed(*inputs):
+        chosen.append(select_backend("auto", inputs[0], inputs[1], inputs[3]).name)
+        return routed_experts(*inputs, F.silu)
+
+    inputs = [value.clone().requires_grad_() for value in (hidden, lora_A, lora_B)] + [index]
+    inputs.append(weight.clone().requires_grad_())
+    out = torch.compile(routed, backend="aot_eager", fullgraph=True)(*inputs)
+    assert chosen == [backend]
+    seed_grad = torch.randn(out.shape, generator=generator)
+    reference_inputs = [v.double().requires_grad_() for v in (hidden, lora_A, lora_B)]
+    reference_inputs += [index, weight.double().requires_grad_()]
+    expected = reference_routed(*reference_inputs, F.silu)
+    assert_close(out, expected, torch.float32, "compiled output")
+    differentiable = [v for v in inputs if v.dtype.is_floating_point]
+    expected_differentiable = [v for v in reference_inputs if v.dtype.is_floating_point]
+    for got, want in zip(
+        gradients(out, differentiable, seed_grad),
+        gradients(expected, expected_differentiable, seed_grad.double()),
+        strict=True,
+    ):
+        assert_close(got, want, torch.float32, "compiled gradient")
 
 
 @settings(max_examples=15, deadline=None, derandomize=True)

@@ -13,11 +13,12 @@ experts implementations do in ``integrations/moe.py``:
 * ``megablocks`` (CUDA, bf16, optional extra): MegaBlocks' sort, histogram, cumsum, gather, scatter and
   grouped GEMM.
 * ``grouped_mm``: PyTorch's grouped GEMM over (token, expert) pairs sorted by expert; pays off when N * r / K is
-  large (the dense backend then wastes most of its work on unselected experts).
+  large (the dense backend then wastes most of its work on unselected experts). All its shapes are static, so it is
+  also what ``auto`` takes under ``torch.compile`` for every call bigger than a decode step.
 * ``gather``: gathers the selected experts' weights and runs two batched matmuls; no sorting, for decode-sized
   token counts.
-* ``dense``: every token through every expert, unselected ones weighted 0; tiny shapes, old torch and
-  ``torch.compile``.
+* ``dense``: every token through every expert, unselected ones weighted 0; tiny shapes and old torch (compiled,
+  only where ``grouped_mm`` cannot run).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Dense backend: every token through every expert's down-projection, then a routing-weighted up-projection.
 
 Exact (unselected experts get weight 0) and made of two plain GEMMs, so it is fast when N * r is small
-compared with D, works with any dtype, device and ``torch.compile``, and needs no sorting.
+compared with D, works with any dtype and device, and needs no sorting.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ That is PERFT-E at its FLOP floor: no second sort, gather, un-permute or weighte
 ``install`` replaces the forward of one experts module by a wrapper that, per call, asks its PERFT block which
 E adapters are pending. Where the user's chosen implementation (read from the config at every call, so
 ``set_experts_implementation`` keeps working) is ``grouped_mm`` and nothing else stands in the way (expert
-parallelism, ``torch.compile``, a decode step on CPU), it computes base and adapters together and marks the
-adapters done; otherwise it calls the chosen implementation (or the module's own forward) unchanged and lets the
-block add the pending adapters through a dispatch backend. The block's forward hook stays as the fallback for a
+parallelism, a decode step on CPU), eager or under ``torch.compile``, it computes base and adapters together and
+marks the adapters done; otherwise it calls the chosen implementation (or the module's own forward) unchanged and
+lets the block add the pending adapters through a dispatch backend. The block's forward hook stays as the fallback for a
 module whose forward cannot be replaced (one already wrapped at instance level) and adds only what is still pending.
 """
 
@@ -32,7 +32,7 @@ from transformers.integrations import moe as transformers_moe
 from . import as_dtype
 from .gather import decode_sized
 from .grouped import GroupedLinear, aligned, kernel_runs
-from .sorting import pad_rank
+from .sorting import group_ends, pad_rank
 
 FUSED_IMPLEMENTATION = "grouped_mm"
 """The Transformers experts implementation whose permutation PERFT-E shares."""
@@ -119,8 +119,9 @@ def _uses_experts_interface(experts: nn.Module) -> bool:
 
 
 def _fusable_call(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor) -> bool:
-    """The chosen implementation is grouped_mm, in eager mode, on one device's full expert set, in the layout
+    """The chosen implementation is grouped_mm, on one device's full expert set, in the layout
     grouped_mm_experts_forward reads (2-D hidden states and routing), and the call is not a CPU decode step.
+    Eager or compiled: every shape on this path is static (see ``grouped``).
 
     On CPU, torch's grouped_mm runs one GEMM per group, empty groups included (64 ``mm`` calls per grouped GEMM
     for OLMoE's 64 experts, under torch.profiler with torch 2.13): on a decode-sized call the adapter's two grouped
@@ -129,7 +130,7 @@ def _fusable_call(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.T
         return False
     if experts.config._experts_implementation != FUSED_IMPLEMENTATION or experts._is_expert_parallel:
         return False
-    if torch.compiler.is_compiling() or hidden.dim() != 2 or top_k_index.dim() != 2:
+    if hidden.dim() != 2 or top_k_index.dim() != 2:
         return False
     return not (hidden.device.type == "cpu" and decode_sized(experts.num_experts, top_k_index))
 
@@ -154,9 +155,7 @@ def grouped_experts_with_adapters(
     num_tokens, top_k = top_k_index.shape
     with torch.no_grad():
         expert_ids, order = torch.sort(top_k_index.reshape(-1))
-        tokens_per_expert = torch.bincount(expert_ids, minlength=experts.num_experts)
-        offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
-        empty = (tokens_per_expert == 0).view(-1, 1, 1)
+        offsets, empty = group_ends(expert_ids, experts.num_experts)
     token_of_pair = order // top_k
     rows = hidden_states.index_select(0, token_of_pair)
     pair_output = _base_pairs(experts, rows, expert_ids, offsets)

@@ -44,12 +44,21 @@ def sort_pairs_by_expert(expert_index: torch.Tensor, num_experts: int) -> Expert
     """
     top_k = expert_index.shape[1]
     sorted_experts, order = torch.sort(expert_index.reshape(-1), stable=True)
-    expert_ids = torch.arange(num_experts, device=expert_index.device, dtype=sorted_experts.dtype)
+    offsets, empty = group_ends(sorted_experts, num_experts)
+    return ExpertSortedPairs(order=order, token=order // top_k, offsets=offsets, empty=empty)
+
+
+@torch.no_grad()
+def group_ends(sorted_experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's group end (int32, N) in expert ids sorted ascending, and which groups are empty (N, 1, 1).
+
+    ``searchsorted`` rather than ``bincount``: deterministic on every device (no atomics), already cumulative,
+    and of static shape N whatever the ids, so ``torch.compile`` traces it without a graph break (``bincount``'s
+    output length depends on the largest id)."""
+    expert_ids = torch.arange(num_experts, device=sorted_experts.device, dtype=sorted_experts.dtype)
     ends = torch.searchsorted(sorted_experts, expert_ids, right=True)
     starts = torch.searchsorted(sorted_experts, expert_ids, right=False)
-    return ExpertSortedPairs(
-        order=order, token=order // top_k, offsets=ends.to(torch.int32), empty=(ends == starts).view(-1, 1, 1)
-    )
+    return ends.to(torch.int32), (ends == starts).view(-1, 1, 1)
 
 
 def sorting_pays_off(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from peft_perft import PerftConfig
-from peft_perft.demo import load_base_model, load_tokenizer
-from peft_perft.selection import ExpertSelection, select_experts
+from ..config import PerftConfig
+from ..selection import ExpertSelection, select_experts
+from ..workflow import load_base_model, load_tokenizer
 
 SELECTIVE_KEY = "E_sel"
 SELECTIVE_MASS = 0.8
