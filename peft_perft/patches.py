@@ -59,6 +59,11 @@ def _register_perft_method() -> None:
         register_peft_method(name="perft", config_cls=PerftConfig, model_cls=PerftModel, prefix=PerftModel.prefix)
 
 
+def _define_the_grouped_mm_operator() -> None:
+    """Importing `dispatch.grouped` defines ``peft_perft::grouped_mm`` (once per process)."""
+    importlib.import_module("peft_perft.dispatch.grouped")
+
+
 def _give_the_block_sharded_init() -> None:
     """The core block initialises DTensor adapters through `parallel.local_shard` without importing `parallel`."""
     PerftMoeBlock.local_shard = staticmethod(local_shard)
@@ -135,6 +140,19 @@ PATCHES: tuple[Patch, ...] = (
         perft_only="A new name in Transformers' registry; models choose it explicitly.",
         undo="Remove the 'perft' entry from EPImplementationInterface's registry.",
         register=install_expert_parallel,
+    ),
+    Patch(
+        targets=(
+            "torch.library:_defs",
+            "torch.library:_impls",
+            "torch._library.custom_ops:OPDEF_TO_LIB",
+            "torch.jit._builtins:_builtin_table",
+        ),
+        why="torch.compile sees PERFT's grouped multiply as one opaque operator with a static output shape "
+        "(torch 2.13's compile-time kernel for _grouped_mm takes bf16 only).",
+        perft_only="A new operator in PERFT's own namespace, peft_perft::grouped_mm; no existing operator changes.",
+        undo="Not undoable in a running process (torch keeps defined operators); nothing else calls it.",
+        register=_define_the_grouped_mm_operator,
     ),
     Patch(
         targets=("peft_perft.layer:PerftMoeBlock.local_shard",),
