@@ -455,7 +455,7 @@ def targets(summary: dict) -> list[dict]:
                         key="lora_experts_over_this",
                     )
                 )
-    decode_targets = COMPILED_DECODE_TARGETS if summary["settings"].get("compile") else DECODE_TARGETS
+    decode_targets = COMPILED_DECODE_TARGETS if summary.get("settings", {}).get("compile") else DECODE_TARGETS
     for name, limit in decode_targets.items():
         if name in rows and "decode_vs_frozen_paired" in rows[name]:
             found.append(_target(f"{name} decode", "<=", limit, rows[name], "", key="decode_vs_frozen"))

@@ -20,6 +20,7 @@ see docs/big_models.md.
 from __future__ import annotations
 
 import gc
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -41,6 +42,8 @@ PAPER_LEARNING_RATES = {"olmoe": 1e-5, "mixtral": 2e-5}
 # bf16 only on a GPU: SFTConfig's own default turns it on, which Transformers refuses on a CPU.
 PAPER_DEFAULTS = {"num_train_epochs": 3, "max_length": 256, "dtype": "auto", "bf16": torch.cuda.is_available()}
 FLAG_PREFIX = "perft_"
+JSON_OPTIONS = ("target_experts", "rank_pattern")
+"""PerftConfig options given on the command line as JSON (a mapping per MoE block)."""
 
 
 @dataclass
@@ -106,9 +109,23 @@ class PerftArguments:
         default=None, metadata={"help": "Token ids whose embeddings are trained."}
     )
 
+    perft_target_experts: str | None = field(
+        default=None,
+        metadata={"help": 'Selective PERFT-E, as JSON: {"model.layers.0.mlp": [0, 3], ...} (peft_perft.selection).'},
+    )
+    perft_target_experts_source: str | None = field(
+        default=None, metadata={"help": "How --perft_target_experts was chosen (shown on the model card)."}
+    )
+    perft_rank_pattern: str | None = field(
+        default=None, metadata={"help": 'A rank per MoE block, as JSON: {"model.layers.0.mlp": 16, ...}.'}
+    )
+
     def to_config(self) -> PerftConfig:
         """The PerftConfig these flags describe, with the paper's lora_alpha = 2 r when none is given."""
         options = {item.name.removeprefix(FLAG_PREFIX): getattr(self, item.name) for item in fields(self)}
+        for name in JSON_OPTIONS:
+            if isinstance(options[name], str):
+                options[name] = json.loads(options[name])
         if options["lora_alpha"] is None:
             options["lora_alpha"] = 2 * options["r"]
         return PerftConfig(task_type="CAUSAL_LM", **options)
