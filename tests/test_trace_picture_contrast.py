@@ -6,7 +6,7 @@ import matplotlib
 import numpy as np
 from matplotlib.colors import to_rgb
 
-from peft_perft.monitor.trace import TRACE_COLOURMAP, digit_colour
+from peft_perft.monitor.pictures import TRACE_COLOURMAP, digit_colour
 
 matplotlib.use("Agg")
 

@@ -10,17 +10,18 @@ dataset, as data and pictures.
 `routing_trace` gives per-token routing for one input (the audit trace), `modality_load` splits it by modality
 (image and text tokens of a vision-language model), and `NumericsGuard` /
 `NumericsCallback` flag non-finite adapter outputs per layer. The code lives in the modules of this package:
-`stats` (the figures, `RoutingReport`, collapse criteria, heatmaps), `counting` (`RoutingMonitor`), `callback`
-(the Trainer integration), `dataset` (`routing_report`), `trace` (`routing_trace`), `modality` and `health` (numerical
-health). Import the public names from here.
+`stats` (the figures, `RoutingReport`, collapse criteria), `counting` (`RoutingMonitor`), `callback`
+(the Trainer integration), `dataset` (`routing_report`), `trace` (`routing_trace`), `modality`, `pictures` (every
+picture: heatmaps, the trace's grids, the modality picture) and `health` (numerical health). Import the public names
+from here.
 """
 
 from .callback import RoutingMonitorCallback, add_routing_monitor
 from .counting import RoutingMonitor
 from .dataset import routing_report
 from .health import NonFiniteError, NumericsCallback, NumericsGuard
-from .modality import ModalityLoad, draw_modality_load, modality_load, stack_load
-from .pictures import draw_load_heatmap
+from .modality import ModalityLoad, modality_load, stack_load
+from .pictures import draw_load_heatmap, draw_modality_load
 from .stats import CollapseCriteria, RouterCollapseWarning, RouterStats, RoutingReport
 from .trace import RoutingTrace, routing_trace
 

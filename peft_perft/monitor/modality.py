@@ -5,19 +5,17 @@ the vision tower replaced; which token ids those are is in the model's config (`
 `RoutingTrace` and that map, `modality_load` counts per layer how often each base expert (and each PERFT-R expert)
 was chosen by the tokens of each modality, `ModalityLoad.overlap` says how much two modalities' expert loads
 coincide (1: the same distribution, 0: disjoint experts), `stack_load` does the same for the encoder and decoder
-of an encoder-decoder model, and `draw_modality_load` draws both modalities as one
+of an encoder-decoder model. `peft_perft.monitor.pictures.draw_modality_load` draws both modalities as one
 layer x expert heatmap on the shared relative scale of the routing pictures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .pictures import draw_load_heatmap
 from .trace import RoutingTrace, in_decoder
 
 TEXT = "text"
@@ -135,22 +133,3 @@ def _group_columns(rows: list[dict], experts: int) -> dict[str, int]:
     return {
         module: rank * experts for modules in modules_by_layer.values() for rank, module in enumerate(sorted(modules))
     }
-
-
-def draw_modality_load(
-    load: ModalityLoad, path: str | Path, title: str, caption: str, modalities: Sequence[str] = (IMAGE, TEXT)
-) -> Path:
-    """One heatmap: a block of layer rows per modality, experts as columns, each row's label giving the layer's
-    overlap between the first two modalities."""
-    overlap = load.overlap(*modalities[:2])
-    shares = load.shares()
-    rows, labels = [], []
-    for modality in modalities:
-        for index, layer in enumerate(load.layers):
-            rows.append(shares[load.modalities.index(modality), index].tolist())
-            labels.append(f"{modality} L{layer} (overlap {overlap[index]:.2f})")
-    mean = overlap.mean().item()
-    caption = f"{caption} Mean {modalities[0]}/{modalities[1]} overlap over layers: {mean:.2f}."
-    return draw_load_heatmap(
-        title, labels, rows, load.top_k / load.num_experts, Path(path), caption, row_groups=len(modalities)
-    )

@@ -1,4 +1,6 @@
-"""The routing pictures: layer x expert heatmaps of a `RoutingReport`, readable from 4 to 256 experts and 60 layers.
+"""The routing pictures: layer x expert heatmaps of a `RoutingReport` and of a `ModalityLoad`, and the token x layer
+grids of a `RoutingTrace`, readable from 4 to 256 experts and 60 layers. Every picture of the monitor is drawn here;
+the other modules compute the figures and call in. matplotlib is imported only when a picture is drawn.
 
 Every heatmap colours an expert's load relative to a perfectly balanced router, ``load / (top_k / num_experts)``,
 on one fixed logarithmic scale (1/8x .. 8x, balanced in the middle). The scale therefore means the same for the base
@@ -11,19 +13,28 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .modality import IMAGE, TEXT
 from .stats import BASE_ROUTER
 
 if TYPE_CHECKING:
+    from .modality import ModalityLoad
     from .stats import RouterStats, RoutingReport
 
 RATIO_LIMIT = 8.0  # colour scale: 1/8x .. 8x the balanced load
 MAX_ANNOTATED_CELLS = 256
 MAX_TICKS = 32
 COLORMAP = "RdBu_r"  # blue: fewer tokens than balanced, white: balanced, red: more
+TRACE_COLOURMAP = "YlGnBu"  # the trace's share of the routing weight, 0..1: pale yellow to dark blue
+TOKENS_PER_STRIP = 64
+MAX_LAYER_TICKS = 30
+
+TraceCell = tuple[int, int, int, float | None]
+"""One cell of a trace panel: (layer, position, the token's top expert, that expert's share of the token's routing
+weight; None where the weights do not sum to a positive number)."""
 
 
 def relative_loads(loads: Sequence[float], balanced: float) -> list[float]:
@@ -43,11 +54,7 @@ def draw_load_heatmap(
     row_groups: int = 1,
 ) -> Path:
     """Rows x experts on the shared relative scale; ``row_groups`` > 1 draws a line between consecutive groups."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     num_rows, num_experts = len(loads), len(loads[0])
     width = min(max(7.0, 2.8 + 0.32 * num_experts), 26.0)
     height = min(max(2.6, 1.9 + (0.36 if num_rows <= 24 else 0.2) * num_rows), 30.0)
@@ -94,9 +101,20 @@ def report_caption(report: Any, group: Sequence[Any]) -> str:
     return f"{source}: {passes}, {tokens:,.0f} tokens per layer"
 
 
-def _spaced(count: int) -> list[int]:
-    """Every index when there are few, else about MAX_TICKS evenly spaced ones."""
-    step = max(1, math.ceil(count / MAX_TICKS))
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only, no display), imported when a picture is drawn, so that
+    importing the monitor does not load matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _spaced(count: int, most: int = MAX_TICKS) -> list[int]:
+    """Every index when there are at most ``most``, else about ``most`` evenly spaced ones."""
+    step = max(1, math.ceil(count / most))
     return list(range(0, count, step))
 
 
@@ -118,3 +136,96 @@ def draw_router_heatmap(report: RoutingReport, label: str, group: list[RouterSta
         path,
         report_caption(report, group),
     )
+
+
+def draw_modality_load(
+    load: ModalityLoad, path: str | Path, title: str, caption: str, modalities: Sequence[str] = (IMAGE, TEXT)
+) -> Path:
+    """One heatmap: a block of layer rows per modality, experts as columns, each row's label giving the layer's
+    overlap between the first two modalities."""
+    overlap = load.overlap(*modalities[:2])
+    shares = load.shares()
+    rows, labels = [], []
+    for modality in modalities:
+        for index, layer in enumerate(load.layers):
+            rows.append(shares[load.modalities.index(modality), index].tolist())
+            labels.append(f"{modality} L{layer} (overlap {overlap[index]:.2f})")
+    mean = overlap.mean().item()
+    caption = f"{caption} Mean {modalities[0]}/{modalities[1]} overlap over layers: {mean:.2f}."
+    return draw_load_heatmap(
+        title, labels, rows, load.top_k / load.num_experts, Path(path), caption, row_groups=len(modalities)
+    )
+
+
+def digit_colour(cell_rgba: tuple[float, ...]) -> str:
+    """Black digits on light cells, white on dark ones (the colour map runs from pale yellow to dark blue): whichever
+    contrasts more with the cell, by the WCAG relative luminance."""
+
+    def linear(channel: float) -> float:
+        return channel / 12.92 if channel <= 0.04045 else ((channel + 0.055) / 1.055) ** 2.4
+
+    red, green, blue = (linear(channel) for channel in cell_rgba[:3])
+    luminance = 0.2126 * red + 0.7152 * green + 0.0722 * blue
+    return "black" if (luminance + 0.05) / 0.05 >= 1.05 / (luminance + 0.05) else "white"
+
+
+def draw_routing_trace(
+    panels: Sequence[tuple[str, Sequence[TraceCell]]],
+    token_labels: Mapping[int, str],
+    layers: Sequence[int],
+    path: Path,
+    example: int,
+) -> Path:
+    """Token x layer grids, one per router panel (`RoutingTrace.plot`): each cell names the token's top expert in
+    that layer and is coloured by the share of the token's routing weight that expert got (one 0..1 scale for every
+    panel). Long inputs wrap into several strips of at most `TOKENS_PER_STRIP` tokens, so cells stay readable at 60
+    layers and 256 experts. ``token_labels`` maps every position to the text its column shows."""
+    plt = _pyplot()
+    positions = sorted(token_labels)
+    strips = [positions[start : start + TOKENS_PER_STRIP] for start in range(0, len(positions), TOKENS_PER_STRIP)]
+    cell_height = 0.28 if len(layers) <= 24 else 0.16
+    strip_height = 1.2 + cell_height * len(layers)
+    columns = max(len(strip) for strip in strips)
+    figure, axes = plt.subplots(
+        len(panels) * len(strips),
+        1,
+        figsize=(min(max(8.0, 2.5 + 0.42 * columns), 30.0), 0.8 + strip_height * len(panels) * len(strips)),
+        squeeze=False,
+        layout="constrained",
+    )
+    image = None
+    for index, ((title, cells), strip) in enumerate((panel, strip) for panel in panels for strip in strips):
+        axis = axes[index, 0]
+        image = _draw_trace_strip(plt, axis, cells, list(layers), strip)
+        axis.set_xticks(range(len(strip)), [token_labels[position] for position in strip], rotation=90, fontsize=7)
+        part = f", tokens {strip[0]}-{strip[-1]}" if len(strips) > 1 else ""
+        axis.set_title(
+            f"{title}: top expert of each token in each layer, example {example}, "
+            f"{len(positions)} tokens, layers {layers[0]}-{layers[-1]}{part}",
+            fontsize=9,
+        )
+    figure.colorbar(image, ax=axes[:, 0].tolist(), shrink=0.6, label="share of the token's routing weight")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _draw_trace_strip(plt: Any, axis: Any, cells: Sequence[TraceCell], layers: list[int], strip: list[int]) -> Any:
+    """One panel's cells of the positions in ``strip``: the share as colour, the top expert written in; returns the
+    image for the colour bar."""
+    import numpy as np
+
+    share = np.full((len(layers), len(strip)), np.nan)
+    font = 6 if len(layers) <= 24 else 5
+    for layer, position, expert, weight_share in cells:
+        if position not in strip:
+            continue
+        cell = (layers.index(layer), strip.index(position))
+        share[cell] = np.nan if weight_share is None else weight_share
+        colour = "black" if weight_share is None else digit_colour(plt.get_cmap(TRACE_COLOURMAP)(share[cell]))
+        axis.text(cell[1], cell[0], str(expert), ha="center", va="center", fontsize=font, color=colour)
+    image = axis.imshow(share, aspect="auto", cmap=TRACE_COLOURMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
+    ticks = _spaced(len(layers), MAX_LAYER_TICKS)
+    axis.set_yticks(ticks, [str(layers[index]) for index in ticks], fontsize=7)
+    axis.set_ylabel("layer")
+    return image

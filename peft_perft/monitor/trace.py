@@ -24,7 +24,6 @@ from .adapted_layers import AdaptedLayer, active_perft_adapters, find_adapted_la
 
 ROUTED_BY_OWN_ROUTER = "R"
 ROUTED_BY_BASE = "E"
-TOKENS_PER_STRIP = 64
 
 
 class BaseRoutingTap:
@@ -152,10 +151,17 @@ class RoutingTrace:
 
     def plot(self, path: str | Path, example: int = 0) -> Path:
         """Save a token x layer picture of one example: the top expert of each router, selected experts written in."""
+        from .pictures import draw_routing_trace  # here, not above: pictures imports modality, which imports us
+
         rows = self.rows_for(example)
         if not rows:
             raise ValueError(f"Example {example} is not in this trace; it holds examples {self.examples()}.")
-        return _plot_example(rows, _prepared(path), example)
+        panels = [(title, _panel_cells(rows, key)) for title, key in _plot_panels(rows)]
+        if not panels:
+            raise ValueError("Nothing to draw: this trace has neither base routing nor a PERFT-R adapter.")
+        labels = {row["position"]: _display_text(row) for row in rows}
+        layers = sorted({row["layer"] for row in rows})
+        return draw_routing_trace(panels, labels, layers, _prepared(path), example)
 
 
 TRACE_COLUMNS = (
@@ -382,21 +388,6 @@ def _plot_panels(rows: list[dict[str, Any]]) -> Iterator[tuple[str, str]]:
         yield f"PERFT-R router ({adapter})", adapter
 
 
-TRACE_COLOURMAP = "YlGnBu"
-
-
-def digit_colour(cell_rgba: tuple[float, ...]) -> str:
-    """Black digits on light cells, white on dark ones (the colour map runs from pale yellow to dark blue): whichever
-    contrasts more with the cell, by the WCAG relative luminance."""
-
-    def linear(channel: float) -> float:
-        return channel / 12.92 if channel <= 0.04045 else ((channel + 0.055) / 1.055) ** 2.4
-
-    red, green, blue = (linear(channel) for channel in cell_rgba[:3])
-    luminance = 0.2126 * red + 0.7152 * green + 0.0722 * blue
-    return "black" if (luminance + 0.05) / 0.05 >= 1.05 / (luminance + 0.05) else "white"
-
-
 def _display_text(row: dict[str, Any]) -> str:
     """The token as the reader sees it: decoded text with visible spaces and newlines, else its id."""
     text = row.get("text") if row.get("text") is not None else row["token"]
@@ -405,68 +396,18 @@ def _display_text(row: dict[str, Any]) -> str:
     return text.replace(" ", "\u2423").replace("\n", "\u23ce").replace("\t", "\u21e5") or "\u2205"
 
 
-def _plot_example(rows: list[dict[str, Any]], path: Path, example: int) -> Path:
-    """Token x layer grids, one per router: each cell names the token's top expert in that layer and is coloured by
-    the share of the token's routing weight that expert got (one 0..1 scale for every panel). Long inputs wrap into
-    several strips of at most `TOKENS_PER_STRIP` tokens, so cells stay readable at 60 layers and 256 experts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    positions = sorted({row["position"] for row in rows})
-    layer_ids = sorted({row["layer"] for row in rows})
-    labels = {row["position"]: _display_text(row) for row in rows}
-    panels = list(_plot_panels(rows))
-    if not panels:
-        raise ValueError("Nothing to draw: this trace has neither base routing nor a PERFT-R adapter.")
-    strips = [positions[start : start + TOKENS_PER_STRIP] for start in range(0, len(positions), TOKENS_PER_STRIP)]
-    cell_height = 0.28 if len(layer_ids) <= 24 else 0.16
-    strip_height = 1.2 + cell_height * len(layer_ids)
-    columns = max(len(strip) for strip in strips)
-    figure, axes = plt.subplots(
-        len(panels) * len(strips),
-        1,
-        figsize=(min(max(8.0, 2.5 + 0.42 * columns), 30.0), 0.8 + strip_height * len(panels) * len(strips)),
-        squeeze=False,
-        layout="constrained",
-    )
-    image = None
-    for index, ((title, key), strip) in enumerate((panel, strip) for panel in panels for strip in strips):
-        axis = axes[index, 0]
-        share = np.full((len(layer_ids), len(strip)), np.nan)
-        for row in rows:
-            experts, weights = _panel_routing(row, key)
-            if experts is None or row["position"] not in strip or not experts:
-                continue
-            cell = (layer_ids.index(row["layer"]), strip.index(row["position"]))
-            best = int(np.argmax(weights))
-            total = float(sum(weights))
-            share[cell] = weights[best] / total if total > 0 else np.nan
-            font = 6 if len(layer_ids) <= 24 else 5
-            colour = digit_colour(plt.get_cmap(TRACE_COLOURMAP)(share[cell])) if total > 0 else "black"
-            axis.text(cell[1], cell[0], str(experts[best]), ha="center", va="center", fontsize=font, color=colour)
-        image = axis.imshow(share, aspect="auto", cmap=TRACE_COLOURMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
-        axis.set_yticks(_every(len(layer_ids), 30), [str(layer_ids[i]) for i in _every(len(layer_ids), 30)], fontsize=7)
-        axis.set_ylabel("layer")
-        axis.set_xticks(range(len(strip)), [labels[position] for position in strip], rotation=90, fontsize=7)
-        part = f", tokens {strip[0]}-{strip[-1]}" if len(strips) > 1 else ""
-        axis.set_title(
-            f"{title}: top expert of each token in each layer, example {example}, "
-            f"{len(positions)} tokens, layers {layer_ids[0]}-{layer_ids[-1]}{part}",
-            fontsize=9,
-        )
-    figure.colorbar(image, ax=axes[:, 0].tolist(), shrink=0.6, label="share of the token's routing weight")
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
-
-
-def _every(count: int, most: int) -> list[int]:
-    """Every index up to ``most`` of them, else evenly spaced ones."""
-    step = max(1, -(-count // most))
-    return list(range(0, count, step))
+def _panel_cells(rows: list[dict[str, Any]], key: str) -> list[tuple[int, int, int, float | None]]:
+    """(layer, position, top expert, its share of the token's routing weight) of every row routed in the panel
+    ``key``, in row order; the share is None where the weights do not sum to a positive number."""
+    cells = []
+    for row in rows:
+        experts, weights = _panel_routing(row, key)
+        if not experts:
+            continue
+        best = max(range(len(weights)), key=weights.__getitem__)
+        total = float(sum(weights))
+        cells.append((row["layer"], row["position"], experts[best], weights[best] / total if total > 0 else None))
+    return cells
 
 
 def _panel_routing(row: dict[str, Any], key: str) -> tuple[list | None, list | None]:
