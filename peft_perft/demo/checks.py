@@ -35,12 +35,13 @@ def validate_demo_args(args: DemoSettings) -> PerftConfig:
     require_positive(args.learning_rate, "--learning-rate")
     for flag in ("num_experts", "top_k", "max_new_tokens", "threads"):
         require_positive(getattr(args, flag), f"--{flag.replace('_', '-')}", allow_none=True)
-    if args.variant == "E" and args.num_experts is not None:
+    variant = _variant_defaults(args.variant)
+    if variant.follows_base_routing and args.num_experts is not None:
         raise InputError(
             f"--num-experts {args.num_experts} does not apply to --variant E: PERFT-E gives every base expert its own "
             f"adapter expert, so it always has the model's expert count. Drop --num-experts (or use --variant R)."
         )
-    if args.variant != "R" and args.top_k is not None:
+    if not variant.has_own_router and args.top_k is not None:
         raise InputError(
             f"--top-k {args.top_k} applies only to --variant R (its own router picks top-k adapter experts); "
             f"PERFT-{args.variant} does not route. Drop --top-k."
@@ -61,6 +62,14 @@ def validate_demo_args(args: DemoSettings) -> PerftConfig:
         )
     except ValueError as error:
         raise InputError(f"The adapter flags do not fit together: {error}") from None
+
+
+def _variant_defaults(variant: str) -> PerftConfig:
+    """The variant with default sizes: its properties say which of the size flags apply to it."""
+    try:
+        return PerftConfig(variant=variant)
+    except ValueError as error:
+        raise InputError(f"--variant: {error}") from None
 
 
 def require_report_backends(report_to: str) -> None:

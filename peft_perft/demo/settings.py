@@ -11,6 +11,7 @@ import shlex
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from peft_perft.config import VARIANTS
 from peft_perft.quantization import add_quantize_argument
 from peft_perft.workflow import BUNDLED_DATASET, BUNDLED_MODEL_DIR
 
@@ -59,7 +60,7 @@ class DemoSettings:
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``peft-perft demo``, with `DemoSettings`' defaults."""
     defaults = DemoSettings()
-    parser.add_argument("--variant", choices=["R", "E", "D", "S"], default=defaults.variant, help="PERFT variant")
+    parser.add_argument("--variant", choices=VARIANTS, default=defaults.variant, help="PERFT variant")
     parser.add_argument("--r", type=int, default=defaults.r, help="bottleneck rank of each adapter expert")
     parser.add_argument(
         "--lora-alpha", type=float, default=defaults.lora_alpha, help="adapter scaling numerator; the scale is alpha/r"

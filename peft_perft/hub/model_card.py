@@ -349,7 +349,7 @@ def _variant_description(config: PerftConfig, num_experts: int, active: int | No
             f"model's frozen router picks and weights them: a token that goes to base expert i with weight g also "
             f"goes to adapter expert i with weight g, so the adapter follows the model's own routing."
         )
-    if config.variant == "D":
+    if num_experts > 1:
         return (
             f"{num_experts} adapter experts, each a {expert}, are applied to every token {where}, without routing; "
             f"their summed output is added to the block's output."
