@@ -55,7 +55,8 @@ def test_the_example_trains_on_images_and_text(trained_run: Path) -> None:
 
 def test_the_adapter_reloads_exactly_onto_a_fresh_base(trained_run: Path) -> None:
     """Reloaded onto an independently rebuilt base, the adapter reproduces the trained model's logits on an
-    image-text batch bit for bit, and those logits differ from the base model's."""
+    image-text batch (to float32 rounding: the run was another process, whose GEMMs may sum in another order on this
+    CPU; within the run the reload is bit for bit, as its report says), and those logits differ from the base's."""
     example = load_example()
     saved = torch.load(trained_run / "check_batch.pt")
     batch = saved["batch"]
@@ -65,7 +66,7 @@ def test_the_adapter_reloads_exactly_onto_a_fresh_base(trained_run: Path) -> Non
         logits = reloaded(**batch).logits
         with reloaded.disable_adapter():
             base_logits = reloaded(**batch).logits
-    torch.testing.assert_close(logits, saved["logits"], rtol=0, atol=0)
+    torch.testing.assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(logits, base_logits, atol=1e-4)
     assert json.loads((trained_run / "report.json").read_text())["reload_max_abs_diff"] == 0.0
 
