@@ -143,6 +143,12 @@ class PerftModel(BaseTuner):
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(MERGE_ERROR)
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """peft's injection (new, added or loaded adapters alike), then one warning for the whole model where a
+        selective PERFT-E adapter leaves the expert-parallel ranks unequal (`parallel.warn_uneven_selection`)."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        parallel.warn_uneven_selection(model, adapter_name)
+
     def _post_injection_hook(self, model: nn.Module, config: PerftConfig, adapter_name: str) -> None:
         """Attach the aux-loss hook to the model itself, so every call path (PeftModel, TRL, direct) gets it; on a
         model sharded at load time, make the new adapter replicated with averaged gradients (see

@@ -234,7 +234,8 @@ def test_saved_adapter_round_trips_and_plain_peft_loads_it(tmp_path: Path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"target_experts": SELECTION}
-    torch.testing.assert_close(torch.load(str(tokens_path) + ".out"), expected, rtol=0, atol=0)
+    # Another process may sum its GEMMs in another order on this CPU: equal to float32 rounding.
+    torch.testing.assert_close(torch.load(str(tokens_path) + ".out"), expected, rtol=1e-5, atol=1e-6)
     reloaded = PeftModel.from_pretrained(build_tiny("olmoe"), adapter_dir)
     assert reloaded.peft_config["default"].target_experts == SELECTION
 
@@ -316,7 +317,8 @@ def test_sharded_selective_e_reproduces_one_process(layout: str, tmp_path: Path)
                 assert run["held"][name] == tensor.numel() // 2  # half of r=4 per rank
             continue
         assert run["balance"] == {"model.layers.0.mlp": [2, 1], "model.layers.1.mlp": [0, 1]}
-        assert len(run["warned"]) == 2 and "hold [2, 1] of its 3 adapter experts" in run["warned"][0]
+        assert len(run["warned"]) == 1  # once for the model, not once per block
+        assert "in 2 of 2 MoE blocks (most uneven: 'model.layers.0.mlp', [2, 1] per rank" in run["warned"][0]
         for block, block_rows in rows.items():
             for tensor_name in ("perft_A", "perft_B"):
                 name = parameter_name(block, tensor_name)

@@ -10,15 +10,15 @@ The distributed layouts wrap the core block (`peft_perft.layer`), which imports 
 - `tensor_parallel`: any variant split on its bottleneck over the TP ranks, in PERFT's wrapper of the experts.
 
 `model.PerftModel` calls the verbs below, as peft calls its dispatchers: `prepare` once it found the MoE blocks,
-`place` after each new adapter,
-`replicate_adapter` after injection, `distribute_adapter_state_dict` on load, `release` on unload.
+`place` after each new adapter, `replicate_adapter` and `warn_uneven_selection` after injection,
+`distribute_adapter_state_dict` on load, `release` on unload.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .expert_parallel import offer_token_slices, shard_routed_adapter
+from .expert_parallel import offer_token_slices, shard_routed_adapter, warn_uneven_selection
 from .replication import refuse_unsupported_layout, replicate_adapter
 from .saving import distribute_adapter_state_dict
 from .tensor_parallel import (
@@ -35,6 +35,7 @@ __all__ = [
     "refuse_unsupported_layout",
     "release",
     "replicate_adapter",
+    "warn_uneven_selection",
 ]
 
 

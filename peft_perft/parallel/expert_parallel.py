@@ -144,11 +144,10 @@ def _keep_local_selected_experts(
     block: nn.Module, adapter_name: str, implementation: PerftExpertParallel, dp_size: int
 ) -> None:
     """Selective PERFT-E under EP: keep, as plain tensors, the rows of this rank's selected local experts (rank 0's
-    values, as for the full adapter), which the dispatch computes; warn where the ranks hold unequal numbers."""
+    values, as for the full adapter), which the dispatch computes (`warn_uneven_selection` reports unequal ranks)."""
     slots = block.selected_expert_slots(adapter_name)
     num_local, rank = implementation.num_local_experts, implementation.ep_mesh.get_local_rank()
     selected_count = block.perft_A[adapter_name].shape[0]
-    counts = [int((part < selected_count).sum()) for part in slots.split(num_local)]
     local_slots = slots[rank * num_local : (rank + 1) * num_local]
     held = local_slots < selected_count
     rows = local_slots[held]
@@ -166,15 +165,6 @@ def _keep_local_selected_experts(
         tensors[adapter_name] = local
     block.term_owners[adapter_name] = OWNER
     implementation.block = block
-    if max(counts) != min(counts):
-        warnings.warn(
-            f"Selective PERFT-E adapter {adapter_name!r} in block {block.block_name!r}: the {len(counts)} "
-            f"expert-parallel ranks hold {counts} of its {selected_count} adapter experts (rank 0 first), so the "
-            f"busiest rank sets the adapter's memory and time there. Selected experts follow the data's routing; "
-            f"expert_parallel_balance(model) lists every block.",
-            SelectedExpertsImbalanceWarning,
-            stacklevel=2,
-        )
 
 
 def expert_parallel_balance(model: nn.Module, adapter_name: str = "default") -> dict[str, list[int]]:
@@ -191,6 +181,25 @@ def expert_parallel_balance(model: nn.Module, adapter_name: str = "default") -> 
             parts = slots.split(implementation.num_local_experts)
             balance[module.block_name] = [int((part < selected_count).sum()) for part in parts]
     return balance
+
+
+def warn_uneven_selection(model: nn.Module, adapter_name: str) -> None:
+    """One warning per selective PERFT-E adapter (not one per block) where the EP ranks hold unequal numbers of its
+    adapter experts: the busiest rank sets the adapter's memory and time, which a per-block warning would bury on a
+    deep model."""
+    balance = expert_parallel_balance(model, adapter_name)
+    uneven = {block: counts for block, counts in balance.items() if max(counts) != min(counts)}
+    if not uneven:
+        return
+    block, counts = max(uneven.items(), key=lambda item: max(item[1]) - min(item[1]))
+    warnings.warn(
+        f"Selective PERFT-E adapter {adapter_name!r}: the {len(counts)} expert-parallel ranks hold unequal numbers of "
+        f"its adapter experts in {len(uneven)} of {len(balance)} MoE blocks (most uneven: {block!r}, {counts} per "
+        f"rank, rank 0 first), so the busiest rank sets the adapter's memory and time there. Selected experts "
+        f"follow the data's routing; expert_parallel_balance(model) lists every block.",
+        SelectedExpertsImbalanceWarning,
+        stacklevel=2,
+    )
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
