@@ -147,7 +147,8 @@ class PerftModel(BaseTuner):
         """peft's injection (new, added or loaded adapters alike), then one warning for the whole model where a
         selective PERFT-E adapter leaves the expert-parallel ranks unequal (`parallel.warn_uneven_selection`)."""
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-        parallel.warn_uneven_selection(model, adapter_name)
+        if self.peft_config[adapter_name].target_experts:
+            parallel.warn_uneven_selection(model, adapter_name)
 
     def _post_injection_hook(self, model: nn.Module, config: PerftConfig, adapter_name: str) -> None:
         """Attach the aux-loss hook to the model itself, so every call path (PeftModel, TRL, direct) gets it; on a

@@ -14,13 +14,16 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..architectures import token_groups
 from .adapted_layers import AdaptedLayer, active_perft_adapters, find_adapted_layers
+
+if TYPE_CHECKING:
+    from .pictures import TraceCell
 
 ROUTED_BY_OWN_ROUTER = "R"
 ROUTED_BY_BASE = "E"
@@ -396,7 +399,7 @@ def _display_text(row: dict[str, Any]) -> str:
     return text.replace(" ", "\u2423").replace("\n", "\u23ce").replace("\t", "\u21e5") or "\u2205"
 
 
-def _panel_cells(rows: list[dict[str, Any]], key: str) -> list[tuple[int, int, int, float | None]]:
+def _panel_cells(rows: list[dict[str, Any]], key: str) -> list[TraceCell]:
     """(layer, position, top expert, its share of the token's routing weight) of every row routed in the panel
     ``key``, in row order; the share is None where the weights do not sum to a positive number."""
     cells = []
