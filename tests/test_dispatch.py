@@ -316,16 +316,18 @@ def external_calls(inductor_code: str) -> list[str]:
     return re.findall(r"(extern_kernels\.\w+|torch\.ops\.\w+\.\w+\.\w+)\(", wrapper)
 
 
-@pytest.mark.parametrize("silu", [True, False])
-def test_inductor_decode_step_reads_the_experts_in_place_and_matches_the_loop(silu: bool):
+@pytest.mark.parametrize(("silu", "repeated"), [(True, False), (False, True)])
+def test_inductor_decode_step_reads_the_experts_in_place_and_matches_the_loop(silu: bool, repeated: bool):
     """A compiled decode step (one token, no routing-weight gradient) through ``gather``: Inductor generates it
     whole, with no external kernel (no GEMM, no gathered copy of A), and it equals the per-token loop in output and
-    in the gradients of the hidden state and of A and B."""
+    in the gradients of the hidden state and of A and B (an expert chosen twice gets both pairs' gradients)."""
     from torch._inductor.utils import run_and_get_code
 
     generator = torch.Generator().manual_seed(5)
     activation = F.silu if silu else None
     index, values, seed_grad = make_problem(1, 64, 16, 4, 8, "top_k", generator)
+    if repeated:
+        index = torch.tensor([[3, 9, 3, 12]])
     hidden, lora_A, lora_B, weight = (value.clone() for value in values)
     leaves = [tensor.requires_grad_() for tensor in (hidden, lora_A, lora_B)]
 
