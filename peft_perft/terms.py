@@ -92,7 +92,7 @@ def adapter_delta(
         return always_on_experts(expert_input, lora_A, lora_B, activation(config))
     if routing is None:
         router_input = adapter_input if router_input is None else as_dtype(router_input, lora_A.dtype)
-        router_logits = as_dtype(F.linear(router_input, router), torch.float32)
+        router_logits = as_dtype(router_product(router_input, router), torch.float32)
         expert_index, expert_weight = top_k_routing(router_logits, config)
         if replay is not None:
             expert_index, expert_weight = replay(router_logits, (expert_index, expert_weight))
@@ -131,14 +131,39 @@ def add_term(output, delta: torch.Tensor, scaling: float):
     return add_scaled(output, as_dtype(delta, output.dtype).view(output.shape), scaling)
 
 
+def router_product(router_input: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """PERFT-R's router logits (T, N). Compiled for one token (a decode step), as a product and a sum, which
+    Inductor generates as one loop fused with its neighbours instead of calling an external GEMM for an N x D
+    matrix-vector product."""
+    if torch.compiler.is_compiling() and router_input.shape[0] == 1:
+        return (router * router_input).sum(dim=-1).unsqueeze(0)
+    return F.linear(router_input, router)
+
+
 def top_k_routing(router_logits: torch.Tensor, config: PerftConfig) -> Routing:
     """PERFT-R's (indices, weights) (T, K): the top-k experts by router probability, their probabilities
     renormalised to sum 1 (the softmax of their logits, as softmax is monotonic) or left as they are."""
+    top_k = top_k_of if torch.compiler.is_compiling() and router_logits.shape[0] == 1 else torch.topk
     if config.normalize_top_k:
-        top_logits, top_index = router_logits.topk(config.resolved_top_k(), dim=-1)
+        top_logits, top_index = top_k(router_logits, config.resolved_top_k(), dim=-1)
         return top_index, torch.softmax(top_logits, dim=-1)
-    top_weight, top_index = torch.softmax(router_logits, dim=-1).topk(config.resolved_top_k(), dim=-1)
+    top_weight, top_index = top_k(torch.softmax(router_logits, dim=-1), config.resolved_top_k(), dim=-1)
     return top_index, top_weight
+
+
+def top_k_of(values: torch.Tensor, k: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk`` (largest first) as k rounds of max-and-mask, for a compiled decode step: Inductor has no
+    generated code for ``topk`` and calls ATen's from its wrapper, while each round here is a small reduction it
+    generates and fuses. Ties go to the lowest index. For finite values (router logits of finite weights and
+    inputs): a chosen value is masked with -inf, so a row with fewer than k finite values could repeat an index."""
+    remaining = values
+    top_values, top_index = [], []
+    for _ in range(k):
+        value, index = remaining.max(dim=dim, keepdim=True)
+        top_values.append(value)
+        top_index.append(index)
+        remaining = remaining.scatter(dim, index, float("-inf"))
+    return torch.cat(top_values, dim=dim), torch.cat(top_index, dim=dim)
 
 
 def detached(tensor: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ benchmarks/olmoe_step.py --compile."""
 from __future__ import annotations
 
 import copy
+import re
 from collections import Counter
 from unittest import mock
 
@@ -21,6 +22,7 @@ import torch
 from conftest import build_tiny
 from peft import get_peft_model
 from torch._dynamo.testing import AotEagerAndRecordGraphs
+from torch._inductor.utils import run_and_get_code
 
 from peft_perft import PerftConfig
 
@@ -213,3 +215,25 @@ def test_reduce_overhead_decode_captures_the_perft_path_in_cuda_graphs(variant: 
     assert recorded, "no CUDA graph was recorded"
     assert skips <= frozen_skips, f"Inductor skipped CUDA graphs {skips} times for PERFT, {frozen_skips} for frozen"
     assert torch.equal(generated, eager.generate(input_ids=prompt, **_generate_settings()))
+
+
+def _decode_step_kernels(model: torch.nn.Module, token: torch.Tensor) -> tuple[Counter, int]:
+    """What Inductor's wrapper calls for one token's forward (a decode step's shapes): its external kernels by
+    name, and how many of its own generated loops."""
+    torch._dynamo.reset()
+    with torch.no_grad():
+        _, codes = run_and_get_code(torch.compile(model, fullgraph=True), input_ids=token)
+    wrapper = codes[-1].split("def call(", 1)[1]
+    external = Counter(re.findall(r"(extern_kernels\.\w+|torch\.ops\.\w+\.\w+\.\w+)\(", wrapper))
+    return external, len(re.findall(r"^\s+cpp_fused_\w+\(", wrapper, re.MULTILINE))
+
+
+@pytest.mark.parametrize("variant", ["R", "E"])
+def test_inductor_decode_step_adds_no_kernel_call_to_the_frozen_model(variant: str, tokens: torch.Tensor):
+    """One token through a compiled PERFT-R or PERFT-E model calls exactly the external kernels and generated loops
+    the frozen model calls: PERFT's router, top-k, gathers and products are generated into the frozen model's own
+    loops (``gather``'s compiled decode form, ``terms.router_product``, ``terms.top_k_of``), which is what a CPU,
+    where nothing replays a step's kernels as CUDA graphs do, pays per kernel on every token."""
+    model = _perft_model(variant, num_hidden_layers=1).eval()
+    frozen = build_tiny(num_hidden_layers=1)
+    assert _decode_step_kernels(model, tokens[:1, :1]) == _decode_step_kernels(frozen, tokens[:1, :1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -306,3 +307,59 @@ def test_cuda_backends_match_the_per_token_loop(tokens):
 def test_megablocks_matches_the_per_token_loop(routing):
     backends = check_backends_against_reference(257, 64, 16, 4, 12, torch.bfloat16, True, routing, device="cuda")
     assert "megablocks" in backends
+
+
+def external_calls(inductor_code: str) -> list[str]:
+    """The external kernels (ATen GEMMs, fallbacks, custom operators) that Inductor's wrapper calls, in order: what
+    a compiled call costs beside its generated loops."""
+    wrapper = inductor_code.split("def call(", 1)[1]
+    return re.findall(r"(extern_kernels\.\w+|torch\.ops\.\w+\.\w+\.\w+)\(", wrapper)
+
+
+@pytest.mark.parametrize(("silu", "repeated"), [(True, False), (False, True)])
+def test_inductor_decode_step_reads_the_experts_in_place_and_matches_the_loop(silu: bool, repeated: bool):
+    """A compiled decode step (one token, no routing-weight gradient) through ``gather``: Inductor generates it
+    whole, with no external kernel (no GEMM, no gathered copy of A), and it equals the per-token loop in output and
+    in the gradients of the hidden state and of A and B (an expert chosen twice gets both pairs' gradients)."""
+    from torch._inductor.utils import run_and_get_code
+
+    generator = torch.Generator().manual_seed(5)
+    activation = F.silu if silu else None
+    index, values, seed_grad = make_problem(1, 64, 16, 4, 8, "top_k", generator)
+    if repeated:
+        index = torch.tensor([[3, 9, 3, 12]])
+    hidden, lora_A, lora_B, weight = (value.clone() for value in values)
+    leaves = [tensor.requires_grad_() for tensor in (hidden, lora_A, lora_B)]
+
+    def routed(hidden, lora_A, lora_B):
+        return routed_experts(hidden, lora_A, lora_B, index, weight, activation, backend="gather")
+
+    torch._dynamo.reset()
+    out, codes = run_and_get_code(torch.compile(routed, fullgraph=True), *leaves)
+    assert external_calls(codes[0]) == [], codes[0]
+    exact = [value.double().requires_grad_() for value in values[:3]]
+    expected = reference_routed(*exact, index, weight.double(), activation)
+    assert_close(out, expected, torch.float32, "compiled decode output")
+    expected_gradients = gradients(expected, exact, seed_grad.double())
+    for got, want in zip(gradients(out, leaves, seed_grad), expected_gradients, strict=True):
+        assert_close(got, want, torch.float32, "compiled decode gradient")
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(experts=st.integers(1, 64), data=st.data())
+def test_top_k_of_is_torch_topk(experts: int, data: st.DataObject):
+    """The compiled decode step's top-k (rounds of max-and-mask) selects what ``torch.topk`` selects, in the
+    same order, on distinct values, and passes the same gradient to them."""
+    from peft_perft.terms import top_k_of
+
+    top_k = data.draw(st.integers(1, experts))
+    generator = torch.Generator().manual_seed(experts * 100 + top_k)
+    values = torch.randperm(experts * 4, generator=generator)[:experts].float().view(1, -1) / 7 - 3
+    values.requires_grad_()
+    got_values, got_index = top_k_of(values, top_k)
+    want_values, want_index = values.topk(top_k, dim=-1)
+    assert torch.equal(got_index, want_index) and torch.equal(got_values, want_values)
+    seed = torch.randn(1, top_k, generator=generator)
+    (got_grad,) = torch.autograd.grad(got_values, values, seed)
+    (want_grad,) = torch.autograd.grad(want_values, values, seed)
+    assert torch.equal(got_grad, want_grad)

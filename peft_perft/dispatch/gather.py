@@ -31,7 +31,8 @@ def gather_routed(
     num_experts, rank, hidden_dim = lora_A.shape
     flat_index = expert_index.reshape(-1)
     if num_tokens == 1 and not (torch.is_grad_enabled() and expert_weight.requires_grad):
-        return _one_token(hidden, lora_A, lora_B, flat_index, expert_weight, activation)
+        one_token = _one_token_compiled if torch.compiler.is_compiling() else _one_token
+        return one_token(hidden, lora_A, lora_B, flat_index, expert_weight, activation)
     token_A = lora_A.index_select(0, flat_index).view(num_tokens, top_k * rank, hidden_dim)
     down = torch.bmm(token_A, hidden.unsqueeze(-1)).view(num_tokens * top_k, rank, 1)
     if activation is not None:
@@ -60,6 +61,26 @@ def _one_token(
         down = activation(down)
     up = torch.bmm(down.view(top_k, 1, rank), lora_B.index_select(0, flat_index).transpose(1, 2))
     return torch.mm(as_dtype(expert_weight, up.dtype).view(1, top_k), up.view(top_k, hidden_dim))
+
+
+def _one_token_compiled(
+    hidden: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    flat_index: torch.Tensor,
+    expert_weight: torch.Tensor,
+    activation: Activation,
+) -> torch.Tensor:
+    """A decode step under ``torch.compile`` as two products-and-sums that index the stacked experts in place:
+    Inductor turns each into one generated loop that reads the K selected experts' rows where they lie, where the
+    matmul form above costs a copy of the gathered A (K * r * D values) and three external GEMM calls from
+    Inductor's wrapper. Eager, this form would materialise the K * r * D products; it is for compiled code only."""
+    top_k, rank = flat_index.numel(), lora_A.shape[1]
+    down = (lora_A[flat_index] * hidden.view(1, 1, -1)).sum(dim=-1)
+    if activation is not None:
+        down = activation(down)
+    gated = down * as_dtype(expert_weight, down.dtype).view(top_k, 1)
+    return (lora_B[flat_index] * gated.view(top_k, 1, rank)).sum(dim=(0, 2)).view(1, -1)
 
 
 def _supports(hidden: torch.Tensor, lora_A: torch.Tensor, expert_index: torch.Tensor) -> bool:
