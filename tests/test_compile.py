@@ -237,3 +237,37 @@ def test_inductor_decode_step_adds_no_kernel_call_to_the_frozen_model(variant: s
     model = _perft_model(variant, num_hidden_layers=1).eval()
     frozen = build_tiny(num_hidden_layers=1)
     assert _decode_step_kernels(model, tokens[:1, :1]) == _decode_step_kernels(frozen, tokens[:1, :1])
+
+
+FALLBACK_BACKWARD = "transformers.grouped_mm_fallback_backward.default"
+"""Transformers' grouped GEMM backward for compiled non-bf16 experts: it computes every expert weight's gradient."""
+
+
+def test_compiled_perft_e_computes_no_gradient_for_the_frozen_expert_weights(tokens: torch.Tensor):
+    """Compiled in fp32, the frozen model's experts go through Transformers' fallback operator, which computes a
+    gradient for every expert weight and drops it; PERFT-E's fused experts call runs the frozen projections through
+    torch's grouped kernel instead, whose backward computes only the gradients autograd asks for."""
+    frozen = build_tiny().train()
+    frozen_recorder = AotEagerAndRecordGraphs()
+    embeddings = frozen.get_input_embeddings()(tokens).detach().requires_grad_()
+    torch.compile(frozen, fullgraph=True, backend=frozen_recorder)(inputs_embeds=embeddings).logits.sum().backward()
+    assert _aten_ops(frozen_recorder)[FALLBACK_BACKWARD] > 0
+
+    model = _perft_model("E").train()
+    eager = copy.deepcopy(model)
+    recorder = AotEagerAndRecordGraphs()
+    embeddings = model.get_input_embeddings()(tokens).detach().requires_grad_()
+    loss = torch.compile(model, fullgraph=True, backend=recorder)(inputs_embeds=embeddings, labels=tokens).loss
+    loss.backward()
+    ops = _aten_ops(recorder)
+    # Per layer (2): forward 2 frozen + 2 adapter projections; backward the frozen projections' input gradients (2)
+    # and the adapter's input and weight gradients (4). A frozen weight's gradient would add 2 per layer.
+    assert ops[FALLBACK_BACKWARD] == 0 and ops[GROUPED] == 2 * (4 + 6), ops
+    expected_embeddings = embeddings.detach().clone().requires_grad_()
+    expected = eager(inputs_embeds=expected_embeddings, labels=tokens).loss
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(embeddings.grad, expected_embeddings.grad, rtol=1e-4, atol=1e-6)
+    expected_gradients = _gradients(eager)
+    for name, gradient in _gradients(model).items():
+        torch.testing.assert_close(gradient, expected_gradients[name], rtol=1e-4, atol=1e-6)

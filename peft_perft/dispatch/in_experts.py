@@ -9,6 +9,9 @@ routing weight:
     out[t] = sum_k w[t, k] * (E_e(h_t) + scaling * dE_e(h_t)),  e = index[t, k]
 
 That is PERFT-E at its FLOP floor: no second sort, gather, un-permute or weighted sum.
+Under ``torch.compile`` in any dtype but bf16, where Transformers' own grouped_mm would call its fallback operator
+(whose backward also computes a gradient for each frozen expert weight), the frozen projections run through torch's
+grouped kernel too, computing only the gradients that are needed.
 
 ``install`` replaces the forward of one experts module by a wrapper that, per call, asks its PERFT block which
 E adapters are pending. Where the user's chosen implementation (read from the config at every call, so
@@ -158,7 +161,7 @@ def grouped_experts_with_adapters(
         offsets, empty = group_ends(expert_ids, experts.num_experts)
     token_of_pair = order // top_k
     rows = hidden_states.index_select(0, token_of_pair)
-    pair_output = _base_pairs(experts, rows, expert_ids, offsets)
+    pair_output = _base_pairs(experts, rows, expert_ids, offsets, empty)
     sorted_pairs = _SortedPairs(hidden_states, rows, token_of_pair, offsets, empty)
     for term in terms:
         pairs = functools.partial(sorted_pairs.adapter_pairs, scaling=term.scaling, expert_slots=term.expert_slots)
@@ -173,22 +176,38 @@ def grouped_experts_with_adapters(
 
 
 def _base_pairs(
-    experts: nn.Module, rows: torch.Tensor, expert_ids: torch.Tensor, offsets: torch.Tensor
+    experts: nn.Module, rows: torch.Tensor, expert_ids: torch.Tensor, offsets: torch.Tensor, empty: torch.Tensor
 ) -> torch.Tensor:
-    """The frozen experts' output per sorted pair, with Transformers' grouped linear, gate and post-norm."""
+    """The frozen experts' output per sorted pair, with Transformers' gate and post-norm around the grouped linears."""
     up_weight = experts.gate_up_proj if experts.has_gate else experts.up_proj
     up_bias = None
     if experts.has_bias:
         up_bias = (experts.gate_up_proj_bias if experts.has_gate else experts.up_proj_bias)[expert_ids]
-    hidden = transformers_moe._grouped_linear(
-        rows, up_weight, offsets, bias=up_bias, is_transposed=experts.is_transposed
-    )
+    hidden = _grouped_linear(experts, rows, up_weight, offsets, empty, up_bias)
     hidden = experts._apply_gate(hidden) if experts.has_gate else experts.act_fn(hidden)
     down_bias = experts.down_proj_bias[expert_ids] if experts.has_bias else None
-    output = transformers_moe._grouped_linear(
-        hidden, experts.down_proj, offsets, bias=down_bias, is_transposed=experts.is_transposed
-    )
+    output = _grouped_linear(experts, hidden, experts.down_proj, offsets, empty, down_bias)
     return experts.post_expert_norm(output) if experts.has_post_expert_norm else output
+
+
+def _grouped_linear(
+    experts: nn.Module,
+    rows: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    empty: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """One grouped projection of the frozen experts: Transformers' own, except under ``torch.compile`` where
+    Transformers would call its fallback operator (any dtype but bf16), whose backward computes and zero-fills a
+    gradient for every expert weight, frozen or not (Transformers 5.25): there torch's grouped kernel runs through
+    ``GroupedLinear``, which computes only the gradients autograd asks for."""
+    fallback = torch.compiler.is_compiling() and not transformers_moe._can_use_grouped_mm(rows, weight, offsets)
+    if not (fallback and kernel_runs(rows.device.type, weight.dtype)):
+        return transformers_moe._grouped_linear(rows, weight, offsets, bias=bias, is_transposed=experts.is_transposed)
+    weight_out_in = weight.transpose(1, 2) if experts.is_transposed else weight
+    output = GroupedLinear.apply(rows.to(weight.dtype), weight_out_in, offsets, empty)
+    return output if bias is None else output + bias
 
 
 @dataclass(frozen=True)
