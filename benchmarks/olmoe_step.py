@@ -31,6 +31,13 @@ the median of these per-repetition ratios and its 95% order-statistic interval (
 the whole interval is within the target, missed if it is all beyond, undecided otherwise. Ratios of the medians
 and of the minima are printed beside them.
 
+**The frozen experts' backward under compile.** Compiled in fp32, Transformers' ``grouped_mm`` experts call its
+fallback operator, whose backward also computes (and drops) a gradient for every frozen expert weight; PERFT-E's
+fused experts call does not (``peft_perft.dispatch.in_experts``), so against that reference its ratio mixes the
+adapter's cost with a saving on the frozen part. ``--lean-frozen-experts`` gives every setup's frozen experts the
+same lean backward (torch's grouped kernel through ``GroupedLinear`` where Transformers would fall back), so that a
+ratio measures what the adapter adds.
+
 **Clock.** ``--clock wall`` (default) times with ``time.perf_counter``. ``--clock cpu`` (needs ``--threads 1``)
 times with ``time.process_time``, the CPU time of this process: time the process spends waiting for a core while
 other jobs run is not counted, which makes it far less sensitive to a shared machine. It still counts what other
@@ -55,8 +62,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftConfig, get_peft_model
 from transformers import OlmoeConfig, OlmoeForCausalLM
+from transformers.integrations import moe as transformers_moe
 
 import peft_perft
+from peft_perft.dispatch.grouped import GroupedLinear
 
 sys.path.insert(0, str(Path(__file__).parent))
 import flops  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
@@ -275,6 +284,7 @@ def peak_memory_mb(variant_name: str, args: argparse.Namespace) -> dict[str, flo
 def _shape_arguments(args: argparse.Namespace) -> list[str]:
     return [
         *(["--compile", f"--compile-mode={args.compile_mode}"] if args.compile else []),
+        *(["--lean-frozen-experts"] if args.lean_frozen_experts else []),
         f"--shape={args.shape}",
         f"--layers={args.layers}",
         f"--tokens={args.tokens}",
@@ -521,6 +531,11 @@ def parse_arguments() -> argparse.Namespace:
         default="default",
         help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs on a GPU; on a CPU as default)",
     )
+    parser.add_argument(
+        "--lean-frozen-experts",
+        action="store_true",
+        help="with --compile: no frozen expert weight gradients in any setup (see the module docstring)",
+    )
     parser.add_argument("--skip-memory", action="store_true", help="no peak-memory runs (faster, for exploring)")
     parser.add_argument("--skip-decode", action="store_true", help="no decode-latency runs (faster, for exploring)")
     parser.add_argument("--output", type=Path, default=None, help="path stem; default benchmarks/results/<shape>_...")
@@ -529,6 +544,8 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.lean_frozen_experts and not args.compile:
+        parser.error("--lean-frozen-experts changes only compiled experts: add --compile, or drop it.")
     if args.clock == "cpu" and args.threads != 1:
         parser.error(
             f"--clock cpu needs --threads 1 (got {args.threads}): with more threads the OpenMP workers' "
@@ -546,6 +563,8 @@ def main() -> None:
     if args.memory_child:
         memory_child(args.memory_child, args)
         return
+    if args.lean_frozen_experts:
+        lean_frozen_experts()
     if "frozen" not in args.variants:
         args.variants.insert(0, "frozen")
     load = {"start": _load_average()}
@@ -582,6 +601,21 @@ def main() -> None:
     stem.with_suffix(".md").write_text(f"{table}\n{TARGETS_HEADER}\n\n{target_table(found)}")
     print(table)
     print(f"{TARGETS_HEADER}\n\n{target_table(found)}")
+
+
+def lean_frozen_experts() -> None:
+    """Where Transformers' compiled ``grouped_mm`` experts would call its fallback operator, run torch's grouped
+    kernel through ``GroupedLinear``, which computes no gradient for a frozen weight: what PERFT-E's fused experts
+    call does for its frozen projections, given here to every setup (the frozen reference included)."""
+    transformers_grouped_mm = transformers_moe._grouped_mm
+
+    def grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and not transformers_moe._can_use_grouped_mm(input, weight, offs):
+            empty = torch.diff(offs, prepend=offs.new_zeros(1)).eq(0).view(-1, 1, 1)
+            return GroupedLinear.apply(input.to(weight.dtype), weight.transpose(1, 2), offs, empty)
+        return transformers_grouped_mm(input, weight, offs)
+
+    transformers_moe._grouped_mm = grouped_mm
 
 
 def _load_average() -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import re
 from collections import Counter
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -247,7 +248,7 @@ def test_compiled_perft_e_computes_no_gradient_for_the_frozen_expert_weights(tok
     """Compiled in fp32, the frozen model's experts go through Transformers' fallback operator, which computes a
     gradient for every expert weight and drops it; PERFT-E's fused experts call runs the frozen projections through
     torch's grouped kernel instead, whose backward computes only the gradients autograd asks for."""
-    frozen = build_tiny().train()
+    frozen = build_tiny().requires_grad_(False).train()
     frozen_recorder = AotEagerAndRecordGraphs()
     embeddings = frozen.get_input_embeddings()(tokens).detach().requires_grad_()
     torch.compile(frozen, fullgraph=True, backend=frozen_recorder)(inputs_embeds=embeddings).logits.sum().backward()
@@ -271,3 +272,31 @@ def test_compiled_perft_e_computes_no_gradient_for_the_frozen_expert_weights(tok
     expected_gradients = _gradients(eager)
     for name, gradient in _gradients(model).items():
         torch.testing.assert_close(gradient, expected_gradients[name], rtol=1e-4, atol=1e-6)
+
+
+def test_the_benchmarks_lean_frozen_experts_give_the_frozen_model_the_same_backward(
+    tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+):
+    """``olmoe_step.py --lean-frozen-experts``: the compiled frozen model's experts drop the weight gradients of
+    Transformers' fallback, as PERFT-E's fused call does, and compute the same logits and input gradients."""
+    from transformers.integrations import moe as transformers_moe
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import olmoe_step
+
+    monkeypatch.setattr(transformers_moe, "_grouped_mm", transformers_moe._grouped_mm)  # restored afterwards
+    olmoe_step.lean_frozen_experts()
+    model = build_tiny().requires_grad_(False).train()
+    eager = copy.deepcopy(model)
+    recorder = AotEagerAndRecordGraphs()
+    embeddings = model.get_input_embeddings()(tokens).detach().requires_grad_()
+    logits = torch.compile(model, fullgraph=True, backend=recorder)(inputs_embeds=embeddings).logits
+    logits.sum().backward()
+    ops = _aten_ops(recorder)
+    # Per layer (2): the two projections forward and their input gradients backward, nothing else.
+    assert ops[FALLBACK_BACKWARD] == 0 and ops[GROUPED] == 2 * (2 + 2), ops
+    expected_embeddings = embeddings.detach().clone().requires_grad_()
+    expected = eager(inputs_embeds=expected_embeddings).logits
+    expected.sum().backward()
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(embeddings.grad, expected_embeddings.grad, rtol=1e-4, atol=1e-5)
