@@ -560,11 +560,11 @@ def main() -> None:
         print(reanalyse(args.reanalyse))
         return
     torch.set_num_threads(args.threads)
+    if args.lean_frozen_experts:  # before any model is built: the memory children build theirs too
+        lean_frozen_experts()
     if args.memory_child:
         memory_child(args.memory_child, args)
         return
-    if args.lean_frozen_experts:
-        lean_frozen_experts()
     if "frozen" not in args.variants:
         args.variants.insert(0, "frozen")
     load = {"start": _load_average()}
