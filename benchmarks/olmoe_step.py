@@ -65,7 +65,7 @@ from transformers import OlmoeConfig, OlmoeForCausalLM
 from transformers.integrations import moe as transformers_moe
 
 import peft_perft
-from peft_perft.dispatch.grouped import GroupedLinear
+from peft_perft.dispatch.in_experts import lean_grouped_mm
 
 sys.path.insert(0, str(Path(__file__).parent))
 import flops  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
@@ -604,16 +604,14 @@ def main() -> None:
 
 
 def lean_frozen_experts() -> None:
-    """Where Transformers' compiled ``grouped_mm`` experts would call its fallback operator, run torch's grouped
-    kernel through ``GroupedLinear``, which computes no gradient for a frozen weight: what PERFT-E's fused experts
-    call does for its frozen projections, given here to every setup (the frozen reference included)."""
+    """Every setup's compiled frozen experts (the frozen reference included) take PERFT-E's fused call's grouped
+    product for its frozen projections, `in_experts.lean_grouped_mm`, where Transformers would call its fallback
+    operator: no gradient for a frozen weight."""
     transformers_grouped_mm = transformers_moe._grouped_mm
 
     def grouped_mm(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and not transformers_moe._can_use_grouped_mm(input, weight, offs):
-            empty = torch.diff(offs, prepend=offs.new_zeros(1)).eq(0).view(-1, 1, 1)
-            return GroupedLinear.apply(input.to(weight.dtype), weight.transpose(1, 2), offs, empty)
-        return transformers_grouped_mm(input, weight, offs)
+        output = lean_grouped_mm(input, weight, offs)
+        return transformers_grouped_mm(input, weight, offs) if output is None else output
 
     transformers_moe._grouped_mm = grouped_mm
 

@@ -198,16 +198,27 @@ def _grouped_linear(
     empty: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One grouped projection of the frozen experts: Transformers' own, except under ``torch.compile`` where
-    Transformers would call its fallback operator (any dtype but bf16), whose backward computes and zero-fills a
-    gradient for every expert weight, frozen or not (Transformers 5.25): there torch's grouped kernel runs through
-    ``GroupedLinear``, which computes only the gradients autograd asks for."""
+    """One grouped projection of the frozen experts: `lean_grouped_mm` where it applies, else Transformers' own."""
+    output = lean_grouped_mm(rows, weight if experts.is_transposed else weight.transpose(1, 2), offsets, empty)
+    if output is None:
+        return transformers_moe._grouped_linear(rows, weight, offsets, bias=bias, is_transposed=experts.is_transposed)
+    return output if bias is None else output + bias
+
+
+def lean_grouped_mm(
+    rows: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, empty: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Rows sorted by expert times their expert's weight (N, in, out), through ``GroupedLinear``, which computes only
+    the gradients autograd asks for, where Transformers would compile its fallback operator instead (any dtype but
+    bf16), whose backward computes and zero-fills a gradient for every expert weight, frozen or not (Transformers
+    5.25); None where Transformers' own grouped product is to run. ``empty`` (N, 1, 1) is derived from the group ends
+    where not given."""
     fallback = torch.compiler.is_compiling() and not transformers_moe._can_use_grouped_mm(rows, weight, offsets)
     if not (fallback and kernel_runs(rows.device.type, weight.dtype)):
-        return transformers_moe._grouped_linear(rows, weight, offsets, bias=bias, is_transposed=experts.is_transposed)
-    weight_out_in = weight.transpose(1, 2) if experts.is_transposed else weight
-    output = GroupedLinear.apply(rows.to(weight.dtype), weight_out_in, offsets, empty)
-    return output if bias is None else output + bias
+        return None
+    if empty is None:
+        empty = torch.diff(offsets, prepend=offsets.new_zeros(1)).eq(0).view(-1, 1, 1)
+    return GroupedLinear.apply(rows.to(weight.dtype), weight.transpose(1, 2), offsets, empty)
 
 
 @dataclass(frozen=True)
