@@ -217,10 +217,12 @@ def _draw_trace_strip(plt: Any, axis: Any, cells: Sequence[TraceCell], layers: l
 
     share = np.full((len(layers), len(strip)), np.nan)
     font = 6 if len(layers) <= 24 else 5
+    row_of = {layer: row for row, layer in enumerate(layers)}
+    column_of = {position: column for column, position in enumerate(strip)}
     for layer, position, expert, weight_share in cells:
-        if position not in strip:
+        if position not in column_of:
             continue
-        cell = (layers.index(layer), strip.index(position))
+        cell = (row_of[layer], column_of[position])
         share[cell] = np.nan if weight_share is None else weight_share
         colour = "black" if weight_share is None else digit_colour(plt.get_cmap(TRACE_COLOURMAP)(share[cell]))
         axis.text(cell[1], cell[0], str(expert), ha="center", va="center", fontsize=font, color=colour)
