@@ -16,6 +16,7 @@ import copy
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
@@ -244,31 +245,37 @@ FALLBACK_BACKWARD = "transformers.grouped_mm_fallback_backward.default"
 """Transformers' grouped GEMM backward for compiled non-bf16 experts: it computes every expert weight's gradient."""
 
 
+def _backward_on_embeddings(
+    model: torch.nn.Module, tokens: torch.Tensor, backend: AotEagerAndRecordGraphs | None = None, **labels
+) -> tuple[Any, torch.Tensor]:
+    """The model's output on the tokens' embeddings (compiled with ``backend``, else eager) after the backward of
+    its loss (with labels) or of its logits' sum, and the embeddings' gradient."""
+    embeddings = model.get_input_embeddings()(tokens).detach().requires_grad_()
+    forward = model if backend is None else torch.compile(model, fullgraph=True, backend=backend)
+    output = forward(inputs_embeds=embeddings, **labels)
+    (output.loss if labels else output.logits.sum()).backward()
+    return output, embeddings.grad
+
+
 def test_compiled_perft_e_computes_no_gradient_for_the_frozen_expert_weights(tokens: torch.Tensor):
     """Compiled in fp32, the frozen model's experts go through Transformers' fallback operator, which computes a
     gradient for every expert weight and drops it; PERFT-E's fused experts call runs the frozen projections through
     torch's grouped kernel instead, whose backward computes only the gradients autograd asks for."""
-    frozen = build_tiny().requires_grad_(False).train()
     frozen_recorder = AotEagerAndRecordGraphs()
-    embeddings = frozen.get_input_embeddings()(tokens).detach().requires_grad_()
-    torch.compile(frozen, fullgraph=True, backend=frozen_recorder)(inputs_embeds=embeddings).logits.sum().backward()
+    _backward_on_embeddings(build_tiny().requires_grad_(False).train(), tokens, frozen_recorder)
     assert _aten_ops(frozen_recorder)[FALLBACK_BACKWARD] > 0
 
     model = _perft_model("E").train()
     eager = copy.deepcopy(model)
     recorder = AotEagerAndRecordGraphs()
-    embeddings = model.get_input_embeddings()(tokens).detach().requires_grad_()
-    loss = torch.compile(model, fullgraph=True, backend=recorder)(inputs_embeds=embeddings, labels=tokens).loss
-    loss.backward()
+    output, embeddings_grad = _backward_on_embeddings(model, tokens, recorder, labels=tokens)
     ops = _aten_ops(recorder)
     # Per layer (2): forward 2 frozen + 2 adapter projections; backward the frozen projections' input gradients (2)
     # and the adapter's input and weight gradients (4). A frozen weight's gradient would add 2 per layer.
     assert ops[FALLBACK_BACKWARD] == 0 and ops[GROUPED] == 2 * (4 + 6), ops
-    expected_embeddings = embeddings.detach().clone().requires_grad_()
-    expected = eager(inputs_embeds=expected_embeddings, labels=tokens).loss
-    expected.backward()
-    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(embeddings.grad, expected_embeddings.grad, rtol=1e-4, atol=1e-6)
+    expected, expected_embeddings_grad = _backward_on_embeddings(eager, tokens, labels=tokens)
+    torch.testing.assert_close(output.loss, expected.loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(embeddings_grad, expected_embeddings_grad, rtol=1e-4, atol=1e-6)
     expected_gradients = _gradients(eager)
     for name, gradient in _gradients(model).items():
         torch.testing.assert_close(gradient, expected_gradients[name], rtol=1e-4, atol=1e-6)
@@ -289,14 +296,10 @@ def test_the_benchmarks_lean_frozen_experts_give_the_frozen_model_the_same_backw
     model = build_tiny().requires_grad_(False).train()
     eager = copy.deepcopy(model)
     recorder = AotEagerAndRecordGraphs()
-    embeddings = model.get_input_embeddings()(tokens).detach().requires_grad_()
-    logits = torch.compile(model, fullgraph=True, backend=recorder)(inputs_embeds=embeddings).logits
-    logits.sum().backward()
+    output, embeddings_grad = _backward_on_embeddings(model, tokens, recorder)
     ops = _aten_ops(recorder)
     # Per layer (2): the two projections forward and their input gradients backward, nothing else.
     assert ops[FALLBACK_BACKWARD] == 0 and ops[GROUPED] == 2 * (2 + 2), ops
-    expected_embeddings = embeddings.detach().clone().requires_grad_()
-    expected = eager(inputs_embeds=expected_embeddings).logits
-    expected.sum().backward()
-    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(embeddings.grad, expected_embeddings.grad, rtol=1e-4, atol=1e-5)
+    expected, expected_embeddings_grad = _backward_on_embeddings(eager, tokens)
+    torch.testing.assert_close(output.logits, expected.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(embeddings_grad, expected_embeddings_grad, rtol=1e-4, atol=1e-5)
