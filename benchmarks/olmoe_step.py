@@ -38,6 +38,14 @@ adapter's cost with a saving on the frozen part. ``--lean-frozen-experts`` gives
 same lean backward (torch's grouped kernel through ``GroupedLinear`` where Transformers would fall back), so that a
 ratio measures what the adapter adds.
 
+**Dynamo's guards.** Before every call of a compiled forward, Dynamo checks its guards (the modules, attributes
+and tensors the traced code read are still what it saw), on the host; a PEFT model has more modules and attributes
+to check than the bare model, which a one-token decode step feels most. ``--skip-inbuilt-module-guards`` gives every
+setup Dynamo's filter ``torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe``, which drops the guards on
+torch.nn's own modules, so that the decode ratio with and without it shows how much of the difference is that host
+check; the filter is unsafe for a model whose torch.nn modules change after compiling (a Dropout switched between
+training and evaluation), so it is a diagnostic here.
+
 **Clock.** ``--clock wall`` (default) times with ``time.perf_counter``. ``--clock cpu`` (needs ``--threads 1``)
 times with ``time.process_time``, the CPU time of this process: time the process spends waiting for a core while
 other jobs run is not counted, which makes it far less sensitive to a shared machine. It still counts what other
@@ -177,7 +185,7 @@ class Trainer:
             one_graph = variant.name == "frozen" or variant.name.startswith("perft")
             with torch.no_grad():  # Transformers installs its router-logits capturing hooks at the first call,
                 self.model(input_ids=self.input_ids[:1, :8])  # under a lock that Dynamo cannot trace
-            model.forward = torch.compile(model.forward, fullgraph=one_graph, mode=args.compile_mode)
+            model.forward = torch.compile(model.forward, fullgraph=one_graph, **_compile_settings(args))
             # Every setup's model compiles the same forward code, and each (model, mode) pair adds its own entry to
             # that code's cache: past Dynamo's default limit of 8 the later setups silently ran eager. Raise the
             # limit, and fail rather than time an eager fallback.
@@ -222,6 +230,14 @@ class Trainer:
         seconds = (generate(new_tokens + 1) - generate(1)) / new_tokens
         self.model.train()
         return seconds
+
+
+def _compile_settings(args: argparse.Namespace) -> dict:
+    """torch.compile's mode, or (``--skip-inbuilt-module-guards``) the default mode with Dynamo's filter that drops
+    its guards on torch.nn's own modules (torch.compile takes a mode or options, not both)."""
+    if args.skip_inbuilt_module_guards:
+        return {"options": {"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe}}
+    return {"mode": args.compile_mode}
 
 
 class _BiasAfter(torch.nn.Module):
@@ -285,6 +301,7 @@ def _shape_arguments(args: argparse.Namespace) -> list[str]:
     return [
         *(["--compile", f"--compile-mode={args.compile_mode}"] if args.compile else []),
         *(["--lean-frozen-experts"] if args.lean_frozen_experts else []),
+        *(["--skip-inbuilt-module-guards"] if args.skip_inbuilt_module_guards else []),
         f"--shape={args.shape}",
         f"--layers={args.layers}",
         f"--tokens={args.tokens}",
@@ -536,6 +553,12 @@ def parse_arguments() -> argparse.Namespace:
         action="store_true",
         help="with --compile: no frozen expert weight gradients in any setup (see the module docstring)",
     )
+    parser.add_argument(
+        "--skip-inbuilt-module-guards",
+        action="store_true",
+        help="with --compile: Dynamo skips its guards on torch.nn's own modules in every setup (see the module "
+        "docstring; a diagnostic of the per-call host cost, not a setting to train with)",
+    )
     parser.add_argument("--skip-memory", action="store_true", help="no peak-memory runs (faster, for exploring)")
     parser.add_argument("--skip-decode", action="store_true", help="no decode-latency runs (faster, for exploring)")
     parser.add_argument("--output", type=Path, default=None, help="path stem; default benchmarks/results/<shape>_...")
@@ -546,6 +569,11 @@ def parse_arguments() -> argparse.Namespace:
     args = parser.parse_args()
     if args.lean_frozen_experts and not args.compile:
         parser.error("--lean-frozen-experts changes only compiled experts: add --compile, or drop it.")
+    if args.skip_inbuilt_module_guards and (not args.compile or args.compile_mode != "default"):
+        parser.error(
+            "--skip-inbuilt-module-guards needs --compile in the default mode (torch.compile takes a mode or "
+            "options, not both): add --compile, drop --compile-mode, or drop this flag."
+        )
     if args.clock == "cpu" and args.threads != 1:
         parser.error(
             f"--clock cpu needs --threads 1 (got {args.threads}): with more threads the OpenMP workers' "
