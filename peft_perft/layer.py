@@ -48,7 +48,9 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
     """A frozen MoE block plus one or more PERFT adapters."""
 
     adapter_layer_names = ("perft_A", "perft_B", "perft_router")
-    other_param_names = ("perft_dropout", "perft_expert_slots")
+    # per-adapter state beside the tensors: peft's delete_adapter drops an adapter's entry from each (as LoRA's r,
+    # lora_alpha and scaling dicts), so nothing planned from the configs (the routing monitor) meets a deleted one
+    other_param_names = ("perft_dropout", "perft_expert_slots", "perft_configs")
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_perft import PerftConfig, PerftMoeBlock
+from peft_perft.monitor import RoutingMonitor
 
 
 def perft(variant: str, **settings) -> PerftConfig:
@@ -84,6 +85,19 @@ def test_several_adapters_switch_and_delete(tokens) -> None:
     assert model.active_adapters == ["routed"]
     torch.testing.assert_close(model(tokens).logits, routed_only(tokens).logits, rtol=0, atol=0)
     assert all("experts" not in block.perft_A for block in model.modules() if isinstance(block, PerftMoeBlock))
+
+
+def test_a_deleted_adapter_leaves_no_trace_for_the_routing_monitor(tokens) -> None:
+    """After ``delete_adapter`` the monitor, which plans its counters from the blocks' adapter configs, counts the
+    remaining PERFT-R router only (it used to plan one for the deleted adapter too, and fail on its router weight)."""
+    model = get_peft_model(build_tiny(), perft("R"), adapter_name="kept")
+    model.add_adapter("deleted", perft("R"))
+    model.delete_adapter("deleted")
+    with RoutingMonitor(model) as monitor:
+        model(tokens)
+    report = monitor.report()
+    assert {stats.adapter for stats in report.routers if stats.router == "perft"} == {"kept"}
+    assert all(stats.tokens == tokens.numel() for stats in report.routers)
 
 
 @pytest.mark.parametrize("variant", ["R", "E", "D", "S"])
