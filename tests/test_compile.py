@@ -303,3 +303,28 @@ def test_the_benchmarks_lean_frozen_experts_give_the_frozen_model_the_same_backw
     expected, expected_embeddings_grad = _backward_on_embeddings(eager, tokens)
     torch.testing.assert_close(output.logits, expected.logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(embeddings_grad, expected_embeddings_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_the_benchmarks_guard_diagnostic_drops_the_guards_on_torch_nn_modules(monkeypatch: pytest.MonkeyPatch):
+    """``olmoe_step.py --skip-inbuilt-module-guards`` compiles with Dynamo's filter: switching an inbuilt module
+    (a Dropout) to evaluation no longer recompiles, as it does with the default settings; without ``--compile`` the
+    flag is refused."""
+    from torch._dynamo.testing import CompileCounter
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import olmoe_step
+
+    def compilations(flags: list[str]) -> int:
+        monkeypatch.setattr("sys.argv", ["olmoe_step.py", "--compile", *flags])
+        torch._dynamo.reset()
+        module, counter = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)), CompileCounter()
+        compiled = torch.compile(module, backend=counter, **olmoe_step._compile_settings(olmoe_step.parse_arguments()))
+        compiled(torch.ones(2, 4))
+        module.eval()
+        compiled(torch.ones(2, 4))
+        return counter.frame_count
+
+    assert compilations([]) == 2 and compilations(["--skip-inbuilt-module-guards"]) == 1
+    monkeypatch.setattr("sys.argv", ["olmoe_step.py", "--skip-inbuilt-module-guards"])
+    with pytest.raises(SystemExit):
+        olmoe_step.parse_arguments()
