@@ -233,10 +233,11 @@ class Trainer:
 
 
 def _compile_settings(args: argparse.Namespace) -> dict:
-    """torch.compile's mode, or (``--skip-inbuilt-module-guards``) the default mode with Dynamo's filter that drops
-    its guards on torch.nn's own modules (torch.compile takes a mode or options, not both)."""
+    """torch.compile's mode; with ``--skip-inbuilt-module-guards`` the mode's Inductor options plus Dynamo's filter
+    that drops its guards on torch.nn's own modules (torch.compile takes a mode or options, not both)."""
     if args.skip_inbuilt_module_guards:
-        return {"options": {"guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe}}
+        mode_options = torch._inductor.list_mode_options(args.compile_mode)
+        return {"options": {**mode_options, "guard_filter_fn": torch.compiler.skip_guard_on_inbuilt_nn_modules_unsafe}}
     return {"mode": args.compile_mode}
 
 
@@ -569,11 +570,8 @@ def parse_arguments() -> argparse.Namespace:
     args = parser.parse_args()
     if args.lean_frozen_experts and not args.compile:
         parser.error("--lean-frozen-experts changes only compiled experts: add --compile, or drop it.")
-    if args.skip_inbuilt_module_guards and (not args.compile or args.compile_mode != "default"):
-        parser.error(
-            "--skip-inbuilt-module-guards needs --compile in the default mode (torch.compile takes a mode or "
-            "options, not both): add --compile, drop --compile-mode, or drop this flag."
-        )
+    if args.skip_inbuilt_module_guards and not args.compile:
+        parser.error("--skip-inbuilt-module-guards changes only compiled code: add --compile, or drop it.")
     if args.clock == "cpu" and args.threads != 1:
         parser.error(
             f"--clock cpu needs --threads 1 (got {args.threads}): with more threads the OpenMP workers' "
