@@ -88,10 +88,14 @@ class ForwardWithAdapters:
 
     def __init__(self, experts: nn.Module, pending: PendingTerms, mark_done: MarkDone, add_pending: AddPending):
         self.experts, self.pending, self.mark_done, self.add_pending = experts, pending, mark_done, add_pending
+        # decided once: a module's class does not change, and the check walks its class hierarchy (on every call it
+        # cost host time in eager decode steps, and a dozen more guards per block in compiled ones)
+        self.uses_experts_interface = _uses_experts_interface(experts)
 
     def __call__(self, *args, **kwargs):
         experts = self.experts
-        if len(args) == 3 and not kwargs and _fusable_call(experts, args[0], args[1]):
+        fusable = self.uses_experts_interface and len(args) == 3 and not kwargs
+        if fusable and _fusable_call(experts, args[0], args[1]):
             terms = self.pending()
             if terms and _can_fuse_terms(experts, args[0], terms):
                 output = grouped_experts_with_adapters(experts, *args, terms)
@@ -122,15 +126,13 @@ def _uses_experts_interface(experts: nn.Module) -> bool:
 
 
 def _fusable_call(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor) -> bool:
-    """The chosen implementation is grouped_mm, on one device's full expert set, in the layout
-    grouped_mm_experts_forward reads (2-D hidden states and routing), and the call is not a CPU decode step.
-    Eager or compiled: every shape on this path is static (see ``grouped``).
+    """For experts whose forward is Transformers' experts interface: the chosen implementation is grouped_mm, on one
+    device's full expert set, in the layout grouped_mm_experts_forward reads (2-D hidden states and routing), and the
+    call is not a CPU decode step. Eager or compiled: every shape on this path is static (see ``grouped``).
 
     On CPU, torch's grouped_mm runs one GEMM per group, empty groups included (64 ``mm`` calls per grouped GEMM
     for OLMoE's 64 experts, under torch.profiler with torch 2.13): on a decode-sized call the adapter's two grouped
     GEMMs then cost more than the ``gather`` backend's few small kernels after the experts call (BENCHMARKS.md)."""
-    if not _uses_experts_interface(experts):
-        return False
     if experts.config._experts_implementation != FUSED_IMPLEMENTATION or experts._is_expert_parallel:
         return False
     if hidden.dim() != 2 or top_k_index.dim() != 2:
