@@ -194,7 +194,10 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         hook records the routing, and the E adapters are added to the block output here).
 
         The names go into a list kept for the module's life: a list update costs far less per decode step than
-        setting a module attribute."""
+        setting a module attribute. Without E adapters the hooks have nothing to do, and the block is called as is
+        (no list updates per call, fewer guards in a compiled graph)."""
+        if not routed_by_base:
+            return self.base_layer(hidden_states, *args, **kwargs)
         self._experts_call_adapters[:] = routed_by_base
         self._base_routing_seen.clear()
         try:
