@@ -195,7 +195,8 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
 
         The names go into a list kept for the module's life: a list update costs far less per decode step than
         setting a module attribute. Without E adapters the hooks have nothing to do, and the block is called as is
-        (no list updates per call, fewer guards in a compiled graph)."""
+        (no list updates per call, fewer guards in a compiled graph); the routing seen is dropped once used, so no
+        call holds on to an earlier call's tensors."""
         if not routed_by_base:
             return self.base_layer(hidden_states, *args, **kwargs)
         self._experts_call_adapters[:] = routed_by_base
@@ -204,11 +205,13 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
             output = self.base_layer(hidden_states, *args, **kwargs)
         finally:
             self._experts_call_adapters.clear()
-        if routed_by_base and not self._base_routing_seen:
+        if not self._base_routing_seen:
             raise RuntimeError(self._hook_did_not_run(routed_by_base))
-        if routed_by_base and self.spec.routes_from_router:
+        routing = self._base_routing_seen[-1]
+        self._base_routing_seen.clear()
+        if self.spec.routes_from_router:
             flat = hidden_states.reshape(-1, self.spec.hidden_size)
-            output = self._add_routed_terms(routed_by_base, flat, self._base_routing_seen[-1], output)
+            output = self._add_routed_terms(routed_by_base, flat, routing, output)
         return output
 
     def _register_base_routing_hook(self) -> RemovableHandle:
