@@ -19,7 +19,13 @@ from conftest import TOKEN_IDS, build_tiny
 from distributed import sharded_worker
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    Llama4ForCausalLM,
+    Llama4TextConfig,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 from transformers.distributed import DistributedConfig
 
 from peft_perft import PerftConfig
@@ -53,9 +59,31 @@ def tiny_qwen3_moe() -> torch.nn.Module:
     return Qwen3MoeForCausalLM(config).eval()
 
 
+def tiny_llama4_text() -> torch.nn.Module:
+    """Llama 4 text in miniature: 4 experts, top-1, a shared expert, every layer an MoE layer. Its TP plan still
+    names the deprecated ``moe_tp_experts`` style, which splits each expert's width over the TP ranks."""
+    torch.manual_seed(0)
+    config = Llama4TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        intermediate_size_mlp=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=1,
+        **TOKEN_IDS,
+    )
+    return Llama4ForCausalLM(config).eval()
+
+
 BUILDERS = {
     "olmoe": build_tiny,
     "qwen3_moe": tiny_qwen3_moe,
+    "llama4_text": tiny_llama4_text,
     # Mixtral scales its block input in place in training (router jitter): PERFT's TP path must see it unscaled.
     "mixtral_jitter": lambda: build_tiny("mixtral", router_jitter_noise=0.2),
 }
@@ -330,6 +358,32 @@ def test_adapter_saved_sharded_loads_onto_another_sharding_and_one_process(
     torch.testing.assert_close(torch.load(loaded)["logits"], expected, **TOLERANCE)
     untrained = torch.load(references("olmoe", "E"))["logits"]
     assert not torch.allclose(expected, untrained, **TOLERANCE), "the trained adapter must change the logits"
+
+
+def test_llama4_split_over_tp_runs_a_trained_adapter_as_one_process(
+    bases: dict, references: Callable, tmp_path: Path
+) -> None:
+    """Llama 4's experts take every token once per expert, pre-scaled by its router score, so no row of their
+    output is a token's: PERFT keeps every variant replicated under TP there (it used to add R's, D's and S's split
+    terms to those rows and failed on the shapes). Each adapter, trained in one process, loaded onto the model split
+    over tp_size=2, gives one process's logits. (Training under TP fails inside Transformers 5.25's own Llama 4
+    block, with or without an adapter: docs/big_models.md.)"""
+    variants = ("R", "E", "S")
+    adapters = {variant: f"{references('llama4_text', variant)}.adapter" for variant in variants}
+    outputs = {variant: tmp_path / f"{variant}.pt" for variant in variants}
+    base = str(bases["llama4_text"])
+    result = run_ranks(
+        *(",".join(["tp", base, variant, str(outputs[variant]), adapters[variant]]) for variant in variants)
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    tokens = sharded_worker.batches()[0]
+    with torch.no_grad():
+        base_logits = AutoModelForCausalLM.from_pretrained(base)(input_ids=tokens).logits
+        for variant in variants:
+            one_process = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapters[variant])
+            expected = one_process(input_ids=tokens).logits
+            torch.testing.assert_close(torch.load(outputs[variant])["logits"], expected, **TOLERANCE)
+            assert not torch.allclose(expected, base_logits, **TOLERANCE), f"{variant}: the adapter must count"
 
 
 def test_pipeline_parallel_is_refused_at_get_peft_model() -> None:

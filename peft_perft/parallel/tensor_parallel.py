@@ -30,8 +30,10 @@ The one Transformers detail this relies on is private: the TP mesh, read from th
 Where the split cannot apply the adapter stays replicated too: ``r`` not divisible by ``tp_size`` (uneven shards,
 and no share at all where ``r < tp_size``), expert parallelism (``ep_size > 1``: the experts are then dispatched by
 EP; with ``ep_implementation="perft"`` R, D and S are computed on each TP rank's token rows there instead, see
-``token_slices.TokenSlicedAllToAll`` and docs/big_models.md), and PERFT-E on blocks that take its routing from the
-router's output (Llama 4, JetMoE).
+``token_slices.TokenSlicedAllToAll`` and docs/big_models.md), and every variant on blocks that take PERFT-E's
+routing from the router's output (Llama 4, JetMoE): their experts' call does not carry the block's token rows (Llama
+4's experts take every token once per expert, pre-scaled by its router score, and the block sums their rows over the
+experts), so there is no row of the experts' output to add a token's term to.
 """
 
 from __future__ import annotations
@@ -174,10 +176,9 @@ def _experts_of(block: nn.Module) -> nn.Module | None:
 
 def _can_split(block: nn.Module, adapter_name: str, mesh: DeviceMesh) -> bool:
     """The adapters each TP rank can take ``r / tp`` of."""
-    config = block.perft_configs[adapter_name]
-    if config.follows_base_routing and block.spec.routes_from_router:
+    if block.spec.routes_from_router:  # its experts' output rows are not the block's tokens (see the docstring)
         return False
-    return config.r % mesh.size() == 0
+    return block.perft_configs[adapter_name].r % mesh.size() == 0
 
 
 def _data_parallel_groups(mesh: DeviceMesh) -> list[dist.ProcessGroup]:
