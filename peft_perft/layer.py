@@ -44,6 +44,13 @@ class TermOffer(Protocol):
     def left(self) -> list[str]: ...
 
 
+class SplitTerms(Protocol):
+    """A layout that splits some of the block's R, D and S adapters over its ranks (TP on ``r``): given their names
+    and the block's input, the scaled sum of their whole terms, which the block adds to its output."""
+
+    def __call__(self, names: list[str], hidden_states: torch.Tensor) -> torch.Tensor: ...
+
+
 class PerftMoeBlock(nn.Module, BaseTunerLayer):
     """A frozen MoE block plus one or more PERFT adapters."""
 
@@ -77,6 +84,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self._experts_hook_handle: RemovableHandle | None = None
         self.term_owners: dict[str, str] = {}  # adapter -> the parallel layout that adds its term (else: this block)
         self.token_slice_terms: TermOffer | None = None  # set by parallel.place under TP with EP
+        self.split_terms: SplitTerms | None = None  # set by parallel.place where TP splits R, D or S adapters
         # set by routing_replay.RoutingReplay while it records/replays: PERFT-R's top-k goes through it
         self.routing_replay: Callable | None = None
         self.block_name = block_name or type(base_layer).__name__
@@ -162,18 +170,22 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         active = self.active_perft_adapters()
         self.routing_records.clear()
         routed_by_base = [name for name in active if self.perft_configs[name].follows_base_routing]
-        beside_block = [n for n in active if n not in routed_by_base and n not in self.term_owners]
+        beside = [name for name in active if name not in routed_by_base]
+        beside_block = [name for name in beside if name not in self.term_owners]
         # Someone inside the base call may add some of them (TP with EP: on its token rows): offered to it, and
         # those it did not take are added here after the base.
         offer = self.token_slice_terms if beside_block else None
         deltas = self._block_deltas(beside_block, hidden_states) if offer is None else []
+        split = [name for name in beside if name in self.term_owners]
+        if split:  # split over TP ranks: their sum, added here as one process adds the whole terms
+            deltas.append((self.split_terms(split, hidden_states), 1.0))
         # Some blocks scale their input in place (Mixtral's router jitter); keep the adapters' input intact.
-        base_input = hidden_states.clone() if beside_block and self.training else hidden_states
+        base_input = hidden_states.clone() if beside and self.training else hidden_states
         if offer is not None:
             offer.offer(beside_block, base_input)
         output = self._run_base(routed_by_base, base_input, *args, **kwargs)
         if offer is not None:
-            deltas = self._block_deltas(offer.left(), hidden_states)
+            deltas += self._block_deltas(offer.left(), hidden_states)
         for delta, scaling in deltas:
             output = add_term(output, delta, scaling)
         return output

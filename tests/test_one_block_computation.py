@@ -129,20 +129,23 @@ def test_in_dispatch_path_adds_the_shared_term(monkeypatch: pytest.MonkeyPatch, 
 
 def split_over_one_rank(model: nn.Module, mesh: DeviceMesh) -> None:
     """Each block's default adapter split on its bottleneck over a one-rank TP mesh and computed by
-    `TensorParallelExperts`, by the very code that does it under ``tp_size`` once `parallel.prepare` found
-    Transformers' TP mesh: the mesh on the experts modules, then `split_over_tensor_parallel`."""
+    `SplitBlockTerms` (R, D, S) or `TensorParallelExperts` (E), by the very code that does it under ``tp_size`` once
+    `parallel.prepare` found Transformers' TP mesh: the mesh on the experts modules, then
+    `split_over_tensor_parallel`."""
     for block in (module for module in model.modules() if isinstance(module, PerftMoeBlock)):
         experts = block.spec.experts_module(block.base_layer)
         tensor_parallel.attach_tensor_parallel_mesh([experts], mesh)
         assert tensor_parallel.split_over_tensor_parallel(block, "default")
         assert isinstance(block.perft_A["default"], DTensor)
-        assert tensor_parallel.TensorParallelExperts.of(experts) is not None
+        routed = block.perft_configs["default"].follows_base_routing
+        assert (tensor_parallel.TensorParallelExperts.of(experts) is not None) == routed
+        assert isinstance(block.split_terms, tensor_parallel.SplitBlockTerms) != routed
 
 
 @pytest.mark.parametrize("variant", ["R", "S", "E"])
 def test_tensor_parallel_split_adds_the_shared_term(variant: str, one_rank_mesh: DeviceMesh, silence) -> None:
-    """`TensorParallelExperts` adds the sum over the TP ranks of each split adapter's partial term to the experts'
-    output: on one rank the whole term, so the logits are the one-process model's."""
+    """The sum over the TP ranks of each split adapter's partial term, added to the block's output (R, S) or the
+    experts' (E): on one rank the whole term, so the logits are the one-process model's."""
     torch.manual_seed(0)
     config = PerftConfig(r=4, lora_alpha=8, init_weights=False, **CONFIGS[variant])
     model = get_peft_model(tiny_model("olmoe"), config).eval()

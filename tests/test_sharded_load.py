@@ -21,6 +21,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
+    AXK1Config,
     Llama4ForCausalLM,
     Llama4TextConfig,
     Qwen3MoeConfig,
@@ -80,10 +81,39 @@ def tiny_llama4_text() -> torch.nn.Module:
     return Llama4ForCausalLM(config).eval()
 
 
+def tiny_axk1() -> torch.nn.Module:
+    """AXK1 in miniature, a dense layer then an MoE layer, whose block normalises the sum of its routed and shared
+    experts' outputs (``post_mlp_layernorm``): an R, D or S term added inside the experts' call, before that norm,
+    is not the one-process term, added to the block's output."""
+    torch.manual_seed(0)
+    config = AXK1Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        kv_lora_rank=8,
+        q_lora_rank=8,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        n_group=1,
+        topk_group=1,
+        **TOKEN_IDS,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 BUILDERS = {
     "olmoe": build_tiny,
     "qwen3_moe": tiny_qwen3_moe,
     "llama4_text": tiny_llama4_text,
+    "axk1": tiny_axk1,
     # Mixtral scales its block input in place in training (router jitter): PERFT's TP path must see it unscaled.
     "mixtral_jitter": lambda: build_tiny("mixtral", router_jitter_noise=0.2),
 }
@@ -94,6 +124,7 @@ TP_CASES = [
     ("qwen3_moe", "S"),
     ("olmoe", "R_r3"),
     ("mixtral_jitter", "R"),
+    ("axk1", "S"),
 ]
 """(family, variant) run under tp_size=2, all in one launch."""
 TP_EP_SHARDED_CASES = [
@@ -323,8 +354,9 @@ def test_sharded_run_matches_one_process(
         if "collectives" in run:
             assert_adds_no_collective_of_its_own(run["collectives"], family, variant)
         if layout in sharded_worker.TP_ALONE:
-            # unload() gives every experts module the forward it had before PERFT back, and the base model's logits.
-            wrapped = 2 if split else 0
+            # unload() gives every experts module the forward it had before PERFT back (wrapped for split PERFT-E
+            # adapters), and the base model's logits.
+            wrapped = 2 if split and sharded_worker.CONFIGS[variant]["variant"] == "E" else 0
             assert run["unloaded"] == {"wrapped_before": wrapped, "wrapped_after": 0, "base_logits_again": True}
             assert_reload_matches_one_process(run["reloaded_logits"], bases[family], output)
         # Saving gathers the sharded adapter tensors and nothing else (no base weight).
@@ -364,10 +396,10 @@ def test_llama4_split_over_tp_runs_a_trained_adapter_as_one_process(
     bases: dict, references: Callable, tmp_path: Path
 ) -> None:
     """Llama 4's experts take every token once per expert, pre-scaled by its router score, so no row of their
-    output is a token's: PERFT keeps every variant replicated under TP there (it used to add R's, D's and S's split
-    terms to those rows and failed on the shapes). Each adapter, trained in one process, loaded onto the model split
-    over tp_size=2, gives one process's logits. (Training under TP fails inside Transformers 5.25's own Llama 4
-    block, with or without an adapter: docs/big_models.md.)"""
+    output is a token's (PERFT once added R's, D's and S's split terms to those rows and failed on the shapes; they
+    go to the block's output now, PERFT-E stays replicated). Each adapter, trained in one process, loaded onto the
+    model split over tp_size=2, gives one process's logits. (Training under TP fails inside Transformers 5.25's own
+    Llama 4 block, with or without an adapter: docs/big_models.md.)"""
     variants = ("R", "E", "S")
     adapters = {variant: f"{references('llama4_text', variant)}.adapter" for variant in variants}
     outputs = {variant: tmp_path / f"{variant}.pt" for variant in variants}

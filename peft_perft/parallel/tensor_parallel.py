@@ -8,10 +8,13 @@ only Llama 4's plan still names it; its output is then summed over the TP ranks,
 An adapter expert ``B act(A h)`` splits over its bottleneck: with ``A`` sharded on ``r`` (rows) and ``B`` on ``r``
 (columns), rank ``i`` computes ``B_i act(A_i h)`` and the sum over ranks is the whole term, as ``act`` acts on each
 bottleneck unit alone. So each rank holds and computes ``r / tp`` of every adapter expert (``perft_A`` /
-``perft_B`` are DTensors sharded on ``r`` over the TP mesh), and PERFT's wrapper of the experts' forward
-(`TensorParallelExperts`) adds the sum of the ranks' partial terms to the experts' output: one all-reduce of the
-(tokens x hidden) terms in forward, and one of their input's gradient in backward. Both are DTensor
-redistributions (public torch API), not Transformers' private autograd functions.
+``perft_B`` are DTensors sharded on ``r`` over the TP mesh), and the sum of the ranks' partial terms is added where
+one process adds the whole term: R's, D's and S's to the block's output (`SplitBlockTerms`, which the block calls),
+PERFT-E's to the experts' output (`TensorParallelExperts`, PERFT's wrapper of the experts' forward). Many blocks
+change the experts' output before returning it (a scaling factor, a norm, an average with the shared experts), so
+the place matters. Per block: one all-reduce of the (tokens x hidden) terms in forward, and one of their input's
+gradient in backward. Both are DTensor redistributions (public torch API), not Transformers' private autograd
+functions.
 
 PERFT-R's router stays replicated (it is tiny): every rank routes every token. Its top-k weights get partial
 gradients (each rank sees its share of the bottleneck), which one all-reduce of those (tokens x top-k) values sums
@@ -30,10 +33,8 @@ The one Transformers detail this relies on is private: the TP mesh, read from th
 Where the split cannot apply the adapter stays replicated too: ``r`` not divisible by ``tp_size`` (uneven shards,
 and no share at all where ``r < tp_size``), expert parallelism (``ep_size > 1``: the experts are then dispatched by
 EP; with ``ep_implementation="perft"`` R, D and S are computed on each TP rank's token rows there instead, see
-``token_slices.TokenSlicedAllToAll`` and docs/big_models.md), and every variant on blocks that take PERFT-E's
-routing from the router's output (Llama 4, JetMoE): their experts' call does not carry the block's token rows (Llama
-4's experts take every token once per expert, pre-scaled by its router score, and the block sums their rows over the
-experts), so there is no row of the experts' output to add a token's term to.
+``token_slices.TokenSlicedAllToAll`` and docs/big_models.md), and PERFT-E on blocks that take its routing from the
+router's output (Llama 4, JetMoE): it is added to the block's output there, not inside the experts' call.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ from ..terms import AdapterTensors, add_term, no_record
 BOTTLENECK_PLACEMENTS = {"perft_A": Shard(1), "perft_B": Shard(2)}
 """Where ``r`` sits in the stacked adapter tensors: ``perft_A`` (N, r, D) and ``perft_B`` (N, D, r)."""
 OWNER = "tensor_parallel"
-"""The block's ``term_owners`` entry of an adapter split here: its term is added inside `TensorParallelExperts`."""
+"""The block's ``term_owners`` entry of an adapter split here: its term is added by `SplitBlockTerms` (R, D, S) or
+`TensorParallelExperts` (E)."""
 
 CHECKED_TRANSFORMERS_VERSION = "5.25.0"
 """The Transformers release whose private details PERFT's parallel code was last checked against."""
@@ -140,12 +142,15 @@ def split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
             split.register_post_accumulate_grad_hook(functools.partial(_average_shard, groups=data_parallel))
         tensors[adapter_name] = split
     block.term_owners[adapter_name] = OWNER
-    TensorParallelExperts.install(block, experts, mesh)
+    if block.perft_configs[adapter_name].follows_base_routing:
+        TensorParallelExperts.install(block, experts, mesh)
+    elif block.split_terms is None:
+        block.split_terms = SplitBlockTerms(block, mesh)
     return True
 
 
 def is_split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
-    """Whether an adapter of a block whose experts run `TensorParallelExperts` is computed inside it."""
+    """Whether the adapter is split over the TP ranks (and its term added by this module's code)."""
     return block.term_owners.get(adapter_name) == OWNER
 
 
@@ -176,9 +181,10 @@ def _experts_of(block: nn.Module) -> nn.Module | None:
 
 def _can_split(block: nn.Module, adapter_name: str, mesh: DeviceMesh) -> bool:
     """The adapters each TP rank can take ``r / tp`` of."""
-    if block.spec.routes_from_router:  # its experts' output rows are not the block's tokens (see the docstring)
+    config = block.perft_configs[adapter_name]
+    if config.follows_base_routing and block.spec.routes_from_router:
         return False
-    return block.perft_configs[adapter_name].r % mesh.size() == 0
+    return config.r % mesh.size() == 0
 
 
 def _data_parallel_groups(mesh: DeviceMesh) -> list[dist.ProcessGroup]:
@@ -212,10 +218,42 @@ def summed_over(partial: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     return summed.to_local()
 
 
+class SplitBlockTerms:
+    """The R, D and S terms of a block's split adapters, called by the block where one process adds their whole
+    terms: the sum over the TP ranks of each adapter's partial term on this rank's bottleneck share, whole on every
+    rank.
+
+    A callable object rather than a closure, so that ``copy.deepcopy`` of a model rebinds it to the copies."""
+
+    def __init__(self, block: nn.Module, mesh: DeviceMesh) -> None:
+        self.block, self.mesh = block, mesh
+
+    def __call__(self, names: list[str], hidden_states: torch.Tensor) -> torch.Tensor:
+        """The scaled sum of the named adapters' terms on the block's input (T, D); the input's partial gradients
+        and the routing weights' are summed over the TP ranks (the router stays replicated)."""
+        router_input = hidden_states.reshape(-1, hidden_states.shape[-1])
+        adapter_input = gradient_summed_over(router_input, self.mesh)
+        partial = None
+        for name in names:
+            term = self.block.adapter_term(
+                name,
+                adapter_input,
+                tensors=local_tensors(self.block, name),
+                router_input=router_input,
+                local_routing=self._summed_weight_gradients,
+            )
+            scaling = self.block.perft_configs[name].scaling
+            partial = term * scaling if partial is None else add_term(partial, term, scaling)
+        return summed_over(partial, self.mesh)
+
+    def _summed_weight_gradients(self, index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return index, gradient_summed_over(weight, self.mesh)
+
+
 class TensorParallelExperts:
-    """The forward of an experts module whose block holds TP-split adapters: the experts' forward as it was (whole
-    on every rank), plus the sum over the TP ranks of each active adapter's partial term on this rank's bottleneck
-    share.
+    """The forward of an experts module whose block holds TP-split PERFT-E adapters: the experts' forward as it was
+    (whole on every rank), plus the sum over the TP ranks of each adapter's partial term on this rank's bottleneck
+    share, with the routing the experts received.
 
     A callable object rather than a closure, so that ``copy.deepcopy`` of a model rebinds it to the copies."""
 
@@ -223,12 +261,6 @@ class TensorParallelExperts:
         self.block, self.experts, self.mesh = block, experts, mesh
         # The forward installed before this one (PERFT-E's in-dispatch wrapper, Transformers' TP forward), if any.
         self.previous = vars(experts).get("forward")
-        self.block_input: torch.Tensor | None = None
-        self._block_input_copy: torch.Tensor | None = None
-        self._handles = [
-            block.register_forward_pre_hook(self._record_block_input, with_kwargs=True),
-            block.register_forward_hook(self._forget_block_input, always_call=True),
-        ]
 
     @classmethod
     def of(cls, experts: nn.Module) -> TensorParallelExperts | None:
@@ -242,8 +274,6 @@ class TensorParallelExperts:
             experts.forward = cls(block, experts, mesh)
 
     def uninstall(self) -> None:
-        for handle in self._handles:
-            handle.remove()
         if self.previous is None:
             del self.experts.forward
         else:
@@ -254,92 +284,28 @@ class TensorParallelExperts:
             return self.previous(*args, **kwargs)
         return type(self.experts).forward(self.experts, *args, **kwargs)
 
-    def _record_block_input(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.block_input = args[0] if args else kwargs["hidden_states"]
-        self._block_input_version = self.block_input._version
-        # A block may scale its input in place in training (Mixtral's router jitter): the adapters then read this
-        # copy, as they read the unscaled input in one process (where the block gets a copy instead).
-        copy = block.training and bool(self._beside_adapters())
-        self._block_input_copy = self.block_input.clone() if copy else None
-
-    def _forget_block_input(self, *unused: Any) -> None:
-        self.block_input = self._block_input_copy = None
-
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        beside, routed = self._active_split_adapters()
+        """The experts' output plus the split E adapters the block queued for this call (its experts hook then
+        skips them, and records their routing)."""
+        routed = self.block.routed_adapters_owned_by(OWNER)
         output = self._experts_forward(hidden_states, *args, **kwargs)
-        if not beside and not routed:
+        if not routed:
             return output
-        configs, terms = self.block.perft_configs, []
-        if beside:
-            router_input = self._router_input(hidden_states)
-            adapter_input = gradient_summed_over(router_input, self.mesh)
-            terms += [(name, self._partial_term(name, router_input, adapter_input)) for name in beside]
-        if routed:
-            tokens, expert_index, expert_weight = self.block.spec.read_experts_call((hidden_states, *args), kwargs)
-            tokens = gradient_summed_over(tokens, self.mesh)
-            expert_weight = gradient_summed_over(expert_weight, self.mesh)
-            terms += [(name, self._partial_routed_term(name, tokens, expert_index, expert_weight)) for name in routed]
-        (first, first_delta), *others = terms
-        partial = as_dtype(first_delta, output.dtype).view(output.shape) * configs[first].scaling
-        for name, delta in others:
-            partial = add_term(partial, delta, configs[name].scaling)
+        tokens, expert_index, expert_weight = self.block.spec.read_experts_call((hidden_states, *args), kwargs)
+        tokens = gradient_summed_over(tokens, self.mesh)
+        routing = (expert_index, gradient_summed_over(expert_weight, self.mesh))
+        partial = None
+        for name in routed:
+            term = self.block.adapter_term(
+                name, tokens, tensors=local_tensors(self.block, name), routing=routing, record=no_record
+            )
+            term = as_dtype(term, output.dtype).view(output.shape)
+            scaling = self.block.perft_configs[name].scaling
+            partial = term * scaling if partial is None else add_term(partial, term, scaling)
         return output + summed_over(partial, self.mesh)
 
-    def _active_split_adapters(self) -> tuple[list[str], list[str]]:
-        """The split adapters this call adds: R, D and S ones active in the block's current forward, and the E
-        ones the block queued for this experts call (which its experts hook then skips)."""
-        block = self.block
-        routed = block.routed_adapters_owned_by(OWNER)
-        if self.block_input is None:
-            return [], routed
-        return self._beside_adapters(), routed
 
-    def _beside_adapters(self) -> list[str]:
-        """The split R, D and S adapters active in the block."""
-        block = self.block
-        return [
-            name
-            for name in block.active_perft_adapters()
-            if not block.perft_configs[name].follows_base_routing and is_split_over_tensor_parallel(block, name)
-        ]
-
-    def _router_input(self, experts_input: torch.Tensor) -> torch.Tensor:
-        """The block's input (T, D), as the router and the adapter experts read it: what the experts got, unless
-        the block changed it first (Mixtral's router jitter scales it in place in training), then the copy of the
-        block's input taken before."""
-        block_input = self.block_input
-        if is_block_input_unchanged(experts_input, block_input, self._block_input_version):
-            return experts_input
-        flat = block_input.reshape(-1, block_input.shape[-1])
-        return flat if self._block_input_copy is None else self._block_input_copy.reshape(flat.shape)
-
-    def _partial_routed_term(
-        self, name: str, tokens: torch.Tensor, expert_index: torch.Tensor, expert_weight: torch.Tensor
-    ) -> torch.Tensor:
-        """This rank's share of a PERFT-E adapter's (unscaled) term, with the base routing the experts received
-        (the input's and weights' partial gradients summed over the TP ranks; the block's experts hook records
-        that routing)."""
-        routing = (expert_index, expert_weight)
-        return self.block.adapter_term(name, tokens, tensors=self._local(name), routing=routing, record=no_record)
-
-    def _partial_term(self, name: str, router_input: torch.Tensor, adapter_input: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the adapter's (unscaled) term: ``sum B_i act(A_i h)`` over its bottleneck rows, the
-        routing weights' partial gradients summed over the TP ranks."""
-        mesh = self.mesh
-
-        def summed_weight_gradients(index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            return index, gradient_summed_over(weight, mesh)
-
-        return self.block.adapter_term(
-            name,
-            adapter_input,
-            tensors=self._local(name),
-            router_input=router_input,
-            local_routing=summed_weight_gradients,
-        )
-
-    def _local(self, name: str) -> AdapterTensors:
-        """This rank's slices of the adapter's experts (``r / tp`` of each bottleneck) and its replicated router."""
-        lora_A, lora_B, router = self.block.adapter_tensors(name)
-        return AdapterTensors(lora_A.to_local(), lora_B.to_local(), router)
+def local_tensors(block: nn.Module, name: str) -> AdapterTensors:
+    """This rank's slices of the adapter's experts (``r / tp`` of each bottleneck) and its replicated router."""
+    lora_A, lora_B, router = block.adapter_tensors(name)
+    return AdapterTensors(lora_A.to_local(), lora_B.to_local(), router)
