@@ -35,18 +35,10 @@ from .dispatch.in_experts import uninstall as uninstall_in_dispatch
 from .terms import AdapterTensors, LocalRouting, Record, Routing, RoutingRecord, add_term, detached
 
 
-class TermOffer(Protocol):
-    """Someone who may add some of the block's R, D and S terms inside the base call (TP with EP adds them on its
-    token rows): offered the names and the base's input before it, asked after it which ones are left."""
-
-    def offer(self, names: list[str], experts_input: torch.Tensor) -> None: ...
-
-    def left(self) -> list[str]: ...
-
-
 class SplitTerms(Protocol):
-    """A layout that splits some of the block's R, D and S adapters over its ranks (TP on ``r``): given their names
-    and the block's input, the scaled sum of their whole terms, which the block adds to its output."""
+    """A layout that splits some of the block's R, D and S adapters over its ranks (TP on ``r``, or on the token
+    rows under TP with EP): given their names and the block's input, the scaled sum of their whole terms, which the
+    block adds to its output."""
 
     def __call__(self, names: list[str], hidden_states: torch.Tensor) -> torch.Tensor: ...
 
@@ -83,8 +75,7 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self._base_routing_seen: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self._experts_hook_handle: RemovableHandle | None = None
         self.term_owners: dict[str, str] = {}  # adapter -> the parallel layout that adds its term (else: this block)
-        self.token_slice_terms: TermOffer | None = None  # set by parallel.place under TP with EP
-        self.split_terms: SplitTerms | None = None  # set by parallel.place where TP splits R, D or S adapters
+        self.split_terms: SplitTerms | None = None  # set by parallel.place where it splits R, D or S adapters
         # set by routing_replay.RoutingReplay while it records/replays: PERFT-R's top-k goes through it
         self.routing_replay: Callable | None = None
         self.block_name = block_name or type(base_layer).__name__
@@ -171,21 +162,13 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
         self.routing_records.clear()
         routed_by_base = [name for name in active if self.perft_configs[name].follows_base_routing]
         beside = [name for name in active if name not in routed_by_base]
-        beside_block = [name for name in beside if name not in self.term_owners]
-        # Someone inside the base call may add some of them (TP with EP: on its token rows): offered to it, and
-        # those it did not take are added here after the base.
-        offer = self.token_slice_terms if beside_block else None
-        deltas = self._block_deltas(beside_block, hidden_states) if offer is None else []
+        deltas = self._block_deltas([name for name in beside if name not in self.term_owners], hidden_states)
         split = [name for name in beside if name in self.term_owners]
-        if split:  # split over TP ranks: their sum, added here as one process adds the whole terms
+        if split:  # split over the ranks of a parallel layout: their sum, added where one process adds them
             deltas.append((self.split_terms(split, hidden_states), 1.0))
         # Some blocks scale their input in place (Mixtral's router jitter); keep the adapters' input intact.
         base_input = hidden_states.clone() if beside and self.training else hidden_states
-        if offer is not None:
-            offer.offer(beside_block, base_input)
         output = self._run_base(routed_by_base, base_input, *args, **kwargs)
-        if offer is not None:
-            deltas += self._block_deltas(offer.left(), hidden_states)
         for delta, scaling in deltas:
             output = add_term(output, delta, scaling)
         return output

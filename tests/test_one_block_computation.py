@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from peft_perft import PerftConfig, PerftMoeBlock, terms
 from peft_perft.dispatch import in_experts
 from peft_perft.parallel import expert_parallel, tensor_parallel
-from peft_perft.parallel.token_slices import TokenSliceTerms
+from peft_perft.parallel.token_slices import TokenRowTerms
 
 CONFIGS = {
     "R": {"variant": "R", "num_experts": 4, "top_k": 2},
@@ -162,14 +162,13 @@ def test_tensor_parallel_split_adds_the_shared_term(variant: str, one_rank_mesh:
 
 
 @pytest.mark.parametrize("variant", ["R", "D"])
-def test_token_rows_add_the_shared_term(variant: str, silence) -> None:
-    """`TokenSliceTerms.add` (TP with EP) on this rank's rows; here all rows, a TP group of one."""
+def test_token_rows_add_the_shared_term(variant: str, one_rank_mesh: DeviceMesh, silence) -> None:
+    """`TokenRowTerms` (TP with EP) on this rank's rows; here all rows, a TP group of one."""
     block = adapted_block(variant)
     hidden = torch.randn(5, block.spec.hidden_size)
 
     def added() -> torch.Tensor:
-        slices = TokenSliceTerms(block)
-        return slices.add(torch.zeros_like(hidden), ["default"], hidden, hidden, lambda rows: rows, 1)
+        return TokenRowTerms(block, one_rank_mesh)(["default"], hidden)
 
     scaling = block.perft_configs["default"].scaling
     torch.testing.assert_close(added(), scaling * hand_term(block, hidden), rtol=1e-4, atol=1e-5)

@@ -2,8 +2,8 @@
 (`CHECKED_TRANSFORMERS_VERSION`, 5.25.0), and, when one is missing, one warning per process that names the feature,
 the checked and the installed release, and the replicated adapter PERFT falls back to.
 
-The fallbacks' results under real sharding are checked by tests/test_sharded_load.py (the ``tp_without_mesh`` and
-``tp_ep_sharded_rewritten_combine`` layouts), which also asserts that the runs on the installed release warn nothing.
+The fallback's results under real sharding are checked by tests/test_sharded_load.py (the ``tp_without_mesh``
+layout), which also asserts that the runs on the installed release warn nothing.
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ import warnings
 from importlib.metadata import version
 
 import pytest
-import torch
 from conftest import build_tiny
 from peft import get_peft_model
 from torch.distributed.tensor import DTensor
 from transformers.distributed import DistributedConfig
-from transformers.distributed.expert_parallel import AllToAllEP
 
 from peft_perft import PerftConfig
-from peft_perft.parallel import tensor_parallel, token_slices
+from peft_perft.parallel import tensor_parallel
 from peft_perft.parallel.tensor_parallel import (
     CHECKED_TRANSFORMERS_VERSION,
     TENSOR_PARALLEL_SPLIT,
@@ -45,33 +43,6 @@ def assert_names_feature_and_releases(message: str, feature: str, detail: str) -
 def nothing_warned_yet(monkeypatch: pytest.MonkeyPatch) -> None:
     """A process that has not warned about any feature yet (the warnings are once per process)."""
     monkeypatch.setattr(tensor_parallel, "_WARNED_FEATURES", set())
-
-
-def test_all_to_all_ep_has_the_token_row_details_checked_on_transformers_5_25() -> None:
-    assert CHECKED_TRANSFORMERS_VERSION == "5.25.0"
-    missing = token_slices.missing_token_row_details()
-    assert missing == [], (
-        f"TokenSlicedAllToAll was checked against AllToAllEP of transformers {CHECKED_TRANSFORMERS_VERSION}; the "
-        f"installed {version('transformers')} changed {missing}: re-check it, then update the details and the version"
-    )
-
-
-def test_a_rewritten_combine_tokens_is_warned_once_and_token_rows_fall_back(
-    monkeypatch: pytest.MonkeyPatch, nothing_warned_yet: None
-) -> None:
-    original = AllToAllEP._combine_tokens
-
-    def rewritten_combine_tokens(self: AllToAllEP, expert_output: torch.Tensor, state: tuple) -> torch.Tensor:
-        return original(self, expert_output, state)
-
-    monkeypatch.setattr(AllToAllEP, "_combine_tokens", rewritten_combine_tokens)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        available = [token_slices.token_rows_available() for _ in range(2)]
-    assert available == [False, False]
-    [message] = upstream_warnings(caught)
-    assert_names_feature_and_releases(message, token_slices.TOKEN_ROWS, "AllToAllEP._combine_tokens")
-    assert "AllToAllEP._dispatch_tokens" not in message  # only what changed
 
 
 def test_a_tensor_parallel_model_without_transformers_mesh_is_warned_once_and_stays_replicated(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .expert_parallel import offer_token_slices, shard_routed_adapter, warn_uneven_selection
+from .expert_parallel import shard_routed_adapter, split_over_token_rows, warn_uneven_selection
 from .replication import refuse_unsupported_layout, replicate_adapter
 from .saving import distribute_adapter_state_dict
 from .tensor_parallel import (
@@ -55,7 +55,7 @@ def place(block: nn.Module, adapter_name: str) -> None:
     if follows_base_routing and shard_routed_adapter(block, adapter_name):
         return
     if not split_over_tensor_parallel(block, adapter_name) and not follows_base_routing:
-        offer_token_slices(block)
+        split_over_token_rows(block, adapter_name)
 
 
 def release(block: nn.Module) -> None:

@@ -2,8 +2,8 @@
 
 `PerftExpertParallel`, registered with Transformers as ``ep_implementation="perft"``, computes each adapter
 expert's term on the rank owning the base expert, inside the experts' own token dispatch; with tensor parallelism
-beside EP its all-to-all (`TokenSlicedAllToAll`) also computes R, D and S on each TP rank's rows of the shared
-tokens instead of on all of them on every rank.
+beside EP, R, D and S are computed on each TP rank's rows of the shared tokens instead of on all of them on every
+rank (`token_slices.TokenRowTerms`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from transformers.distributed.expert_parallel import AutoEP, EPImplementation, E
 
 from ..architectures import WHOLE_SHAPE_ATTRIBUTE
 from ..terms import AdapterTensors, add_term, no_record
-from .token_slices import TokenSlicedAllToAll, TokenSliceTerms, token_rows_available
+from . import token_slices
 
 EXPERT_PARALLEL_NAME = "perft"
 OWNER = "expert_parallel"
@@ -56,15 +56,11 @@ class PerftExpertParallel(EPImplementation):
     sharded on the expert dimension over the EP mesh, as the base experts are), and the routing weights, the
     token exchange and the combine are the base experts' own. Without this implementation PERFT-E still runs under
     EP, replicated: every rank holds and computes every adapter expert on its own tokens.
-
-    Its all-to-all dispatch is `TokenSlicedAllToAll`, which under TP also adds the block's R, D and S adapters on
-    this rank's token rows.
     """
 
     def __init__(self, experts: nn.Module, ep_mesh: DeviceMesh, tp_mesh: DeviceMesh) -> None:
         super().__init__(experts, ep_mesh, tp_mesh)
         self.dispatch = AutoEP(experts, ep_mesh, tp_mesh)
-        self.dispatch.all_to_all = TokenSlicedAllToAll(experts, ep_mesh, tp_mesh)
         for implementation in (self.dispatch.all_to_all, self.dispatch.all_reduce):
             if implementation is not None:
                 implementation.experts_forward = self._experts_with_adapters
@@ -220,12 +216,15 @@ def _mean_over_batches(gradient: torch.Tensor, dp_size: int) -> torch.Tensor:
     return gradient / dp_size if dp_size > 1 else gradient
 
 
-def offer_token_slices(block: nn.Module) -> None:
-    """Let the block's R, D and S adapters be computed on this rank's token rows when its experts are dispatched by
-    `PerftExpertParallel` over a TP group of more than one rank (see `TokenSlicedAllToAll`); idempotent."""
-    if block.token_slice_terms is not None or block.spec.experts_name is None:
-        return
+def split_over_token_rows(block: nn.Module, adapter_name: str) -> bool:
+    """Compute a new R, D or S adapter on this rank's token rows (`token_slices.TokenRowTerms`) when the block's
+    experts are dispatched by `PerftExpertParallel` over a TP group of more than one rank; True when it does."""
+    if block.spec.experts_name is None:
+        return False
     implementation = getattr(block.spec.experts_module(block.base_layer), _EXPERT_PARALLEL_ATTRIBUTE, None)
-    if implementation is None or implementation.tp_mesh.size() == 1 or not token_rows_available():
-        return
-    block.token_slice_terms = implementation.dispatch.all_to_all.token_slice_terms = TokenSliceTerms(block)
+    if implementation is None or implementation.tp_mesh.size() == 1:
+        return False
+    block.term_owners[adapter_name] = token_slices.OWNER
+    if block.split_terms is None:
+        block.split_terms = token_slices.TokenRowTerms(block, implementation.tp_mesh)
+    return True

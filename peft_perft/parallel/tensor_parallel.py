@@ -33,7 +33,7 @@ The one Transformers detail this relies on is private: the TP mesh, read from th
 Where the split cannot apply the adapter stays replicated too: ``r`` not divisible by ``tp_size`` (uneven shards,
 and no share at all where ``r < tp_size``), expert parallelism (``ep_size > 1``: the experts are then dispatched by
 EP; with ``ep_implementation="perft"`` R, D and S are computed on each TP rank's token rows there instead, see
-``token_slices.TokenSlicedAllToAll`` and docs/big_models.md), and PERFT-E on blocks that take its routing from the
+``token_slices.TokenRowTerms`` and docs/big_models.md), and PERFT-E on blocks that take its routing from the
 router's output (Llama 4, JetMoE): it is added to the block's output there, not inside the experts' call.
 """
 
@@ -152,18 +152,6 @@ def split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
 def is_split_over_tensor_parallel(block: nn.Module, adapter_name: str) -> bool:
     """Whether the adapter is split over the TP ranks (and its term added by this module's code)."""
     return block.term_owners.get(adapter_name) == OWNER
-
-
-def is_block_input_unchanged(experts_input: torch.Tensor, block_input: torch.Tensor, version: int) -> bool:
-    """Whether the experts got the block's input itself, flattened (a view of the same storage), and unchanged in
-    place since its version was ``version`` (Mixtral's router jitter scales it in training)."""
-    flat = block_input.reshape(-1, block_input.shape[-1])
-    return (
-        experts_input.data_ptr() == flat.data_ptr()
-        and experts_input.shape == flat.shape
-        and experts_input.stride() == flat.stride()
-        and block_input._version == version
-    )
 
 
 def release_tensor_parallel_experts(block: nn.Module) -> None:

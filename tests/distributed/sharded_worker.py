@@ -24,7 +24,6 @@ import faulthandler
 import gc
 import warnings
 from collections.abc import Iterator
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -34,13 +33,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
-from transformers.distributed.expert_parallel import AllToAllEP
 
 from peft_perft import PerftConfig
 from peft_perft.layer import PerftMoeBlock
+from peft_perft.parallel import token_slices
 from peft_perft.parallel.saving import gathered_adapter_state_dict
 from peft_perft.parallel.tensor_parallel import TENSOR_PARALLEL_SPLIT, TensorParallelExperts, UpstreamDetailWarning
-from peft_perft.parallel.token_slices import TOKEN_ROWS
 
 GLOBAL_BATCH = 4
 STEPS = 3
@@ -58,7 +56,6 @@ LAYOUTS = {
     "tp_fsdp_ep_sharded": {"tp_size": 2, "fsdp_size": 2, "ep_size": 4, "ep_implementation": "perft"},
     # As "tp" and "tp_ep_sharded", with a private Transformers detail changed (FORCED_UPSTREAM_CHANGES).
     "tp_without_mesh": {"tp_size": 2},
-    "tp_ep_sharded_rewritten_combine": {"tp_size": 2, "ep_size": 2, "ep_implementation": "perft"},
 }
 TP_ALONE = ("tp", "tp_without_mesh")
 """The layouts whose runs also unload the adapter and load the saved one back."""
@@ -121,9 +118,8 @@ def adapter_elements_held(model: torch.nn.Module) -> dict[str, int]:
 def adapter_flops(model: torch.nn.Module, tokens: torch.Tensor, layout: str) -> int:
     """FLOPs this rank spends on the adapter in one forward: with it minus without it.
 
-    Under TP with EP the forward runs as in training (gradients on, into the input embeddings), so that every MoE
-    block takes Transformers' AllToAllEP dispatch, where each TP rank computes R, D and S on its token rows (at
-    inference on a shared batch AllReduceEP runs, and they stay replicated)."""
+    Under TP with EP the forward runs as in training (gradients on, into the input embeddings), as the runs
+    themselves train; each TP rank computes R, D and S on its token rows whichever dispatch Transformers runs."""
     settings = LAYOUTS[layout] or {}
     as_in_training = settings.get("tp_size", 1) > 1 and settings.get("ep_size", 1) > 1
     inputs = {"input_ids": tokens}
@@ -160,21 +156,21 @@ class CountingCollectives(TorchDispatchMode):
 def collectives_of_a_step(model: torch.nn.Module, tokens: torch.Tensor) -> dict[str, dict[str, int]]:
     """The collectives of one training forward and backward (gradients on into the input embeddings, so every MoE
     block takes AllToAllEP), with R, D and S on each TP rank's token rows as PERFT runs them ("rows") and with the
-    blocks adding them on all rows instead ("replicated", their offer to the dispatch withdrawn for the step)."""
+    blocks adding them on all rows instead ("replicated", the token-row owners withdrawn for the step)."""
     blocks = [module for module in model.modules() if isinstance(module, PerftMoeBlock)]
-    offers = [block.token_slice_terms for block in blocks]
+    owners = [dict(block.term_owners) for block in blocks]
     embeddings = model.get_input_embeddings()(tokens).detach().requires_grad_()
     calls = {}
     model.train()
     for mode in ("rows", "replicated"):
         if mode == "replicated":
-            for block in blocks:
-                block.token_slice_terms = None
+            for block, owned in zip(blocks, owners, strict=True):
+                block.term_owners = {name: owner for name, owner in owned.items() if owner != token_slices.OWNER}
         with CountingCollectives() as counting:
             model(inputs_embeds=embeddings, labels=tokens).loss.backward()
         calls[mode] = dict(counting.calls)
-    for block, offer in zip(blocks, offers, strict=True):
-        block.token_slice_terms = offer
+    for block, owned in zip(blocks, owners, strict=True):
+        block.term_owners = owned
     model.zero_grad(set_to_none=True)
     model.eval()
     return calls
@@ -227,36 +223,19 @@ def counting_gathers() -> Iterator[list[int]]:
         DTensor.full_tensor = original
 
 
-@contextlib.contextmanager
-def rewritten_combine_tokens() -> Iterator[None]:
-    """Transformers' `AllToAllEP._combine_tokens` replaced by code that does the same but is not the code PERFT's
-    token-row path was checked against."""
-    original = AllToAllEP._combine_tokens
-
-    def combine_tokens(self: AllToAllEP, expert_output: torch.Tensor, state: tuple) -> torch.Tensor:
-        return original(self, expert_output, state)
-
-    AllToAllEP._combine_tokens = combine_tokens
-    try:
-        yield
-    finally:
-        AllToAllEP._combine_tokens = original
-
-
 def without_mesh_manager(model: torch.nn.Module) -> None:
     """The model's ``_mesh_manager``, where PERFT reads the TP mesh, gone as if Transformers had renamed it."""
     model._mesh_manager = None
 
 
-FORCED_UPSTREAM_CHANGES = {"tp_without_mesh": TENSOR_PARALLEL_SPLIT, "tp_ep_sharded_rewritten_combine": TOKEN_ROWS}
+FORCED_UPSTREAM_CHANGES = {"tp_without_mesh": TENSOR_PARALLEL_SPLIT}
 """The layouts run with a private Transformers detail changed, and the PERFT feature that then falls back."""
 
 
 def run_case(layout: str, base: str, variant: str, output: str, adapter: str | None = None) -> None:
     """One run (see the module docstring), in a process group already set up unless LAYOUT is ``single``."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    rewritten = layout == "tp_ep_sharded_rewritten_combine"
-    with warnings.catch_warnings(record=True) as caught, rewritten_combine_tokens() if rewritten else nullcontext():
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         record = record_case(layout, base, variant, output, adapter, rank)
     upstream = [str(warning.message) for warning in caught if issubclass(warning.category, UpstreamDetailWarning)]
