@@ -131,6 +131,16 @@ def add_term(output, delta: torch.Tensor, scaling: float):
     return add_scaled(output, as_dtype(delta, output.dtype).view(output.shape), scaling)
 
 
+def scaled_sum(terms: list[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """``sum scaling * term`` over (term, scaling) pairs of one shape: the adapters a parallel layout computes
+    together, summed before their one collective."""
+    (first, first_scaling), *others = terms
+    total = first * first_scaling
+    for term, scaling in others:
+        total = add_term(total, term, scaling)
+    return total
+
+
 def router_product(router_input: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
     """PERFT-R's router logits (T, N). Compiled for one token (a decode step), as a product and a sum, which
     Inductor generates as one loop fused with its neighbours instead of calling an external GEMM for an N x D

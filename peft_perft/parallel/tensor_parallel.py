@@ -51,7 +51,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from ..dispatch import as_dtype
-from ..terms import AdapterTensors, add_term, no_record
+from ..terms import AdapterTensors, no_record, scaled_sum
 
 BOTTLENECK_PLACEMENTS = {"perft_A": Shard(1), "perft_B": Shard(2)}
 """Where ``r`` sits in the stacked adapter tensors: ``perft_A`` (N, r, D) and ``perft_B`` (N, D, r)."""
@@ -221,17 +221,16 @@ class SplitBlockTerms:
         and the routing weights' are summed over the TP ranks (the router stays replicated)."""
         router_input = hidden_states.reshape(-1, hidden_states.shape[-1])
         adapter_input = gradient_summed_over(router_input, self.mesh)
-        partial = None
-        for name in names:
-            term = self.block.adapter_term(
-                name,
-                adapter_input,
-                tensors=local_tensors(self.block, name),
-                router_input=router_input,
-                local_routing=self._summed_weight_gradients,
-            )
-            scaling = self.block.perft_configs[name].scaling
-            partial = term * scaling if partial is None else add_term(partial, term, scaling)
+        local = {"router_input": router_input, "local_routing": self._summed_weight_gradients}
+        partial = scaled_sum(
+            [
+                (
+                    self.block.adapter_term(name, adapter_input, tensors=local_tensors(self.block, name), **local),
+                    self.block.perft_configs[name].scaling,
+                )
+                for name in names
+            ]
+        )
         return summed_over(partial, self.mesh)
 
     def _summed_weight_gradients(self, index: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,15 +281,18 @@ class TensorParallelExperts:
         tokens, expert_index, expert_weight = self.block.spec.read_experts_call((hidden_states, *args), kwargs)
         tokens = gradient_summed_over(tokens, self.mesh)
         routing = (expert_index, gradient_summed_over(expert_weight, self.mesh))
-        partial = None
-        for name in routed:
-            term = self.block.adapter_term(
-                name, tokens, tensors=local_tensors(self.block, name), routing=routing, record=no_record
-            )
-            term = as_dtype(term, output.dtype).view(output.shape)
-            scaling = self.block.perft_configs[name].scaling
-            partial = term * scaling if partial is None else add_term(partial, term, scaling)
-        return output + summed_over(partial, self.mesh)
+        partial = scaled_sum(
+            [
+                (
+                    self.block.adapter_term(
+                        name, tokens, tensors=local_tensors(self.block, name), routing=routing, record=no_record
+                    ),
+                    self.block.perft_configs[name].scaling,
+                )
+                for name in routed
+            ]
+        )
+        return output + summed_over(as_dtype(partial, output.dtype).view(output.shape), self.mesh)
 
 
 def local_tensors(block: nn.Module, name: str) -> AdapterTensors:

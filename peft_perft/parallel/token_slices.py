@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..terms import AdapterTensors, add_term
+from ..terms import AdapterTensors, scaled_sum
 
 OWNER = "token_rows"
 """The block's ``term_owners`` entry of an R, D or S adapter computed on token rows: `TokenRowTerms` adds it."""
@@ -44,7 +44,7 @@ class TokenRowTerms:
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
         rows = self._own_rows(tokens)
         tp_size = self.mesh.size()
-        total = None
+        terms = []
         for name in names:
             lora_A, lora_B, router = self.block.adapter_tensors(name)
             scaled = AdapterTensors(
@@ -53,8 +53,8 @@ class TokenRowTerms:
             term = self.block.adapter_term(
                 name, rows, tensors=scaled, router_input=tokens, local_routing=self._own_routing_rows
             )
-            scaling = self.block.perft_configs[name].scaling
-            total = term * scaling if total is None else add_term(total, term, scaling)
+            terms.append((term, self.block.perft_configs[name].scaling))
+        total = scaled_sum(terms)
         whole = DTensor.from_local(
             total.contiguous(), self.mesh, [Shard(0)], shape=tokens.shape, stride=(tokens.shape[1], 1)
         )
