@@ -11,7 +11,7 @@ logits, and a backward with only the input embeddings trainable), so that a fail
 as such rather than as PERFT's. Every training forward starts from the same seed, so that blocks that route at
 random in training (PhiMoE's sparsemixer) draw the same routing in every run.
 
-    python scripts/tensor_parallel_matrix.py            # every architecture, both layouts, R E S; ~30 min
+    python scripts/tensor_parallel_matrix.py            # every architecture, both layouts, R E S; 16 min on 2 cores
     python scripts/tensor_parallel_matrix.py --types olmoe beam --layouts tp --variants S --output /tmp/tp.md
 """
 
