@@ -48,8 +48,9 @@ class PerftMoeBlock(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("perft_A", "perft_B", "perft_router")
     # per-adapter state beside the tensors: peft's delete_adapter drops an adapter's entry from each (as LoRA's r,
-    # lora_alpha and scaling dicts), so nothing planned from the configs (the routing monitor) meets a deleted one
-    other_param_names = ("perft_dropout", "perft_expert_slots", "perft_configs")
+    # lora_alpha and scaling dicts), so nothing planned from the configs (the routing monitor) meets a deleted one,
+    # and a later adapter of the same name is not taken for one a parallel layout split
+    other_param_names = ("perft_dropout", "perft_expert_slots", "perft_configs", "term_owners")
 
     def __init__(
         self,

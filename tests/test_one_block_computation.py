@@ -142,6 +142,20 @@ def split_over_one_rank(model: nn.Module, mesh: DeviceMesh) -> None:
         assert isinstance(block.split_terms, tensor_parallel.SplitBlockTerms) != routed
 
 
+def test_a_deleted_split_adapter_leaves_no_owner_behind(one_rank_mesh: DeviceMesh) -> None:
+    """``delete_adapter`` drops the block's record of the layout that split the adapter, so a later adapter of the
+    same name that no layout splits (odd ``r`` under two TP ranks, say) is not sent to the split path."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("olmoe"), PerftConfig(r=4, init_weights=False, **CONFIGS["S"])).eval()
+    split_over_one_rank(model, one_rank_mesh)
+    model.add_adapter("other", PerftConfig(r=4, init_weights=False, **CONFIGS["S"]))
+    blocks = [module for module in model.modules() if isinstance(module, PerftMoeBlock)]
+    both = {"default": tensor_parallel.OWNER, "other": tensor_parallel.OWNER}
+    assert blocks and all(block.term_owners == both for block in blocks)
+    model.delete_adapter("default")
+    assert all(block.term_owners == {"other": tensor_parallel.OWNER} for block in blocks)
+
+
 @pytest.mark.parametrize("variant", ["R", "S", "E"])
 def test_tensor_parallel_split_adds_the_shared_term(variant: str, one_rank_mesh: DeviceMesh, silence) -> None:
     """The sum over the TP ranks of each split adapter's partial term, added to the block's output (R, S) or the
